@@ -101,7 +101,7 @@ class Background:
         raise AssertionError(f"the process ended without logging {text!r}:\n{''.join(self.log)}")
 
     def finish(self, timeout=120):
-        rest, _ = self.process.communicate(timeout=timeout)
+        _, rest = self.process.communicate(timeout=timeout)
         self.log.append(rest)
         return self.process.returncode, "".join(self.log)
 
