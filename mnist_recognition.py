@@ -710,7 +710,7 @@ def plot_handwriting(inputs, results, path):
     """One row per input: the image, what the network sees, and its ten probabilities."""
     figure, axes = plt.subplots(len(results), 3, figsize=(9, 2.6 * len(results)), squeeze=False)
     for row, ((gray, digit), result) in zip(axes, zip(inputs, results)):
-        row[0].imshow(gray, cmap="gray")
+        row[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
         row[0].set_title(Path(result["file"]).name, fontsize=9)
         row[1].imshow(pixels_of(digit), cmap="gray", vmin=0, vmax=1)
         row[1].set_title("network input (28x28)", fontsize=9)
