@@ -531,8 +531,9 @@ def train_epoch(model, optimizer, train_set, progress, args, runtime, stop):
     for batch in range(progress.batches_done, batch_count):
         global_batch = order[batch * args.batch_size:(batch + 1) * args.batch_size]
         mine = global_batch[runtime.rank::runtime.world_size]  # each process a disjoint share
+        batch_labels = labels[mine]
         logits = model(images[mine])
-        loss_sum = F.cross_entropy(logits, labels[mine], reduction="sum")
+        loss_sum = F.cross_entropy(logits, batch_labels, reduction="sum")
         # DDP averages gradients over processes; dividing by this process's share of the global
         # batch makes that average the mean over the global batch, as in a single process.
         loss = loss_sum / (len(global_batch) / runtime.world_size)
@@ -541,7 +542,7 @@ def train_epoch(model, optimizer, train_set, progress, args, runtime, stop):
         optimizer.step()
 
         progress.batch_losses[batch] = loss_sum.detach()
-        progress.batch_correct[batch] = (logits.argmax(1) == labels[mine]).sum()
+        progress.batch_correct[batch] = (logits.argmax(1) == batch_labels).sum()
         progress.batches_done = batch + 1
         bar.update()
         if progress.batches_done % args.log_interval == 0:
