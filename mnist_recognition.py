@@ -81,8 +81,17 @@ def positive_float(text):
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each flag's default, except where it would only say None or False."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to compute; auto picks CUDA when it is available")
@@ -92,7 +101,7 @@ def build_parser():
     data.add_argument("--out-dir", type=Path, default=Path("outputs"),
                       help="folder for figures, metrics, the model and checkpoints")
     data.add_argument("--test-limit", type=positive_int, default=None,
-                      help="use only the first N test images (quick runs)")
+                      help="use only the first N test images (quick runs; default: all)")
     data.add_argument("--seed", type=int, default=0,
                       help="seed for weights, shuffling and the images shown in figures")
     data.add_argument("--no-download", action="store_true",
@@ -119,7 +128,7 @@ def build_parser():
                        help="training batch size (the global batch under torchrun)")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     train.add_argument("--train-limit", type=positive_int, default=None,
-                       help="use only the first N training images (quick runs)")
+                       help="use only the first N training images (quick runs; default: all)")
     train.add_argument("--log-interval", type=positive_int, default=200,
                        help="log loss and accuracy every N batches")
     train.add_argument("--resume", action="store_true",
@@ -156,6 +165,11 @@ def training_config(args):
              "data_dir", "out_dir", "log_interval")
     return {name: str(value) if isinstance(value, Path) else value
             for name, value in ((n, getattr(args, n)) for n in names)}
+
+
+def progress_bar_disabled(wanted):
+    # None lets tqdm decide: bars in a terminal, none in a redirected log file.
+    return None if wanted else True
 
 
 def configure_logging(is_main):
@@ -527,7 +541,7 @@ def train_epoch(model, optimizer, train_set, progress, args, runtime, stop):
     epoch = progress.epoch + 1
     started = time.perf_counter()
     bar = tqdm(total=batch_count, initial=progress.batches_done, desc=f"Epoch {epoch}/{args.epochs}",
-               leave=False, disable=not runtime.is_main, unit="batch")
+               leave=False, disable=progress_bar_disabled(runtime.is_main), unit="batch")
     for batch in range(progress.batches_done, batch_count):
         global_batch = order[batch * args.batch_size:(batch + 1) * args.batch_size]
         mine = global_batch[runtime.rank::runtime.world_size]  # each process a disjoint share
@@ -570,7 +584,8 @@ def train_epoch(model, optimizer, train_set, progress, args, runtime, stop):
 def predict_classes(model, images, show_progress=False):
     batches = range(0, len(images), EVAL_BATCH_SIZE)
     return torch.cat([model(images[start:start + EVAL_BATCH_SIZE]).argmax(1)
-                      for start in tqdm(batches, desc="Evaluating", leave=False, disable=not show_progress)])
+                      for start in tqdm(batches, desc="Evaluating", leave=False,
+                                        disable=progress_bar_disabled(show_progress))])
 
 
 def test_accuracy(model, test_set, runtime):
@@ -583,6 +598,72 @@ def test_accuracy(model, test_set, runtime):
     accuracy = 100 * global_sum(correct, runtime).item() / len(labels)
     logger.info("Accuracy of the network on the {} test images: {:.3f} %", len(labels), accuracy)
     return accuracy
+
+
+def log_setup(args, runtime, model, train_set, test_set):
+    logger.info("Device: {}{}", runtime.device,
+                f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else "")
+    logger.info("LeNet-5 with {:,} parameters", parameter_count(model))
+    logger.info("{} training and {} test images; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
+                len(test_set[1]), args.epochs, args.batch_size, args.lr)
+
+
+def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, test_set):
+    metrics = {
+        "config": training_config(args),
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
+        "parameters": parameter_count(model), "epochs": progress.history,
+        "test_accuracy": accuracy, "test_images": len(test_set[1]),
+        "total_seconds": time.perf_counter() - started,
+    }
+    write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
+    trained = {"model": model.state_dict(), "config": training_config(args), "test_accuracy": accuracy}
+    write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
+    plot_samples(train_set, args.seed, out_dir / "train_images.png")
+    plot_samples(test_set, args.seed + 1, out_dir / "test_images.png")
+    plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
+    logger.info("Wrote {}, {} and the figures into {}/", MODEL_FILE, METRICS_FILE, out_dir)
+
+
+def train_command(args):
+    runtime = start_runtime(args.device)
+    try:
+        return train(args, runtime)
+    finally:
+        stop_runtime(runtime)
+
+
+def train(args, runtime):
+    started = time.perf_counter()
+    out_dir = prepare_out_dir(args.out_dir) if runtime.is_main else args.out_dir
+    checkpoint_path = out_dir / CHECKPOINT_FILE
+    train_set, test_set = load_mnist(args, runtime)
+    model = new_model(args.seed, runtime.device)
+    # fused: one kernel for all parameters instead of several small ones each (measured faster)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    progress = start_or_resume(args, model, optimizer, checkpoint_path)
+    log_setup(args, runtime, model, train_set, test_set)
+    if runtime.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+    plain_model = model.module if runtime.world_size > 1 else model
+
+    # Under torchrun, torchrun itself handles Ctrl-C for all processes together.
+    with StopOnInterrupt(enabled=runtime.world_size == 1) as stop:
+        while progress.epoch < args.epochs:
+            finished = train_epoch(model, optimizer, train_set, progress, args, runtime, stop)
+            if runtime.is_main:
+                save_checkpoint(checkpoint_path, plain_model, optimizer, progress, args)
+            if not finished:
+                command = shlex.join([Path(sys.executable).name, *sys.argv] + ([] if args.resume else ["--resume"]))
+                logger.warning("Interrupted in epoch {} after batch {}; saved {}. Continue with: {}",
+                               progress.epoch + 1, progress.batches_done, checkpoint_path, command)
+                return 130
+
+    accuracy = test_accuracy(plain_model, test_set, runtime)
+    if runtime.is_main:
+        write_outputs(out_dir, args, runtime, plain_model, progress, accuracy, started, train_set, test_set)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -762,76 +843,6 @@ def evaluate_command(args):
     test_set = load_split(args.data_dir, False, args.test_limit, runtime.device)
     test_accuracy(model, test_set, runtime)
     plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Training run: data, model, epochs, checkpoints and outputs
-# ----------------------------------------------------------------------------------------------
-
-def log_setup(args, runtime, model, train_set, test_set):
-    logger.info("Device: {}{}", runtime.device,
-                f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else "")
-    logger.info("LeNet-5 with {:,} parameters", parameter_count(model))
-    logger.info("{} training and {} test images; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
-                len(test_set[1]), args.epochs, args.batch_size, args.lr)
-
-
-def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, test_set):
-    metrics = {
-        "config": training_config(args),
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
-        "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
-        "parameters": parameter_count(model), "epochs": progress.history,
-        "test_accuracy": accuracy, "test_images": len(test_set[1]),
-        "total_seconds": time.perf_counter() - started,
-    }
-    write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
-    trained = {"model": model.state_dict(), "config": training_config(args), "test_accuracy": accuracy}
-    write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
-    plot_samples(train_set, args.seed, out_dir / "train_images.png")
-    plot_samples(test_set, args.seed + 1, out_dir / "test_images.png")
-    plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
-    logger.info("Wrote {}, {} and the figures into {}/", MODEL_FILE, METRICS_FILE, out_dir)
-
-
-def train_command(args):
-    runtime = start_runtime(args.device)
-    try:
-        return train(args, runtime)
-    finally:
-        stop_runtime(runtime)
-
-
-def train(args, runtime):
-    started = time.perf_counter()
-    out_dir = prepare_out_dir(args.out_dir) if runtime.is_main else args.out_dir
-    checkpoint_path = out_dir / CHECKPOINT_FILE
-    train_set, test_set = load_mnist(args, runtime)
-    model = new_model(args.seed, runtime.device)
-    # fused: one kernel for all parameters instead of several small ones each (measured faster)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-    progress = start_or_resume(args, model, optimizer, checkpoint_path)
-    log_setup(args, runtime, model, train_set, test_set)
-    if runtime.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
-    plain_model = model.module if runtime.world_size > 1 else model
-
-    # Under torchrun, torchrun itself handles Ctrl-C for all processes together.
-    with StopOnInterrupt(enabled=runtime.world_size == 1) as stop:
-        while progress.epoch < args.epochs:
-            finished = train_epoch(model, optimizer, train_set, progress, args, runtime, stop)
-            if runtime.is_main:
-                save_checkpoint(checkpoint_path, plain_model, optimizer, progress, args)
-            if not finished:
-                command = shlex.join([Path(sys.executable).name, *sys.argv] + ([] if args.resume else ["--resume"]))
-                logger.warning("Interrupted in epoch {} after batch {}; saved {}. Continue with: {}",
-                               progress.epoch + 1, progress.batches_done, checkpoint_path, command)
-                return 130
-
-    accuracy = test_accuracy(plain_model, test_set, runtime)
-    if runtime.is_main:
-        write_outputs(out_dir, args, runtime, plain_model, progress, accuracy, started, train_set, test_set)
     return 0
 
 
