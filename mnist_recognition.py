@@ -852,6 +852,7 @@ def evaluate_command(args):
     test_set = load_split(args.data_dir, False, args.test_limit, runtime.device)
     test_accuracy(model, test_set, runtime)
     plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
+    logger.info("Wrote {}", out_dir / "predictions.png")
     return 0
 
 
