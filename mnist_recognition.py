@@ -629,8 +629,8 @@ def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, tr
     write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
     trained = {"model": model.state_dict(), "config": training_config(args), "test_accuracy": accuracy}
     write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
-    plot_samples(train_set, args.seed, out_dir / "train_images.png")
-    plot_samples(test_set, args.seed + 1, out_dir / "test_images.png")
+    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png")
+    plot_samples(test_set, args.seed + 1, "Test images (true label)", out_dir / "test_images.png")
     plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
     logger.info("Wrote {}, {} and the figures into {}/", MODEL_FILE, METRICS_FILE, out_dir)
 
@@ -693,9 +693,10 @@ def save_figure(figure, path):
     plt.close(figure)
 
 
-def plot_digit_grid(images, titles, path, title_colors=None):
-    """A 4x4 grid of digits with a title above each."""
+def plot_digit_grid(images, titles, heading, path, title_colors=None):
+    """A 4x4 grid of digits under a heading, with a title above each digit."""
     figure, axes = plt.subplots(4, 4, figsize=(FIGURE_INCHES, FIGURE_INCHES))
+    figure.suptitle(heading)
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index < len(images):
@@ -705,10 +706,10 @@ def plot_digit_grid(images, titles, path, title_colors=None):
     save_figure(figure, path)
 
 
-def plot_samples(dataset, seed, path):
+def plot_samples(dataset, seed, heading, path):
     images, labels = dataset
     chosen = sample_indices(len(labels), seed)
-    plot_digit_grid(images[chosen], [str(labels[i].item()) for i in chosen], path)
+    plot_digit_grid(images[chosen], [str(labels[i].item()) for i in chosen], heading, path)
 
 
 def plot_predictions(model, test_set, seed, path):
@@ -719,7 +720,8 @@ def plot_predictions(model, test_set, seed, path):
     truth = labels[chosen].tolist()
     titles = [f"pred {p}" if p == t else f"pred {p} (true {t})" for p, t in zip(predicted, truth)]
     colors = ["black" if p == t else "red" for p, t in zip(predicted, truth)]
-    plot_digit_grid(images[chosen], titles, path, colors)
+    heading = f"Predictions on test images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
+    plot_digit_grid(images[chosen], titles, heading, path, colors)
 
 
 # ----------------------------------------------------------------------------------------------
