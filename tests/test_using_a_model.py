@@ -107,6 +107,16 @@ def test_predict_prints_a_line_per_image_and_draws_a_figure(trained, tmp_path):
         assert image.format == "PNG" and image.size[0] > 500
 
 
+def test_predict_reports_a_figure_it_cannot_write(trained, tmp_path):
+    path = tmp_path / "one.png"
+    paper_digit(1).save(path)
+    result = run_cli("predict", path, "--checkpoint", trained[0] / "lenet5_mnist.pt",
+                     "--show", tmp_path / "no" / "such" / "folder" / "show.png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Cannot write" in result.stderr
+    assert result.stdout.startswith(str(path))  # the prediction itself was still printed
+
+
 def huge_png(path):
     """A valid PNG whose header claims 100000 x 100000 pixels: a decompression bomb."""
     Image.new("L", (1, 1)).save(path)
