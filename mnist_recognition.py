@@ -499,6 +499,8 @@ def start_or_resume(args, model, optimizer, checkpoint_path):
     if not checkpoint_path.is_file():
         raise CliError(f"--resume: there is no {checkpoint_path} to continue from.")
     saved = load_checkpoint(checkpoint_path)
+    if not {"optimizer", "config", "progress"} <= set(saved):
+        raise CliError(f"--resume: {checkpoint_path} holds a trained model but no training state to continue.")
     config = vars(args)
     differences = [f"--{name.replace('_', '-')} {saved['config'].get(name)} (now {config[name]})"
                    for name in RESUME_MUST_MATCH if saved["config"].get(name) != config[name]]

@@ -163,9 +163,16 @@ def test_resume_with_other_settings_is_refused(synthetic_data, tmp_path, uninter
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_from_a_model_file_without_training_state_is_refused(synthetic_data, tmp_path, trained):
+    shutil.copy(trained[0] / "lenet5_mnist.pt", tmp_path / "checkpoint.pt")
+    result = run_cli(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no training state" in result.stderr
+
+
 def test_resume_without_a_checkpoint_is_refused(synthetic_data, tmp_path):
     result = run_cli(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
-    assert result.returncode == 2 and "no" in result.stderr and "checkpoint.pt" in result.stderr
+    assert result.returncode == 2 and "there is no" in result.stderr and "checkpoint.pt" in result.stderr
 
 
 # --- failures ------------------------------------------------------------------------------------
