@@ -3,7 +3,6 @@
 The synthetic digits are drawn with Pillow's built-in font, jittered in size, position and
 angle, so the tests need neither the network nor a copy of MNIST.
 """
-import gzip
 import os
 import random
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +71,11 @@ def run_cli(*args, cwd=None, timeout=300, env=None):
 
 
 QUICK = ("--epochs", 2, "--batch-size", 32, "--no-download")
+
+
+def trained_weights(out_dir):
+    """The state_dict of the model a run wrote into out_dir."""
+    return torch.load(Path(out_dir) / "lenet5_mnist.pt", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """Data: offline use, clear errors for missing or damaged files, and the user's files left alone."""
 import gzip
 import hashlib
+import json
+import os
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_limits_take_the_first_samples(synthetic_data):
 @pytest.mark.parametrize("download_flag", [["--no-download"], []])
 def test_missing_files_exit_2_with_a_message_naming_the_files(tmp_path, download_flag):
     # The proxy on a closed local port makes any download attempt fail at once, network or not.
-    env = dict(__import__("os").environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     result = run_cli(*download_flag, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", env=env)
     assert result.returncode == 2
@@ -142,7 +143,7 @@ def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path):
     shutil.copytree(real_mnist_folder(), raw)
     result = run_cli("--epochs", 1, "--no-download", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    metrics = __import__("json").loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["test_images"] == 10_000
     assert metrics["test_accuracy"] >= 97.5
     assert "Accuracy of the network on the 10000 test images" in result.stderr

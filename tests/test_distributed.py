@@ -2,13 +2,14 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from conftest import SCRIPT, run_cli
+from conftest import SCRIPT, run_cli, trained_weights
 
 # 640 samples at a global batch of 64: ten optimisation steps.
 TEN_STEPS = ("--epochs", 1, "--train-limit", 640, "--batch-size", 64, "--no-download")
@@ -20,7 +21,6 @@ def torchrun(*args, processes=2):
 
 
 def test_two_processes_match_one_process(synthetic_data, tmp_path):
-    import subprocess
     two = subprocess.run(torchrun(*TEN_STEPS, "--data-dir", synthetic_data, "--out-dir", tmp_path / "two"),
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
@@ -35,22 +35,19 @@ def test_two_processes_match_one_process(synthetic_data, tmp_path):
     assert metrics_two["world_size"] == 2 and metrics_two["backend"] == "gloo"
     assert metrics_one["world_size"] == 1
     assert metrics_two["test_accuracy"] == metrics_one["test_accuracy"]
-    weights_two = torch.load(tmp_path / "two" / "lenet5_mnist.pt", weights_only=True)["model"]
-    weights_one = torch.load(tmp_path / "one" / "lenet5_mnist.pt", weights_only=True)["model"]
+    weights_two, weights_one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-5)
 
 
 def test_an_uneven_global_batch_is_split_exactly(synthetic_data, tmp_path):
     """Batch 63 over two processes: shares of 32 and 31, still the single-process steps."""
-    import subprocess
     flags = ("--epochs", 1, "--train-limit", 630, "--batch-size", 63, "--no-download", "--data-dir", synthetic_data)
     two = subprocess.run(torchrun(*flags, "--out-dir", tmp_path / "two"), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     one = run_cli(*flags, "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    weights_two = torch.load(tmp_path / "two" / "lenet5_mnist.pt", weights_only=True)["model"]
-    weights_one = torch.load(tmp_path / "one" / "lenet5_mnist.pt", weights_only=True)["model"]
+    weights_two, weights_one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
     for name, tensor in weights_one.items():
         torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-5)
 
@@ -75,7 +72,6 @@ def test_a_dead_worker_ends_the_job_with_an_error(synthetic_data, tmp_path, back
 
 
 def test_resume_with_another_number_of_processes(synthetic_data, tmp_path):
-    import subprocess
     flags = ("--train-limit", 640, "--no-download", "--data-dir", synthetic_data)
     first = subprocess.run(torchrun("--epochs", 1, *flags, "--out-dir", tmp_path), capture_output=True, text=True,
                            timeout=300)

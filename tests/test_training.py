@@ -2,20 +2,17 @@
 import json
 import shutil
 import signal
-import sys
+import time
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import QUICK, SCRIPT, TEST_COUNT, run_cli
+import mnist_recognition as app
+from conftest import QUICK, TEST_COUNT, run_cli, trained_weights as weights
 
 OUTPUTS = {"train_images.png", "test_images.png", "predictions.png", "metrics.json", "lenet5_mnist.pt",
            "checkpoint.pt"}
-
-
-def weights(out_dir):
-    return torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["model"]
 
 
 def metrics_without_timings(out_dir):
@@ -49,7 +46,7 @@ def test_smoke_run_writes_every_output(trained):
     assert metrics["total_seconds"] > 0
     saved = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)
     assert saved["test_accuracy"] == metrics["test_accuracy"] and saved["config"]["seed"] == 0
-    model = __import__("mnist_recognition").LeNet5()
+    model = app.LeNet5()
     model.load_state_dict(saved["model"])
 
 
@@ -97,7 +94,6 @@ def uninterrupted(tmp_path_factory, synthetic_data):
 
 
 def wait_for_file(path, job, timeout=120):
-    import time
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert job.process.poll() is None and time.monotonic() < deadline, f"{path} did not appear"
@@ -204,7 +200,7 @@ def test_killed_at_any_moment_outputs_are_old_or_new_never_partial(synthetic_dat
     for delay in (0.0, 0.05, 0.1, 0.2, 0.4):
         job = background(*QUICK, "--epochs", 1, "--data-dir", synthetic_data, "--out-dir", tmp_path)
         job.wait_for_line("Epoch 1/1: loss")
-        __import__("time").sleep(delay)
+        time.sleep(delay)
         job.kill(signal.SIGKILL)
         job.finish()
         for name in ("train_images.png", "test_images.png", "predictions.png"):
