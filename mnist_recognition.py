@@ -329,9 +329,7 @@ def load_split(data_dir, train, limit, device):
     pixels, labels = dataset.data[:limit], dataset.targets[:limit]
     # The same arithmetic as ToTensor() then Normalize(), done once for the whole split.
     images = pixels.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
-    if device.type == "cpu":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images.to(device), labels.to(device)
+    return images.to(device).contiguous(memory_format=memory_format_for(device)), labels.to(device)
 
 
 def load_mnist(args, runtime):
@@ -370,12 +368,13 @@ def parameter_count(model):
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+def memory_format_for(device):
+    # Measured: oneDNN's convolutions run faster on the channels-last layout on a CPU.
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
 def on_device(model, device):
-    model = model.to(device)
-    if device.type == "cpu":
-        # Measured: oneDNN's convolutions run faster on this layout on a CPU.
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.to(device, memory_format=memory_format_for(device))
 
 
 def new_model(seed, device):
@@ -622,8 +621,9 @@ def log_setup(args, runtime, model, train_set, test_set):
 
 
 def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, test_set):
+    config = training_config(args)
     metrics = {
-        "config": training_config(args),
+        "config": config,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
         "parameters": parameter_count(model), "epochs": progress.history,
@@ -631,7 +631,7 @@ def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, tr
         "total_seconds": time.perf_counter() - started,
     }
     write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
-    trained = {"model": model.state_dict(), "config": training_config(args), "test_accuracy": accuracy}
+    trained = {"model": model.state_dict(), "config": config, "test_accuracy": accuracy}
     write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
     plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png")
     plot_samples(test_set, args.seed + 1, "Test images (true label)", out_dir / "test_images.png")

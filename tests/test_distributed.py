@@ -20,6 +20,13 @@ def torchrun(*args, processes=2):
             str(SCRIPT), *map(str, args)]
 
 
+def assert_same_weights_within_1e_5(first_out_dir, second_out_dir):
+    first, second = trained_weights(first_out_dir), trained_weights(second_out_dir)
+    assert first.keys() == second.keys()
+    for name, tensor in second.items():
+        torch.testing.assert_close(first[name], tensor, rtol=0, atol=1e-5)
+
+
 def test_two_processes_match_one_process(synthetic_data, tmp_path):
     two = subprocess.run(torchrun(*TEN_STEPS, "--data-dir", synthetic_data, "--out-dir", tmp_path / "two"),
                          capture_output=True, text=True, timeout=300)
@@ -35,9 +42,7 @@ def test_two_processes_match_one_process(synthetic_data, tmp_path):
     assert metrics_two["world_size"] == 2 and metrics_two["backend"] == "gloo"
     assert metrics_one["world_size"] == 1
     assert metrics_two["test_accuracy"] == metrics_one["test_accuracy"]
-    weights_two, weights_one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
-    for name, tensor in weights_one.items():
-        torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-5)
+    assert_same_weights_within_1e_5(tmp_path / "two", tmp_path / "one")
 
 
 def test_an_uneven_global_batch_is_split_exactly(synthetic_data, tmp_path):
@@ -47,9 +52,7 @@ def test_an_uneven_global_batch_is_split_exactly(synthetic_data, tmp_path):
     assert two.returncode == 0, two.stderr
     one = run_cli(*flags, "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    weights_two, weights_one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
-    for name, tensor in weights_one.items():
-        torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-5)
+    assert_same_weights_within_1e_5(tmp_path / "two", tmp_path / "one")
 
 
 def worker_pids(launcher_pid):
