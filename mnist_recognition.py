@@ -578,6 +578,7 @@ def train_epoch(model, optimizer, train_set, progress, args, runtime, stop):
                         epoch, progress.batches_done, loss_mean, accuracy)
         if stop.requested:
             bar.close()
+            # Only its check matters here: a non-finite loss must stop before it is checkpointed.
             batch_stats(progress, 0, progress.batches_done, len(labels), args, runtime)
             return False
     bar.close()
