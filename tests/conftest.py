@@ -1,15 +1,20 @@
-"""Shared fixtures: a small synthetic MNIST in the IDX format, and a way to run the real CLI.
+"""Shared fixtures: a small synthetic MNIST in the IDX format, and ways to run the command line.
 
 The synthetic digits are drawn with Pillow's built-in font, jittered in size, position and
-angle, so the tests need neither the network nor a copy of MNIST.
+angle, so the tests need neither the network nor a copy of MNIST. Most tests run the command
+line in-process through `main(argv)`; only tests about the process itself (signals, torchrun,
+one end-to-end run) start `python mnist_recognition.py`.
 """
 import os
+import queue
 import random
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +22,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import mnist_recognition as app
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "mnist_recognition.py"
 TRAIN_COUNT, TEST_COUNT = 1200, 300
+# Tests about training pin the CPU: they compare numbers that only the CPU path keeps bit-exact.
+QUICK = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cpu")
 
 
 def draw_digit(digit, rng, size=28, ink=255, paper=0, mode="L"):
@@ -64,13 +73,32 @@ def synthetic_data(tmp_path_factory):
     return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic") / "data")
 
 
-def run_cli(*args, cwd=None, timeout=300, env=None):
-    """Run mnist_recognition.py in a fresh process; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+# --- the command line, in-process ----------------------------------------------------------------
+
+@dataclass
+class Result:
+    code: int  # what main() returned
+    log: str  # everything logged (stderr)
+    stdout: str = ""
+
+    def errors(self):
+        return [line for line in self.log.splitlines() if "| ERROR" in line]
 
 
-QUICK = ("--epochs", 2, "--batch-size", 32, "--no-download")
+@pytest.fixture
+def cli(capsys):
+    """Run main(argv) in this process; returns its exit code, log and standard output."""
+    def run(*args):
+        capsys.readouterr()
+        code = app.main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return Result(code, err, out)
+    return run
+
+
+def train_quietly(*args):
+    """main(argv) for fixtures wider than one test, which cannot use capsys; asserts success."""
+    assert app.main([str(arg) for arg in args]) == 0
 
 
 def trained_weights(out_dir):
@@ -78,39 +106,69 @@ def trained_weights(out_dir):
     return torch.load(Path(out_dir) / "lenet5_mnist.pt", weights_only=True)["model"]
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, synthetic_data):
-    """One quick training run on the synthetic data: (out_dir, completed process)."""
-    out_dir = tmp_path_factory.mktemp("trained")
-    result = run_cli(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", out_dir)
-    assert result.returncode == 0, result.stderr
-    return out_dir, result
+def assert_same_weights(first_out_dir, second_out_dir, atol=0.0):
+    """The two runs' models hold the same tensors: bit for bit, or within `atol`."""
+    first, second = trained_weights(first_out_dir), trained_weights(second_out_dir)
+    assert first.keys() == second.keys()
+    for name, tensor in second.items():
+        torch.testing.assert_close(first[name], tensor, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# --- the command line as a process ---------------------------------------------------------------
+
+def script_command(*args):
+    return [sys.executable, str(SCRIPT), *map(str, args)]
+
+
+def torchrun_command(*args, processes=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            str(SCRIPT), *map(str, args)]
+
+
+def run_process(command, timeout=120):
+    """Run a command to its end; returns the CompletedProcess (text output)."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 class Background:
-    """The CLI running in the background, with its log read line by line."""
+    """A process running in the background, with its log read line by line by a thread, so that
+    waiting for a line fails at its deadline even when the process prints nothing."""
 
-    def __init__(self, args, command=None):
-        self.process = subprocess.Popen(command or [sys.executable, str(SCRIPT), *map(str, args)],
-                                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    def __init__(self, command):
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                         start_new_session=True)
-        self.log = []
+        self.lines, self.log = queue.Queue(), []
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def wait_for_line(self, text, timeout=120):
-        deadline = time.monotonic() + timeout
+    def _read(self):
         for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put(None)  # the end of the output
+
+    def _next_line(self, deadline, waiting_for):
+        try:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"{waiting_for} did not come in time:\n{''.join(self.log)}") from None
+        if line is not None:
             self.log.append(line)
+        return line
+
+    def wait_for_line(self, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while (line := self._next_line(deadline, f"a line with {text!r}")) is not None:
             if text in line:
                 return line
-            assert time.monotonic() < deadline, f"no line with {text!r} in time:\n{''.join(self.log)}"
         raise AssertionError(f"the process ended without logging {text!r}:\n{''.join(self.log)}")
 
-    def finish(self, timeout=120):
-        _, rest = self.process.communicate(timeout=timeout)
-        self.log.append(rest)
-        return self.process.returncode, "".join(self.log)
+    def finish(self, timeout=60):
+        """Wait for the process to end; returns (exit code, whole log)."""
+        deadline = time.monotonic() + timeout
+        while self._next_line(deadline, "the end of the process") is not None:
+            pass
+        return self.process.wait(timeout=max(0.0, deadline - time.monotonic())), "".join(self.log)
 
-    def kill(self, sig=signal.SIGKILL):
+    def send(self, sig):
         self.process.send_signal(sig)
 
 
@@ -118,8 +176,8 @@ class Background:
 def background():
     started = []
 
-    def start(*args, command=None):
-        started.append(Background(args, command))
+    def start(command):
+        started.append(Background(command))
         return started[-1]
 
     yield start
@@ -127,3 +185,13 @@ def background():
         if job.process.poll() is None:
             os.killpg(job.process.pid, signal.SIGKILL)
             job.process.wait()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, synthetic_data):
+    """The end-to-end run: `python mnist_recognition.py` as a user starts it, on the synthetic
+    data, 4 epochs. Returns (out_dir, the CompletedProcess)."""
+    out_dir = tmp_path_factory.mktemp("trained")
+    result = run_process(script_command(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", out_dir))
+    assert result.returncode == 0, result.stderr
+    return out_dir, result

@@ -2,17 +2,19 @@
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import struct
 
 import pytest
 import torch
+from torchvision.datasets import MNIST
 
 import mnist_recognition as app
-from conftest import REPO, TEST_COUNT, TRAIN_COUNT, run_cli
+from conftest import REPO, TEST_COUNT, TRAIN_COUNT
 
+# Written out here rather than taken from the script, so that a wrong name there cannot hide.
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+NO_DOWNLOAD = ("--no-download", "--device", "cpu")
 
 
 def fingerprint(folder):
@@ -45,29 +47,45 @@ def test_limits_take_the_first_samples(synthetic_data):
     assert len(full_labels) == TEST_COUNT
 
 
-@pytest.mark.parametrize("download_flag", [["--no-download"], []])
-def test_missing_files_exit_2_with_a_message_naming_the_files(tmp_path, download_flag):
-    # The proxy on a closed local port makes any download attempt fail at once, network or not.
-    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
-               HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
-    result = run_cli(*download_flag, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", env=env)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
+def test_official_gz_files_are_checked_and_extracted(data_copy, monkeypatch):
+    """A .gz whose MD5 is the one torchvision lists is extracted in place; nothing is downloaded."""
+    raw = data_copy / "MNIST" / "raw"
+    resources = []
     for name in FILES:
-        assert f"{name}.gz" in result.stderr
-    assert str(tmp_path / "data" / "MNIST" / "raw") in result.stderr
-    assert ("--no-download" if download_flag else "download failed") in result.stderr
+        with gzip.open(raw / f"{name}.gz", "wb") as archive:
+            archive.write((raw / name).read_bytes())
+        resources.append((f"{name}.gz", hashlib.md5((raw / f"{name}.gz").read_bytes()).hexdigest()))
+        (raw / name).rename(raw / f"{name}.original")
+    monkeypatch.setattr(MNIST, "resources", resources)
+    app.prepare_mnist_files(data_copy, allow_download=False)
+    for name in FILES:
+        assert (raw / name).read_bytes() == (raw / f"{name}.original").read_bytes()
 
 
-def test_a_gz_with_the_wrong_md5_is_reported_and_left_alone(data_copy, tmp_path):
+@pytest.mark.parametrize("download_flag", [["--no-download"], []])
+def test_missing_files_exit_2_with_a_message_naming_the_files(tmp_path, download_flag, monkeypatch, cli):
+    # A closed local port as the only mirror makes any download fail at once, network or not.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setenv("no_proxy", "*")
+    result = cli(*download_flag, "--device", "cpu", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
+    assert result.code == 2
+    [error] = result.errors()
+    for name in FILES:
+        assert f"{name}.gz" in error
+    assert str(tmp_path / "data" / "MNIST" / "raw") in error
+    assert ("--no-download" if download_flag else "download failed") in error
+
+
+def test_a_gz_with_the_wrong_md5_is_reported_and_left_alone(data_copy, tmp_path, cli):
     raw = data_copy / "MNIST" / "raw"
     with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as archive:
         archive.write((raw / "train-images-idx3-ubyte").read_bytes()[:5000])  # truncated, and not official
     (raw / "train-images-idx3-ubyte").unlink()
     before = fingerprint(raw)
-    result = run_cli("--no-download", "--data-dir", data_copy, "--out-dir", tmp_path / "out")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "train-images-idx3-ubyte.gz" in result.stderr and "MD5" in result.stderr
+    result = cli(*NO_DOWNLOAD, "--data-dir", data_copy, "--out-dir", tmp_path / "out")
+    assert result.code == 2
+    [error] = result.errors()
+    assert "train-images-idx3-ubyte.gz" in error and "MD5" in error
     assert fingerprint(raw) == before
 
 
@@ -108,23 +126,23 @@ def damage_empty(raw):
 
 @pytest.mark.parametrize("damage", [damage_magic, damage_image_size, damage_truncate, damage_label_count,
                                     damage_empty])
-def test_damaged_files_are_named_and_left_as_they_were(data_copy, tmp_path, damage):
+def test_damaged_files_are_named_and_left_as_they_were(data_copy, tmp_path, damage, cli):
     raw = data_copy / "MNIST" / "raw"
     file_name, what = damage(raw)
     before = fingerprint(raw)
-    result = run_cli("--no-download", "--data-dir", data_copy, "--out-dir", tmp_path / "out")
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert file_name in result.stderr and what in result.stderr
+    result = cli(*NO_DOWNLOAD, "--data-dir", data_copy, "--out-dir", tmp_path / "out")
+    assert result.code == 2
+    [error] = result.errors()
+    assert file_name in error and what in error
     assert fingerprint(raw) == before
 
 
-def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path, cli):
     not_a_folder = tmp_path / "data"
     not_a_folder.write_text("not a folder")
-    result = run_cli("--data-dir", not_a_folder, "--out-dir", tmp_path / "out")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "is not a folder" in result.stderr
+    result = cli("--device", "cpu", "--data-dir", not_a_folder, "--out-dir", tmp_path / "out")
+    assert result.code == 2 and "is not a folder" in result.errors()[0]
+    assert not_a_folder.read_text() == "not a folder"
 
 
 def real_mnist_folder():
@@ -135,15 +153,16 @@ def real_mnist_folder():
     return None
 
 
+@pytest.mark.real_data
 @pytest.mark.skipif(real_mnist_folder() is None,
                     reason="real MNIST not found in data/MNIST/raw/ or ../shared/mnist/; "
                            "this 1-epoch accuracy check needs it")
-def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path):
+def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path, cli):
     raw = tmp_path / "data" / "MNIST" / "raw"
     shutil.copytree(real_mnist_folder(), raw)
-    result = run_cli("--epochs", 1, "--no-download", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
-    assert result.returncode == 0, result.stderr
+    result = cli("--epochs", 1, *NO_DOWNLOAD, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
+    assert result.code == 0, result.log
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["test_images"] == 10_000
     assert metrics["test_accuracy"] >= 97.5
-    assert "Accuracy of the network on the 10000 test images" in result.stderr
+    assert f"Accuracy of the network on the 10000 test images: {metrics['test_accuracy']:.3f} %" in result.log

@@ -17,10 +17,12 @@ def test_layer_shapes_and_parameter_count():
     }
     assert isinstance(model.features[2], torch.nn.AvgPool2d)
     assert isinstance(model.features[5], torch.nn.AvgPool2d)
+    assert [type(layer) for layer in model.features[1::3]] == [torch.nn.ReLU, torch.nn.ReLU]
 
 
 def test_forward_gives_ten_logits_per_image_in_either_memory_format():
     model = app.new_model(seed=0, device=torch.device("cpu"))
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     images = torch.randn(5, 1, 28, 28)
     assert model(images).shape == (5, 10)
     torch.manual_seed(0)

@@ -1,15 +1,17 @@
-"""Training and evaluation through the real CLI: outputs, determinism, resume, failures."""
+"""Training through the command line: outputs, determinism, resume, interruptions, failures."""
+import hashlib
 import json
 import shutil
 import signal
-import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import mnist_recognition as app
-from conftest import QUICK, TEST_COUNT, run_cli, trained_weights as weights
+from conftest import (QUICK, SCRIPT, TEST_COUNT, assert_same_weights, script_command, train_quietly,
+                      trained_weights)
 
 OUTPUTS = {"train_images.png", "test_images.png", "predictions.png", "metrics.json", "lenet5_mnist.pt",
            "checkpoint.pt"}
@@ -26,12 +28,13 @@ def metrics_without_timings(out_dir):
 
 def assert_same_run(first, second):
     assert metrics_without_timings(first) == metrics_without_timings(second)
-    expected, found = weights(first), weights(second)
-    assert all(torch.equal(expected[name], found[name]) for name in expected)
+    assert_same_weights(first, second)
 
 
-def test_smoke_run_writes_every_output(trained):
-    out_dir, result = trained
+# --- one run, end to end, as a user starts it ----------------------------------------------------
+
+def test_a_run_writes_every_output(trained):
+    out_dir, _ = trained
     assert {path.name for path in out_dir.iterdir()} == OUTPUTS
     for name in ("train_images.png", "test_images.png", "predictions.png"):
         with Image.open(out_dir / name) as image:
@@ -39,173 +42,192 @@ def test_smoke_run_writes_every_output(trained):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["parameters"] == 61_706 and metrics["test_images"] == TEST_COUNT
     assert metrics["config"]["epochs"] == 4 and metrics["config"]["batch_size"] == 32
-    assert set(metrics["versions"]) == {"torch", "torchvision"} and metrics["device"] == "cpu"
+    assert metrics["versions"] == {"torch": torch.__version__, "torchvision": __import__("torchvision").__version__}
+    assert metrics["device"] == "cpu" and metrics["world_size"] == 1
     assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2, 3, 4]
-    assert all({"loss", "train_accuracy", "seconds"} <= set(epoch) for epoch in metrics["epochs"])
+    assert all(epoch["seconds"] > 0 and 0 <= epoch["train_accuracy"] <= 100 for epoch in metrics["epochs"])
+    assert metrics["epochs"][-1]["loss"] < metrics["epochs"][0]["loss"]
     assert metrics["test_accuracy"] > 60  # chance is 10 %
-    assert metrics["total_seconds"] > 0
+    assert metrics["total_seconds"] > sum(epoch["seconds"] for epoch in metrics["epochs"])
     saved = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)
-    assert saved["test_accuracy"] == metrics["test_accuracy"] and saved["config"]["seed"] == 0
-    model = app.LeNet5()
-    model.load_state_dict(saved["model"])
+    assert saved["test_accuracy"] == metrics["test_accuracy"] and saved["config"] == metrics["config"]
 
 
-def test_smoke_run_logs_what_the_original_did(trained):
-    _, result = trained
-    log = result.stderr
+def test_metrics_record_a_hash_of_the_code_that_made_them(trained):
+    metrics = json.loads((trained[0] / "metrics.json").read_text())
+    assert metrics["script_sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:12]
+
+
+def test_a_run_logs_what_the_original_did(trained):
+    log = trained[1].stderr
     assert "Device: cpu" in log and "61,706 parameters" in log
+    assert "1200 training and 300 test images; 4 epochs, batch 32, Adam lr 0.001" in log
     assert "Epoch 4/4: loss" in log
-    assert f"Accuracy of the network on the {TEST_COUNT} test images:" in log
+    accuracy = json.loads((trained[0] / "metrics.json").read_text())["test_accuracy"]
+    assert f"Accuracy of the network on the {TEST_COUNT} test images: {accuracy:.3f} %" in log
+    assert "Traceback" not in log
 
 
-def test_log_lines_every_n_batches(synthetic_data, tmp_path):
-    result = run_cli(*QUICK, "--epochs", 1, "--log-interval", 10, "--data-dir", synthetic_data,
-                     "--out-dir", tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "[Epoch 1, Batch 10] loss:" in result.stderr and "[Epoch 1, Batch 30] loss:" in result.stderr
-    assert "[Epoch 1, Batch 40]" not in result.stderr  # 1200 / 32 = 38 batches
+# --- determinism ---------------------------------------------------------------------------------
 
-
-def test_same_seed_gives_identical_results(synthetic_data, tmp_path, trained):
-    result = run_cli(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_same_seed_gives_identical_results_in_process_and_as_a_process(synthetic_data, tmp_path, trained):
+    train_quietly(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert_same_run(trained[0], tmp_path)
 
 
 def test_another_seed_gives_other_weights(synthetic_data, tmp_path):
-    result = run_cli(*QUICK, "--epochs", 1, "--seed", 1, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    assert result.returncode == 0, result.stderr
-    reference = run_cli(*QUICK, "--epochs", 1, "--data-dir", synthetic_data, "--out-dir", tmp_path / "zero")
-    assert reference.returncode == 0
-    assert not torch.equal(weights(tmp_path)["features.0.weight"], weights(tmp_path / "zero")["features.0.weight"])
+    for seed in (0, 1):
+        train_quietly(*QUICK, "--epochs", 1, "--seed", seed, "--data-dir", synthetic_data, "--out-dir", tmp_path / str(seed))
+    assert not torch.equal(trained_weights(tmp_path / "0")["features.0.weight"],
+                           trained_weights(tmp_path / "1")["features.0.weight"])
 
 
-# --- interruptions -------------------------------------------------------------------------------
+def test_log_lines_every_n_batches(synthetic_data, tmp_path, cli):
+    result = cli(*QUICK, "--epochs", 1, "--log-interval", 10, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert result.code == 0
+    assert "[Epoch 1, Batch 10] loss:" in result.log and "[Epoch 1, Batch 30] loss:" in result.log
+    assert "[Epoch 1, Batch 40]" not in result.log  # 1200 / 32 = 38 batches
 
-RESUMABLE = (*QUICK, "--epochs", 3, "--log-interval", 5)
+
+def test_a_training_step_returns_the_summed_loss_and_right_answers_and_learns():
+    model = app.new_model(0, torch.device("cpu"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8)
+    with torch.no_grad():
+        logits = model(images)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    loss_sum, correct = app.train_step(model, optimizer, images, labels, loss_divisor=8)
+    torch.testing.assert_close(loss_sum, F.cross_entropy(logits, labels, reduction="sum"))
+    assert correct == (logits.argmax(1) == labels).sum()
+    assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+
+
+# --- resuming ------------------------------------------------------------------------------------
+
+# Batches of 8 make an epoch of 150 steps, long enough for a signal to land inside it.
+RESUMABLE = (*QUICK, "--epochs", 3, "--batch-size", 8, "--log-interval", 5)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, synthetic_data):
     out_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_cli(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", out_dir)
-    assert result.returncode == 0, result.stderr
+    train_quietly(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", out_dir)
     return out_dir
 
 
-def wait_for_file(path, job, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert job.process.poll() is None and time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
-
-
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted):
-    args = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    job = background(*args)
-    job.wait_for_line("[Epoch 2, Batch 15]")
-    job.kill(signal.SIGKILL)
-    job.finish()
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]["epoch"] == 1
-    result = run_cli(*args, "--resume")
-    assert result.returncode == 0, result.stderr
-    assert "Resuming from" in result.stderr
+def test_resume_from_the_end_of_an_epoch_is_bit_exact(synthetic_data, tmp_path, uninterrupted, cli):
+    flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert cli(*flags, "--epochs", 1).code == 0
+    result = cli(*flags, "--resume")
+    assert result.code == 0 and "Resuming from" in result.log and "1 epochs and 0 batches done" in result.log
+    assert "Epoch 1/3" not in result.log
     assert_same_run(uninterrupted, tmp_path)
 
 
-def test_sigkill_between_epochs_then_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted):
-    args = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    job = background(*args)
-    wait_for_file(tmp_path / "checkpoint.pt", job)  # written at the end of epoch 1
-    job.kill(signal.SIGKILL)
-    job.finish()
-    result = run_cli(*args, "--resume")
-    assert result.returncode == 0, result.stderr
-    assert_same_run(uninterrupted, tmp_path)
-    assert not list(tmp_path.glob(".*.tmp"))  # a killed write's temporary file is cleaned up
-
-
-def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted):
-    args = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    job = background(*args)
-    job.wait_for_line("[Epoch 2, Batch 10]")
-    job.kill(signal.SIGINT)
-    code, log = job.finish()
-    assert code == 130, log
-    assert "--resume" in log and "Traceback" not in log
-    progress = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]
-    assert progress["epoch"] == 1 and progress["batches_done"] >= 10
-    result = run_cli(*args, "--resume")
-    assert result.returncode == 0, result.stderr
-    assert_same_run(uninterrupted, tmp_path)
-
-
-def test_resume_can_train_longer(synthetic_data, tmp_path, uninterrupted):
+def test_resume_can_train_longer(synthetic_data, tmp_path, uninterrupted, cli):
     shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
-    args = [arg if arg != 3 else 4 for arg in RESUMABLE]
-    result = run_cli(*args, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
-    assert result.returncode == 0, result.stderr
-    assert "Epoch 4/4" in result.stderr and "Epoch 3/4" not in result.stderr
+    result = cli(*RESUMABLE, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
+    assert result.code == 0
+    assert "Epoch 4/4" in result.log and "Epoch 3/4" not in result.log
     assert len(json.loads((tmp_path / "metrics.json").read_text())["epochs"]) == 4
 
 
-def test_resume_with_other_settings_is_refused(synthetic_data, tmp_path, uninterrupted):
+def refused_resume(cli, tmp_path, synthetic_data, *flags):
+    """Resume in tmp_path with these flags; checks the refusal left the checkpoint as it was."""
+    before = (tmp_path / "checkpoint.pt").read_bytes() if (tmp_path / "checkpoint.pt").exists() else None
+    result = cli(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume", *flags)
+    assert result.code == 2
+    if before is not None:
+        assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    [error] = result.errors()
+    return error
+
+
+def test_resume_with_other_settings_is_refused_naming_each(synthetic_data, tmp_path, uninterrupted, cli):
     shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    result = run_cli(*RESUMABLE, "--batch-size", 16, "--lr", 0.01, "--data-dir", synthetic_data,
-                     "--out-dir", tmp_path, "--resume")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--batch-size 32 (now 16)" in result.stderr and "--lr 0.001 (now 0.01)" in result.stderr
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    error = refused_resume(cli, tmp_path, synthetic_data, "--batch-size", 16, "--lr", 0.01, "--seed", 5)
+    assert "--batch-size 8 (now 16)" in error and "--lr 0.001 (now 0.01)" in error and "--seed 0 (now 5)" in error
 
 
-def test_resume_from_a_model_file_without_training_state_is_refused(synthetic_data, tmp_path, trained):
+def test_resume_cannot_go_back_in_epochs(synthetic_data, tmp_path, uninterrupted, cli):
+    shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    assert "--epochs 2 cannot go back" in refused_resume(cli, tmp_path, synthetic_data, "--epochs", 2)
+
+
+def test_resume_from_a_model_file_without_training_state_is_refused(synthetic_data, tmp_path, trained, cli):
     shutil.copy(trained[0] / "lenet5_mnist.pt", tmp_path / "checkpoint.pt")
-    result = run_cli(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "no training state" in result.stderr
+    assert "no training state" in refused_resume(cli, tmp_path, synthetic_data)
 
 
-def test_resume_without_a_checkpoint_is_refused(synthetic_data, tmp_path):
-    result = run_cli(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
-    assert result.returncode == 2 and "there is no" in result.stderr and "checkpoint.pt" in result.stderr
+def test_resume_from_another_versions_checkpoint_is_refused(synthetic_data, tmp_path, uninterrupted, cli):
+    payload = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    payload["progress"]["shuffle_rng"] = payload["progress"].pop("shuffle_state")  # as an older version named it
+    torch.save(payload, tmp_path / "checkpoint.pt")
+    assert "another version of this program" in refused_resume(cli, tmp_path, synthetic_data)
+
+
+def test_resume_without_a_checkpoint_is_refused(synthetic_data, tmp_path, cli):
+    error = refused_resume(cli, tmp_path, synthetic_data)
+    assert "there is no" in error and "checkpoint.pt" in error
+
+
+# --- interruptions: these are about the process, so they start one -------------------------------
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted, cli):
+    flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    job = background(script_command(*flags))
+    job.wait_for_line("[Epoch 2, Batch 15]")
+    job.send(signal.SIGKILL)
+    code, log = job.finish()
+    assert code == -signal.SIGKILL, log
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]["epoch"] in (1, 2)
+    assert cli(*flags, "--resume").code == 0
+    assert_same_run(uninterrupted, tmp_path)
+
+
+def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted, cli):
+    flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    job = background(script_command(*flags))
+    job.wait_for_line("[Epoch 2, Batch 10]")
+    job.send(signal.SIGINT)
+    code, log = job.finish()
+    assert code == 130, log
+    assert "Traceback" not in log
+    assert f"Continue with: python mnist_recognition.py {' '.join(map(str, flags))} --resume" in log
+    progress = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]
+    assert progress["epoch"] in (1, 2) and progress["batches_done"] > 0  # saved inside an epoch
+    assert not (tmp_path / "metrics.json").exists()
+    assert cli(*flags, "--resume").code == 0
+    assert_same_run(uninterrupted, tmp_path)
 
 
 # --- failures ------------------------------------------------------------------------------------
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(synthetic_data, tmp_path, uninterrupted):
+def test_a_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(synthetic_data, tmp_path,
+                                                                          uninterrupted, cli):
     shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    result = run_cli(*QUICK, "--lr", "1e30", "--log-interval", 5, "--data-dir", synthetic_data,
-                     "--out-dir", tmp_path)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "infinite or NaN in epoch 1, batch" in result.stderr and "lower --lr" in result.stderr
+    result = cli(*QUICK, "--lr", "1e30", "--log-interval", 5, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert result.code == 1
+    [error] = result.errors()
+    assert "infinite or NaN in epoch 1, batch" in error and "lower --lr (now 1e+30)" in error
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_an_output_folder_that_cannot_be_written_is_refused(synthetic_data, tmp_path):
+def test_a_diverging_loss_is_its_own_exception_not_a_command_line_error():
+    progress = app.Progress(torch.Generator().get_state(), batch_losses=torch.tensor([1.0, float("inf"), 2.0]),
+                            batch_correct=torch.zeros(3))
+    args = app.parse_args(["--batch-size", "4"])
+    with pytest.raises(app.LossDiverged, match="epoch 1, batch 2"):
+        app.batch_stats(progress, 0, 3, 12, args, app.Runtime(torch.device("cpu")))
+    assert not issubclass(app.LossDiverged, app.CliError)
+    assert app.batch_stats(progress, 2, 3, 12, args, app.Runtime(torch.device("cpu"))) == (0.5, 0.0)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(synthetic_data, tmp_path, cli):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
-    result = run_cli(*QUICK, "--data-dir", synthetic_data, "--out-dir", blocker / "out")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "Cannot write into the output folder" in result.stderr
-
-
-def test_killed_at_any_moment_outputs_are_old_or_new_never_partial(synthetic_data, tmp_path, background, trained):
-    """Kill a second run in the same folder while it writes its outputs: each file is complete."""
-    for name in OUTPUTS:
-        shutil.copy(trained[0] / name, tmp_path / name)
-    for delay in (0.0, 0.05, 0.1, 0.2, 0.4):
-        job = background(*QUICK, "--epochs", 1, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-        job.wait_for_line("Epoch 1/1: loss")
-        time.sleep(delay)
-        job.kill(signal.SIGKILL)
-        job.finish()
-        for name in ("train_images.png", "test_images.png", "predictions.png"):
-            with Image.open(tmp_path / name) as image:
-                image.load()
-        json.loads((tmp_path / "metrics.json").read_text())
-        torch.load(tmp_path / "lenet5_mnist.pt", weights_only=True)
-        torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    result = cli(*QUICK, "--data-dir", synthetic_data, "--out-dir", blocker / "out")
+    assert result.code == 2 and "Cannot write into the output folder" in result.errors()[0]
+    assert "Epoch" not in result.log
