@@ -11,10 +11,10 @@ mean over seeds 0, 1 and 2 on a 2-core AMD EPYC (AVX2) with torch 2.14.1; seed 0
 there, 98.940 % on an AMD EPYC with AVX-512 and 98.930 % on an Intel Xeon with AVX-512 (oneDNN
 picks different kernels per CPU; on one machine every run gives the same numbers to the last bit).
 Each split is loaded once into a normalised tensor on the training device, and batches are drawn
-by indexing it with a seeded permutation: on those 2 cores an epoch is about 3.4x faster (median
-of side-by-side pairs, benchmarks/compare_pipeline.py) than the classic per-sample DataLoader
-pipeline. Training resumes bit-exactly from checkpoints, and the same script runs under torchrun
-with DistributedDataParallel.
+by indexing it with a seeded permutation: on 2-core AMD EPYC machines an epoch is 3.45-3.53x
+faster (the median of five side-by-side pairs, benchmarks/compare_pipeline.py) than the classic
+per-sample DataLoader pipeline. Training resumes bit-exactly from checkpoints, and the same
+script runs under torchrun with DistributedDataParallel.
 """
 import argparse
 import datetime
