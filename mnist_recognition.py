@@ -84,13 +84,39 @@ def positive_float(text):
     return value
 
 
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text):
+    """A number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def adam_betas(text):
+    """Two numbers in [0, 1), written B1,B2."""
+    try:
+        betas = tuple(fraction(part) for part in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        betas = ()
+    if len(betas) != 2:
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) written B1,B2, got {text}")
+    return betas
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting, declared once: argparse, metrics.json, the checkpoint's config and the
     --resume check are all made from the table below."""
 
     name: str
-    default: object
+    default: object  # the seed recipe's value; RECIPES may give another
     help: str
     type: object = None  # what argparse converts the value with; None for an on/off flag
     choices: tuple = None
@@ -105,12 +131,26 @@ class Setting:
 
 TRAIN_AND_EVALUATE = ("train", "evaluate")
 SETTINGS = (
+    Setting("recipe", "seed", "a named set of defaults for the settings below (see RECIPES); "
+            "a flag given explicitly wins over its recipe", choices=("seed", "fast", "best"), must_match=True),
     Setting("epochs", 10, "passes over the training set", positive_int),
     Setting("batch_size", 64, "training batch size (the global batch under torchrun)", positive_int,
             must_match=True),
-    Setting("lr", 1e-3, "Adam learning rate", positive_float, must_match=True),
-    Setting("seed", 0, "seed for weights, shuffling and the images shown in figures", int,
+    Setting("lr", 1e-3, "Adam learning rate (the peak rate with a schedule)", positive_float, must_match=True),
+    Setting("schedule", "constant", "learning-rate schedule over all steps: constant; onecycle (warm-up "
+            "from lr/25, then cosine down); cosine (linear warm-up from 0, then cosine down)",
+            choices=("constant", "onecycle", "cosine"), must_match=True),
+    Setting("warmup", 0.25, "the share of all steps that warms the learning rate up (onecycle, cosine)",
+            fraction, must_match=True),
+    Setting("adam_betas", (0.9, 0.999), "Adam's beta1,beta2", adam_betas, must_match=True),
+    Setting("label_smoothing", 0.0, "cross-entropy label smoothing", fraction, must_match=True),
+    Setting("augment", "none", "training-image augmentation: none, or affine (a random rotation, scale, "
+            "shear and shift of every training image, every epoch)", choices=("none", "affine"), must_match=True),
+    Setting("seed", 0, "seed for weights, shuffling, augmentation and the images shown in figures", int,
             commands=TRAIN_AND_EVALUATE, must_match=True),
+    Setting("validation", 0, "hold out the last N training images and evaluate on them instead of the "
+            "test set (to choose settings without looking at the test set); 0: off", non_negative_int,
+            must_match=True),
     Setting("train_limit", None, "use only the first N training images (quick runs; default: all)",
             positive_int, must_match=True),
     Setting("test_limit", None, "use only the first N test images (quick runs; default: all)",
@@ -124,13 +164,23 @@ SETTINGS = (
             commands=TRAIN_AND_EVALUATE),
     Setting("no_download", False, "never touch the network; the MNIST files must already be present",
             commands=TRAIN_AND_EVALUATE, recorded=False),
-    Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised",
-            recorded=False),
+    Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
+            "with the constant schedule", recorded=False),
 )
 
+# A recipe is the settings it changes; every other setting keeps its default above. The numbers
+# were chosen on a validation split (--validation 10000), never on the test set: see the README.
+RECIPES = {
+    "seed": {},  # the original recipe, bit for bit
+    "fast": {"epochs": 3, "batch_size": 256, "lr": 1e-2, "schedule": "onecycle", "adam_betas": (0.9, 0.99)},
+    "best": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "schedule": "onecycle", "augment": "affine",
+             "label_smoothing": 0.1},
+}
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each flag's default, except where it would only say None or False."""
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each flag's default, except where it would only say None or False; keep the line
+    breaks of descriptions and epilogues as written."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -138,29 +188,63 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def as_text(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def help_with_defaults(setting):
+    """The setting's help, then its default and what each recipe sets it to."""
+    by_recipe = [f"{recipe}: {as_text(values[setting.name])}" for recipe, values in RECIPES.items()
+                 if setting.name in values]
+    if (setting.default is None or setting.default is False) and not by_recipe:
+        return setting.help
+    return f"{setting.help} (default: {'; '.join([as_text(setting.default)] + by_recipe)})"
+
+
 def add_settings(parser, command):
+    """Add the settings this command takes. Those it does not get on the command line stay unset
+    here and are filled in by resolve_settings, from the recipe or the table."""
     for setting in SETTINGS:
         if command not in setting.commands:
             continue
         if setting.type is None and setting.choices is None:
-            parser.add_argument(setting.flag, action="store_true", help=setting.help)
+            parser.add_argument(setting.flag, action="store_true", default=argparse.SUPPRESS,
+                                help=setting.help)
         else:
             parser.add_argument(setting.flag, type=setting.type, choices=setting.choices,
-                                default=setting.default, help=setting.help)
+                                default=argparse.SUPPRESS, help=help_with_defaults(setting))
+
+
+def resolve_settings(args):
+    """Fill every setting not given on the command line: from the recipe, else from the table."""
+    recipe = RECIPES[getattr(args, "recipe", "seed")]
+    for setting in SETTINGS:
+        if args.command in setting.commands and not hasattr(args, setting.name):
+            setattr(args, setting.name, recipe.get(setting.name, setting.default))
+    return args
+
+
+def recipes_epilog():
+    lines = ["recipes (a flag given explicitly wins over its recipe's value):"]
+    for name, values in RECIPES.items():
+        flags = " ".join(f"--{key.replace('_', '-')} {as_text(value)}" for key, value in values.items())
+        lines.append(f"  {name:<5} {flags or 'the original recipe: every default above'}")
+    return "\n".join(lines)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mnist_recognition.py", formatter_class=HelpFormatter,
-        description="Train LeNet-5 on MNIST (the default command). Other commands: "
-                    "'evaluate' re-checks a trained model, 'predict' reads your own digit images; "
-                    "see 'mnist_recognition.py evaluate --help' and 'predict --help'.")
+        description="Train LeNet-5 on MNIST (the default command). Other commands: 'evaluate' re-checks\n"
+                    "a trained model, 'predict' reads your own digit images; see\n"
+                    "'mnist_recognition.py evaluate --help' and 'mnist_recognition.py predict --help'.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", formatter_class=HelpFormatter, help="train LeNet-5 (what runs when no command is given)",
-        description="Train LeNet-5 on MNIST; this runs when no command is given. Other commands: "
-                    "'evaluate' re-checks a trained model and 'predict' reads your own digit images "
-                    "(mnist_recognition.py evaluate --help, mnist_recognition.py predict --help).")
+        description="Train LeNet-5 on MNIST; this runs when no command is given. Other commands:\n"
+                    "'evaluate' re-checks a trained model and 'predict' reads your own digit images\n"
+                    "(mnist_recognition.py evaluate --help, mnist_recognition.py predict --help).",
+        epilog=recipes_epilog())
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter,
                                    help="measure a trained model's accuracy on the MNIST test set")
     predict = commands.add_parser("predict", formatter_class=HelpFormatter,
@@ -182,7 +266,7 @@ def parse_args(argv=None):
     if not argv or argv[0] not in COMMANDS:
         argv.insert(0, "train")  # plain `mnist_recognition.py [flags]` trains, as it always did
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = resolve_settings(parser.parse_args(argv))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     args.argv = argv  # for the resume command that an interrupted run prints
@@ -193,7 +277,9 @@ def training_config(args):
     """The settings that define a training run, as recorded in metrics.json and checkpoints."""
     config = {setting.name: getattr(args, setting.name) for setting in SETTINGS
               if setting.recorded and "train" in setting.commands}
-    return {name: str(value) if isinstance(value, Path) else value for name, value in config.items()}
+    # As JSON has them: paths as text, tuples as lists (so that a loaded config compares equal).
+    return {name: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+            for name, value in config.items()}
 
 
 def script_hash():
@@ -367,14 +453,25 @@ def load_split(data_dir, train, limit, device):
 
 
 def load_mnist(args, runtime):
-    """Both splits; under torchrun one process per machine fetches the files while the rest wait."""
+    """(training split, evaluation split): the test split, or with --validation N the last N
+    training images, held out. Under torchrun one process per machine fetches the files while
+    the rest wait."""
     if runtime.local_rank == 0:
         prepare_mnist_files(args.data_dir, allow_download=not args.no_download)
     if runtime.world_size > 1:
         dist.barrier()
-    train = load_split(args.data_dir, True, args.train_limit, runtime.device)
-    test = load_split(args.data_dir, False, args.test_limit, runtime.device)
-    return train, test
+    if not args.validation:
+        train = load_split(args.data_dir, True, args.train_limit, runtime.device)
+        return train, load_split(args.data_dir, False, args.test_limit, runtime.device)
+    images, labels = load_split(args.data_dir, True, None, runtime.device)
+    if args.validation >= len(labels):
+        raise CliError(f"--validation {args.validation}: the training split has only {len(labels)} images.")
+    kept = len(labels) - args.validation
+    return (images[:kept][:args.train_limit], labels[:kept][:args.train_limit]), (images[kept:], labels[kept:])
+
+
+def evaluation_split(args):
+    return "validation" if args.validation else "test"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,7 +644,7 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def start_or_resume(args, model, optimizer, checkpoint_path):
+def start_or_resume(args, model, optimizer, schedule, checkpoint_path):
     """A fresh Progress, or the one stored in the checkpoint after checking it fits these flags."""
     if not args.resume:
         return Progress(torch.Generator().manual_seed(args.seed).get_state())
@@ -556,12 +653,14 @@ def start_or_resume(args, model, optimizer, checkpoint_path):
     saved = load_checkpoint(checkpoint_path)
     if not {"optimizer", "config", "progress"} <= set(saved):
         raise CliError(f"--resume: {checkpoint_path} holds a trained model but no training state to continue.")
-    if set(saved["progress"]) != set(Progress.__dataclass_fields__):
+    if "schedule" not in saved or set(saved["progress"]) != set(Progress.__dataclass_fields__):
         raise CliError(f"--resume: {checkpoint_path} was written by another version of this program and "
                        f"cannot be continued. Start a new run, or use another --out-dir.")
-    differences = [f"{setting.flag} {saved['config'].get(setting.name)} (now {getattr(args, setting.name)})"
-                   for setting in SETTINGS
-                   if setting.must_match and saved["config"].get(setting.name) != getattr(args, setting.name)]
+    config = training_config(args)
+    # A schedule spans all epochs, so with one --epochs must stay too.
+    must_match = [s.name for s in SETTINGS if s.must_match or (s.name == "epochs" and args.schedule != "constant")]
+    differences = [f"--{name.replace('_', '-')} {as_text(saved['config'].get(name))} (now {as_text(config[name])})"
+                   for name in must_match if saved["config"].get(name) != config[name]]
     if differences:
         raise CliError(f"--resume: {checkpoint_path} was made with " + ", ".join(differences)
                        + ". Resume with the same settings, or use another --out-dir.")
@@ -570,14 +669,15 @@ def start_or_resume(args, model, optimizer, checkpoint_path):
                        f"--epochs {args.epochs} cannot go back.")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
     progress = Progress(**saved["progress"])
     logger.info("Resuming from {}: {} epochs and {} batches done", checkpoint_path,
                 progress.epoch, progress.batches_done)
     return progress
 
 
-def save_checkpoint(path, model, optimizer, progress, args):
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+def save_checkpoint(path, model, optimizer, schedule, progress, args):
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                "config": training_config(args), "progress": progress.state_dict()}
     write_atomically(path, lambda file: torch.save(payload, file))
 
@@ -596,46 +696,116 @@ def batch_stats(progress, first, end, sample_count, args, runtime):
     return losses.sum().item() / seen, 100 * correct / seen
 
 
-def train_step(model, optimizer, images, labels, loss_divisor):
+# The recipe's pieces: optimiser, learning-rate schedule, augmentation -------------------------
+
+AFFINE_LIMITS = {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift_pixels": 2}  # each way
+
+
+def new_optimizer(model, args):
+    # fused: one kernel for all parameters instead of several small ones each (measured faster)
+    return torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.adam_betas, fused=True)
+
+
+def new_schedule(optimizer, args, steps_per_epoch):
+    """The learning-rate schedule, stepped after every batch over all epochs' steps."""
+    total_steps = args.epochs * steps_per_epoch
+    if args.schedule == "onecycle":
+        # cycle_momentum off: Adam's betas stay what --adam-betas says.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps,
+                                                   pct_start=args.warmup, cycle_momentum=False)
+    if args.schedule == "cosine":
+        warmup_steps = max(1, round(args.warmup * total_steps))
+
+        def cosine_with_warmup(step):
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def random_affine_matrices(count, generator):
+    """`count` random 2x3 matrices for F.affine_grid: rotation, shear, scale and shift within AFFINE_LIMITS."""
+    def uniform(limit):
+        return (torch.rand(count, generator=generator) * 2 - 1) * limit
+    angle, shear = uniform(math.radians(AFFINE_LIMITS["degrees"])), uniform(math.radians(AFFINE_LIMITS["shear_degrees"]))
+    scale = 1 + uniform(AFFINE_LIMITS["scale"])
+    shift = 2 / 28 * AFFINE_LIMITS["shift_pixels"]  # affine_grid spans the 28 pixels with [-1, 1]
+    cos, sin, tan = angle.cos(), angle.sin(), shear.tan()
+    return torch.stack([torch.stack([cos / scale, (cos * tan - sin) / scale, uniform(shift)], 1),
+                        torch.stack([sin / scale, (sin * tan + cos) / scale, uniform(shift)], 1)], 1)
+
+
+def augment(images, matrices):
+    """Each image moved by its own affine matrix, on the images' device; the border value (MNIST's
+    background) fills what moves in from outside."""
+    grid = F.affine_grid(matrices.to(images.device), list(images.shape), align_corners=False)
+    moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    return moved.contiguous(memory_format=memory_format_for(images.device))
+
+
+def generator_for(*numbers):
+    """A generator seeded by these numbers together (the CPU generator keeps 32 bits of a seed)."""
+    digest = hashlib.sha256(",".join(map(str, numbers)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:4], "big"))
+
+
+def training_batch(train_set, global_batch, args, runtime, epoch, batch):
+    """This process's share of a global batch: its images (augmented if asked) and labels."""
+    images, labels = train_set
+    my_share = global_batch[runtime.rank::runtime.world_size]  # every process a disjoint share
+    batch_images = images[my_share]
+    if args.augment == "affine":
+        # Drawn for the whole global batch from a generator seeded by (seed, epoch, batch), so that
+        # any number of processes, and a resumed run, move every image exactly as one process would.
+        matrices = random_affine_matrices(len(global_batch), generator_for(args.seed, epoch, batch))
+        batch_images = augment(batch_images, matrices[runtime.rank::runtime.world_size])
+    return batch_images, labels[my_share]
+
+
+# The training loop ------------------------------------------------------------------------------
+
+def train_step(model, optimizer, schedule, images, labels, loss_divisor, label_smoothing=0.0):
     """One optimisation step; returns the batch's summed loss and its count of right answers."""
     logits = model(images)
-    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     (loss_sum / loss_divisor).backward()
     optimizer.step()
+    schedule.step()
     return loss_sum.detach(), (logits.argmax(1) == labels).sum()
 
 
-def train_epoch(model, optimizer, train_set, progress, args, runtime, interrupt):
+def train_epoch(model, optimizer, schedule, train_set, progress, args, runtime, interrupt):
     """Train until the epoch ends (True) or Ctrl-C asks to stop (False), updating `progress`."""
-    images, labels = train_set
-    order, next_shuffle_state = progress.epoch_order(len(labels))
+    sample_count = len(train_set[1])
+    order, next_shuffle_state = progress.epoch_order(sample_count)
     order = order.to(runtime.device)
-    batch_count = math.ceil(len(labels) / args.batch_size)
+    batch_count = math.ceil(sample_count / args.batch_size)
     progress.begin_epoch(batch_count, runtime.device)
     epoch, started = progress.epoch + 1, time.perf_counter()
     bar = tqdm(total=batch_count, initial=progress.batches_done, desc=f"Epoch {epoch}/{args.epochs}",
                leave=False, disable=tqdm_disable(runtime.is_main), unit="batch")
     for batch in range(progress.batches_done, batch_count):
         global_batch = order[batch * args.batch_size:(batch + 1) * args.batch_size]
-        my_share = global_batch[runtime.rank::runtime.world_size]  # every process a disjoint share
+        images, labels = training_batch(train_set, global_batch, args, runtime, epoch, batch)
         # DDP averages gradients over processes; dividing each loss sum by the average share of
         # the global batch makes that average the mean over the global batch, as in one process.
-        loss_sum, correct = train_step(model, optimizer, images[my_share], labels[my_share],
-                                       len(global_batch) / runtime.world_size)
+        loss_sum, correct = train_step(model, optimizer, schedule, images, labels,
+                                       len(global_batch) / runtime.world_size, args.label_smoothing)
         progress.record_batch(batch, loss_sum, correct)
         bar.update()
         if progress.batches_done % args.log_interval == 0:
-            loss, accuracy = batch_stats(progress, batch + 1 - args.log_interval, batch + 1, len(labels),
+            loss, accuracy = batch_stats(progress, batch + 1 - args.log_interval, batch + 1, sample_count,
                                          args, runtime)
             logger.info("[Epoch {}, Batch {}] loss: {:.4f} accuracy: {:.2f} %", epoch, batch + 1, loss, accuracy)
         if interrupt.requested:
             bar.close()
             # Only its check matters here: a non-finite loss must stop before it is checkpointed.
-            batch_stats(progress, 0, progress.batches_done, len(labels), args, runtime)
+            batch_stats(progress, 0, progress.batches_done, sample_count, args, runtime)
             return False
     bar.close()
-    loss, accuracy = batch_stats(progress, 0, batch_count, len(labels), args, runtime)
+    loss, accuracy = batch_stats(progress, 0, batch_count, sample_count, args, runtime)
     summary = {"epoch": epoch, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - started}
     logger.info("Epoch {}/{}: loss {:.4f}, train accuracy {:.2f} %, {:.1f} s", epoch, args.epochs, loss,
                 accuracy, summary["seconds"])
@@ -643,12 +813,15 @@ def train_epoch(model, optimizer, train_set, progress, args, runtime, interrupt)
     return True
 
 
-def log_setup(args, runtime, model, train_set, test_set):
+def log_setup(args, runtime, model, train_set, eval_set):
     logger.info("Device: {}{}", runtime.device,
                 f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else "")
     logger.info("LeNet-5 with {:,} parameters", parameter_count(model))
-    logger.info("{} training and {} test images; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
-                len(test_set[1]), args.epochs, args.batch_size, args.lr)
+    logger.info("{} training and {} {} images; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
+                len(eval_set[1]), evaluation_split(args), args.epochs, args.batch_size, args.lr)
+    recipe_settings = ("schedule", "warmup", "adam_betas", "label_smoothing", "augment")
+    logger.info("Recipe {}: {}", args.recipe,
+                ", ".join(f"{name} {as_text(getattr(args, name))}" for name in recipe_settings))
 
 
 def log_how_to_resume(args, progress, checkpoint_path):
@@ -661,12 +834,12 @@ def train(args, runtime):
     started = time.perf_counter()
     out_dir = prepare_out_dir(args.out_dir) if runtime.is_main else args.out_dir
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    train_set, test_set = load_mnist(args, runtime)
+    train_set, eval_set = load_mnist(args, runtime)
     model = new_model(args.seed, runtime.device)
-    # fused: one kernel for all parameters instead of several small ones each (measured faster)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-    progress = start_or_resume(args, model, optimizer, checkpoint_path)
-    log_setup(args, runtime, model, train_set, test_set)
+    optimizer = new_optimizer(model, args)
+    schedule = new_schedule(optimizer, args, steps_per_epoch=math.ceil(len(train_set[1]) / args.batch_size))
+    progress = start_or_resume(args, model, optimizer, schedule, checkpoint_path)
+    log_setup(args, runtime, model, train_set, eval_set)
     # The step runs through DDP's wrapper under torchrun; `model` itself is saved and evaluated.
     step_model = model
     if runtime.world_size > 1:
@@ -675,16 +848,16 @@ def train(args, runtime):
     # Under torchrun, torchrun itself handles Ctrl-C for all processes together.
     with StopOnInterrupt(enabled=runtime.world_size == 1) as interrupt:
         while progress.epoch < args.epochs:
-            finished = train_epoch(step_model, optimizer, train_set, progress, args, runtime, interrupt)
+            finished = train_epoch(step_model, optimizer, schedule, train_set, progress, args, runtime, interrupt)
             if runtime.is_main:
-                save_checkpoint(checkpoint_path, model, optimizer, progress, args)
+                save_checkpoint(checkpoint_path, model, optimizer, schedule, progress, args)
             if not finished:
                 log_how_to_resume(args, progress, checkpoint_path)
                 return 130
 
-    accuracy = test_accuracy(model, test_set, runtime)
+    accuracy = evaluate_accuracy(model, eval_set, runtime, evaluation_split(args))
     if runtime.is_main:
-        write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, test_set)
+        write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, eval_set)
     return 0
 
 
@@ -708,35 +881,37 @@ def predict_classes(model, images, show_progress=False):
                                         disable=tqdm_disable(show_progress))])
 
 
-def test_accuracy(model, test_set, runtime):
-    """Accuracy in percent over the whole test set; under torchrun each process takes a share."""
-    images, labels = test_set
+def evaluate_accuracy(model, eval_set, runtime, split="test"):
+    """Accuracy in percent over a whole split; under torchrun each process takes a share."""
+    images, labels = eval_set
     my_share = slice(runtime.rank, None, runtime.world_size)
     model.eval()
     correct = (predict_classes(model, images[my_share], runtime.is_main) == labels[my_share]).sum()
     model.train()
     accuracy = 100 * global_sum(correct, runtime).item() / len(labels)
-    logger.info("Accuracy of the network on the {} test images: {:.3f} %", len(labels), accuracy)
+    logger.info("Accuracy of the network on the {} {} images: {:.3f} %", len(labels), split, accuracy)
     return accuracy
 
 
-def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, test_set):
+def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, eval_set):
     config = training_config(args)
+    split = evaluation_split(args)
     metrics = {
         "config": config,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         "script_sha256": script_hash(),
         "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
         "parameters": parameter_count(model), "epochs": progress.history,
-        "test_accuracy": accuracy, "test_images": len(test_set[1]),
+        f"{split}_accuracy": accuracy, f"{split}_images": len(eval_set[1]),
+        "training_seconds": sum(epoch["seconds"] for epoch in progress.history),
         "total_seconds": time.perf_counter() - started,
     }
     write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
-    trained = {"model": model.state_dict(), "config": config, "test_accuracy": accuracy}
+    trained = {"model": model.state_dict(), "config": config, f"{split}_accuracy": accuracy}
     write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
     plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png")
-    plot_samples(test_set, args.seed + 1, "Test images (true label)", out_dir / "test_images.png")
-    plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
+    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png")
+    plot_predictions(model, eval_set, args.seed, out_dir / "predictions.png", split)
     logger.info("Wrote {}, {} and the figures into {}/", MODEL_FILE, METRICS_FILE, out_dir)
 
 
@@ -776,15 +951,15 @@ def plot_samples(dataset, seed, heading, path):
     plot_digit_grid(images[chosen], [str(labels[i].item()) for i in chosen], heading, path)
 
 
-def plot_predictions(model, test_set, seed, path):
-    images, labels = test_set
+def plot_predictions(model, eval_set, seed, path, split="test"):
+    images, labels = eval_set
     chosen = sample_indices(len(labels), seed)
     model.eval()
     predicted = predict_classes(model, images[chosen]).tolist()
     truth = labels[chosen].tolist()
     titles = [f"pred {p}" if p == t else f"pred {p} (true {t})" for p, t in zip(predicted, truth)]
     colors = ["black" if p == t else "red" for p, t in zip(predicted, truth)]
-    heading = f"Predictions on test images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
+    heading = f"Predictions on {split} images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
     plot_digit_grid(images[chosen], titles, heading, path, colors)
 
 
@@ -917,7 +1092,7 @@ def evaluate_command(args):
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["test_accuracy"])
     prepare_mnist_files(args.data_dir, allow_download=not args.no_download)
     test_set = load_split(args.data_dir, False, args.test_limit, runtime.device)
-    test_accuracy(model, test_set, runtime)
+    evaluate_accuracy(model, test_set, runtime)
     plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
     logger.info("Wrote {}", out_dir / "predictions.png")
     return 0

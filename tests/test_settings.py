@@ -16,14 +16,19 @@ def help_text(capsys, *args):
     return capsys.readouterr().out
 
 
-def test_help_lists_every_training_setting_with_its_help_and_default(capsys):
+def test_help_lists_every_training_setting_with_its_default_and_each_recipes_value(capsys):
     text = " ".join(help_text(capsys).split())  # argparse wraps lines
     for setting in app.SETTINGS:
         if "train" in setting.commands:
             assert setting.flag in text
             assert " ".join(setting.help.split()[:4]) in text
-            if setting.default not in (None, False):
-                assert f"(default: {setting.default})" in text
+            if setting.default is not None and setting.default is not False:
+                assert f"(default: {app.as_text(setting.default)}" in text
+    for recipe, values in app.RECIPES.items():
+        for name, value in values.items():
+            assert f"{recipe}: {app.as_text(value)}" in text
+            assert f"--{name.replace('_', '-')} {app.as_text(value)}" in text  # the recipes' list at the end
+    assert "(default: 10; fast: " in text
     assert "evaluate" in text and "predict" in text
 
 
@@ -56,6 +61,33 @@ def test_cuda_is_refused_where_there_is_none(tmp_path, capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+def test_a_recipe_sets_its_settings_and_an_explicit_flag_wins():
+    fast = app.parse_args(["--recipe", "fast"])
+    for name, value in app.RECIPES["fast"].items():
+        assert getattr(fast, name) == value
+    assert fast.seed == 0 and fast.log_interval == 200  # settings the recipe leaves alone
+    mixed = app.parse_args(["--recipe", "fast", "--epochs", "7", "--adam-betas", "0.8,0.95"])
+    assert mixed.epochs == 7 and mixed.adam_betas == (0.8, 0.95)
+    assert mixed.batch_size == app.RECIPES["fast"]["batch_size"]
+    seed = app.parse_args([])
+    assert all(getattr(seed, s.name) == s.default for s in app.SETTINGS if "train" in s.commands)
+
+
+def test_the_seed_recipe_is_the_original_one():
+    args = app.parse_args([])
+    assert (args.recipe, args.epochs, args.batch_size, args.lr) == ("seed", 10, 64, 1e-3)
+    assert (args.schedule, args.augment, args.label_smoothing, args.adam_betas) == ("constant", "none", 0.0, (0.9, 0.999))
+
+
+@pytest.mark.parametrize("flags", [["--adam-betas", "0.9"], ["--adam-betas", "0.9,1.0"], ["--adam-betas", "a,b"],
+                                   ["--label-smoothing", "1"], ["--warmup", "-0.1"], ["--validation", "-1"],
+                                   ["--recipe", "slow"], ["--schedule", "linear"], ["--augment", "mixup"]])
+def test_bad_recipe_settings_are_refused(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(flags)
+    assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
 def test_no_command_means_train():
     assert app.parse_args(["--epochs", "3"]).command == "train"
     assert app.parse_args([]).command == "train"
@@ -68,6 +100,7 @@ def test_the_recorded_config_is_every_recorded_training_setting():
     assert set(config) == {s.name for s in app.SETTINGS if s.recorded and "train" in s.commands}
     assert config["epochs"] == 3 and config["lr"] == 0.01 and config["batch_size"] == 64
     assert config["out_dir"] == "somewhere"  # paths are recorded as text, so the config is JSON
+    assert config["adam_betas"] == [0.9, 0.999] and config["recipe"] == "seed"
     assert "resume" not in config and "no_download" not in config
 
 

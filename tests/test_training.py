@@ -1,5 +1,6 @@
 """Training through the command line: outputs, determinism, resume, interruptions, failures."""
 import hashlib
+import math
 import json
 import shutil
 import signal
@@ -21,7 +22,7 @@ def metrics_without_timings(out_dir):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     for epoch in metrics["epochs"]:
         del epoch["seconds"]
-    del metrics["total_seconds"]
+    del metrics["total_seconds"], metrics["training_seconds"]
     del metrics["config"]["out_dir"]
     return metrics
 
@@ -92,14 +93,17 @@ def test_log_lines_every_n_batches(synthetic_data, tmp_path, cli):
 def test_a_training_step_returns_the_summed_loss_and_right_answers_and_learns():
     model = app.new_model(0, torch.device("cpu"))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
     images, labels = torch.randn(8, 1, 28, 28), torch.arange(8)
     with torch.no_grad():
         logits = model(images)
     before = [parameter.detach().clone() for parameter in model.parameters()]
-    loss_sum, correct = app.train_step(model, optimizer, images, labels, loss_divisor=8)
-    torch.testing.assert_close(loss_sum, F.cross_entropy(logits, labels, reduction="sum"))
+    loss_sum, correct = app.train_step(model, optimizer, schedule, images, labels, loss_divisor=8,
+                                       label_smoothing=0.1)
+    torch.testing.assert_close(loss_sum, F.cross_entropy(logits, labels, reduction="sum", label_smoothing=0.1))
     assert correct == (logits.argmax(1) == labels).sum()
     assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    assert optimizer.param_groups[0]["lr"] == 5e-4  # the schedule stepped once
 
 
 # --- resuming ------------------------------------------------------------------------------------
@@ -231,3 +235,159 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(synt
     result = cli(*QUICK, "--data-dir", synthetic_data, "--out-dir", blocker / "out")
     assert result.code == 2 and "Cannot write into the output folder" in result.errors()[0]
     assert "Epoch" not in result.log
+
+
+# --- recipes: schedules, augmentation ------------------------------------------------------------
+
+def lrs_of(schedule, steps=100, lr=1e-2, warmup=0.25):
+    args = app.parse_args(["--schedule", schedule, "--lr", str(lr), "--warmup", str(warmup), "--epochs", "1"])
+    optimizer = app.new_optimizer(app.LeNet5(), args)
+    scheduler = app.new_schedule(optimizer, args, steps_per_epoch=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_the_constant_schedule_keeps_the_learning_rate():
+    assert lrs_of("constant") == [1e-2] * 100
+
+
+def test_onecycle_warms_up_from_a_25th_to_the_peak_then_anneals_to_almost_nothing():
+    rates = lrs_of("onecycle")
+    assert rates[0] == pytest.approx(1e-2 / 25)
+    assert max(rates) == pytest.approx(1e-2) and rates.index(max(rates)) in (24, 25)
+    assert rates[-1] < 1e-6
+    assert all(a <= b for a, b in zip(rates[:24], rates[1:25])) and all(a >= b for a, b in zip(rates[25:], rates[26:]))
+
+
+def test_cosine_warms_up_linearly_from_zero_then_anneals_to_zero():
+    rates = lrs_of("cosine", warmup=0.1)
+    assert rates[0] == pytest.approx(1e-2 / 10) and rates[4] == pytest.approx(5e-3)
+    assert rates[10] == pytest.approx(1e-2)  # the peak, right after the 10 warm-up steps
+    assert rates[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data):
+    images, labels = app.load_split(synthetic_data, True, 64, torch.device("cpu"))
+    args = app.parse_args(["--augment", "affine"])
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    moved, moved_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 1, 0)
+    assert moved.shape == images.shape and torch.equal(moved_labels, labels[order])
+    matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0))
+    for position in (0, 17, 63):
+        source = order[position]
+        alone = app.augment(images[source:source + 1], matrices[position:position + 1])
+        torch.testing.assert_close(moved[position:position + 1], alone)
+        assert not torch.equal(alone, images[source:source + 1])
+
+
+def test_affine_matrices_stay_within_their_limits():
+    matrices = app.random_affine_matrices(10_000, torch.Generator().manual_seed(0))
+    shift_limit = 2 / 28 * app.AFFINE_LIMITS["shift_pixels"]
+    assert matrices[:, :, 2].abs().max() <= shift_limit and matrices[:, :, 2].abs().max() > 0.9 * shift_limit
+    determinant = torch.linalg.det(matrices[:, :, :2])  # 1 / scale**2: rotation and shear keep the area
+    scale = 1 / determinant.sqrt()
+    limit = app.AFFINE_LIMITS["scale"]
+    assert scale.min() >= 1 - limit - 1e-6 and scale.max() <= 1 + limit + 1e-6
+    images = torch.rand(2, 1, 28, 28)
+    identity = app.augment(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
+    torch.testing.assert_close(identity, images)
+
+
+def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_data):
+    train_set = app.load_split(synthetic_data, True, 32, torch.device("cpu"))
+    cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
+
+    def batch(seed, epoch, index):
+        return app.training_batch(train_set, order, app.parse_args(["--augment", "affine", "--seed", str(seed)]),
+                                  cpu, epoch, index)[0]
+    assert torch.equal(batch(0, 1, 0), batch(0, 1, 0))
+    assert not torch.equal(batch(0, 1, 0), batch(0, 1, 1))
+    assert not torch.equal(batch(0, 1, 0), batch(0, 2, 0))
+    assert not torch.equal(batch(0, 1, 0), batch(1, 1, 0))
+
+
+def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(synthetic_data):
+    train_set = app.load_split(synthetic_data, True, 40, torch.device("cpu"))
+    args, order = app.parse_args(["--augment", "affine"]), torch.randperm(40)
+    whole, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu")), 3, 7)
+    for rank in (0, 1):
+        share, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu"), rank=rank, world_size=2), 3, 7)
+        torch.testing.assert_close(share, whole[rank::2], rtol=0, atol=1e-6)
+
+
+def test_augmentation_never_touches_the_evaluation_images(synthetic_data, tmp_path, cli):
+    """The accuracy measured at the end of augmented training is what evaluate, which has no
+    augmentation, measures again on the same images."""
+    flags = (*QUICK, "--augment", "affine", "--data-dir", synthetic_data)
+    assert cli(*flags, "--out-dir", tmp_path).code == 0
+    recorded = json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"]
+    result = cli("evaluate", "--checkpoint", tmp_path / "lenet5_mnist.pt", "--data-dir", synthetic_data,
+                 "--no-download", "--device", "cpu", "--out-dir", tmp_path / "evaluated")
+    assert f"test images: {recorded:.3f} %" in result.log
+
+
+def interrupt_at(monkeypatch, epoch, batch):
+    """Ctrl-C, in-process, right after the given batch (both counted from 1)."""
+    record = app.Progress.record_batch
+
+    def record_then_interrupt(progress, index, loss_sum, correct):
+        record(progress, index, loss_sum, correct)
+        if (progress.epoch + 1, index + 1) == (epoch, batch):
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(app.Progress, "record_batch", record_then_interrupt)
+
+
+def test_resume_mid_epoch_with_augmentation_and_a_schedule_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
+    flags = (*QUICK, "--epochs", 3, "--augment", "affine", "--schedule", "onecycle", "--lr", "0.005",
+             "--label-smoothing", "0.1", "--adam-betas", "0.8,0.99", "--data-dir", synthetic_data)
+    assert cli(*flags, "--out-dir", tmp_path / "whole").code == 0
+    interrupt_at(monkeypatch, epoch=2, batch=11)
+    stopped = cli(*flags, "--out-dir", tmp_path / "resumed")
+    assert stopped.code == 130 and "Interrupted in epoch 2 after batch 11" in stopped.log
+    monkeypatch.undo()
+    assert cli(*flags, "--out-dir", tmp_path / "resumed", "--resume").code == 0
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_resume_with_a_schedule_cannot_change_the_epochs(synthetic_data, tmp_path, cli):
+    flags = (*QUICK, "--epochs", 1, "--schedule", "cosine", "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert cli(*flags).code == 0
+    result = cli(*flags, "--epochs", 2, "--resume")
+    assert result.code == 2 and "--epochs 1 (now 2)" in result.errors()[0]
+
+
+def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path, cli):
+    result = cli(*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert result.code == 0
+    assert "1000 training and 200 validation images" in result.log
+    assert "Accuracy of the network on the 200 validation images" in result.log
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["validation_images"] == 200 and "test_accuracy" not in metrics
+    train_set, held_out = app.load_mnist(app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data),
+                                                          "--device", "cpu"]), app.Runtime(torch.device("cpu")))
+    everything = app.load_split(synthetic_data, True, None, torch.device("cpu"))
+    assert torch.equal(held_out[0], everything[0][-200:]) and torch.equal(train_set[1], everything[1][:-200])
+
+
+def test_validation_larger_than_the_training_set_is_refused(synthetic_data, tmp_path, cli):
+    result = cli(*QUICK, "--validation", 5000, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert result.code == 2 and "only 1200 images" in result.errors()[0]
+
+
+@pytest.mark.parametrize("recipe", list(app.RECIPES))
+def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthetic_data, tmp_path, cli):
+    # The recipes' batches are sized for 60,000 images; on 1,200 they would make only a few steps.
+    result = cli("--recipe", recipe, "--batch-size", 32, "--no-download", "--device", "cpu",
+                 "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert result.code == 0 and f"Recipe {recipe}:" in result.log
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["recipe"] == recipe and metrics["config"]["batch_size"] == 32
+    for name, value in app.RECIPES[recipe].items():
+        if name != "batch_size":
+            assert metrics["config"][name] == (list(value) if isinstance(value, tuple) else value)
+    assert metrics["test_accuracy"] > 60  # chance is 10 %
