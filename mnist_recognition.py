@@ -17,11 +17,14 @@ per-sample DataLoader pipeline. Training resumes bit-exactly from checkpoints, a
 script runs under torchrun with DistributedDataParallel.
 """
 import argparse
+import base64
 import datetime
 import hashlib
+import html
 import json
 import math
 import os
+import platform
 import shlex
 import signal
 import socket
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 import torchvision
 from loguru import logger
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.datasets import MNIST
@@ -54,6 +58,7 @@ from tqdm import tqdm
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
 MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE = "lenet5_mnist.pt", "checkpoint.pt", "metrics.json"
+REPORT_FILE = "report.html"
 FIGURE_INCHES, FIGURE_DPI = 6, 100  # every 4x4 figure is 600x600 pixels
 COMMANDS = ("train", "evaluate", "predict")
 
@@ -156,6 +161,8 @@ SETTINGS = (
     Setting("test_limit", None, "use only the first N test images (quick runs; default: all)",
             positive_int, commands=TRAIN_AND_EVALUATE, must_match=True),
     Setting("log_interval", 200, "log loss and accuracy every N batches", positive_int),
+    Setting("eval_every", 1, "evaluate on the test split (or the validation split) after every N epochs; "
+            "0: only after the last", non_negative_int),
     Setting("device", "auto", "where to compute; auto picks CUDA when it is available",
             choices=("auto", "cpu", "cuda"), commands=COMMANDS),
     Setting("data_dir", Path("data"), "folder that holds (or receives) MNIST/raw/", Path,
@@ -189,7 +196,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def as_text(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def help_with_defaults(setting):
@@ -599,6 +606,7 @@ class Progress:
     batch_losses: torch.Tensor = None
     batch_correct: torch.Tensor = None
     history: list = field(default_factory=list)  # one dict per completed epoch
+    logged_losses: list = field(default_factory=list)  # (epochs done, mean loss) at every log line
 
     def state_dict(self):
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -799,6 +807,7 @@ def train_epoch(model, optimizer, schedule, train_set, progress, args, runtime, 
             loss, accuracy = batch_stats(progress, batch + 1 - args.log_interval, batch + 1, sample_count,
                                          args, runtime)
             logger.info("[Epoch {}, Batch {}] loss: {:.4f} accuracy: {:.2f} %", epoch, batch + 1, loss, accuracy)
+            progress.logged_losses.append((progress.epoch + (batch + 1) / batch_count, loss))
         if interrupt.requested:
             bar.close()
             # Only its check matters here: a non-finite loss must stop before it is checkpointed.
@@ -807,8 +816,6 @@ def train_epoch(model, optimizer, schedule, train_set, progress, args, runtime, 
     bar.close()
     loss, accuracy = batch_stats(progress, 0, batch_count, sample_count, args, runtime)
     summary = {"epoch": epoch, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - started}
-    logger.info("Epoch {}/{}: loss {:.4f}, train accuracy {:.2f} %, {:.1f} s", epoch, args.epochs, loss,
-                accuracy, summary["seconds"])
     progress.end_epoch(summary, next_shuffle_state)
     return True
 
@@ -846,19 +853,39 @@ def train(args, runtime):
         step_model = DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
     # Under torchrun, torchrun itself handles Ctrl-C for all processes together.
+    split, evaluation = evaluation_split(args), None
     with StopOnInterrupt(enabled=runtime.world_size == 1) as interrupt:
         while progress.epoch < args.epochs:
             finished = train_epoch(step_model, optimizer, schedule, train_set, progress, args, runtime, interrupt)
+            if finished and evaluates_after(progress.epoch, args):
+                evaluation = evaluate(model, eval_set, runtime)  # not counted in the epoch's seconds
+                progress.history[-1].update({f"{split}_loss": evaluation.loss, f"{split}_accuracy": evaluation.accuracy,
+                                             "evaluation_seconds": evaluation.seconds})
+            if finished:
+                log_epoch(progress.history[-1], args.epochs, split)
             if runtime.is_main:
                 save_checkpoint(checkpoint_path, model, optimizer, schedule, progress, args)
             if not finished:
                 log_how_to_resume(args, progress, checkpoint_path)
                 return 130
 
-    accuracy = evaluate_accuracy(model, eval_set, runtime, evaluation_split(args))
+    if evaluation is None:  # the checkpoint held every epoch already
+        evaluation = evaluate(model, eval_set, runtime)
+    log_accuracy(evaluation, split)
     if runtime.is_main:
-        write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, eval_set)
+        write_outputs(out_dir, args, runtime, model, progress, evaluation, started, train_set, eval_set)
     return 0
+
+
+def evaluates_after(epoch, args):
+    return epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0)
+
+
+def log_epoch(summary, epochs, split):
+    evaluated = (f", {split} loss {summary[f'{split}_loss']:.4f}, {split} accuracy {summary[f'{split}_accuracy']:.2f} %"
+                 if f"{split}_loss" in summary else "")
+    logger.info("Epoch {}/{}: loss {:.4f}, train accuracy {:.2f} %{}, {:.1f} s", summary["epoch"], epochs,
+                summary["loss"], summary["train_accuracy"], evaluated, summary["seconds"])
 
 
 def train_command(args):
@@ -873,46 +900,61 @@ def train_command(args):
 # Evaluation and results
 # ----------------------------------------------------------------------------------------------
 
+@dataclass
+class Evaluation:
+    """A model's answers on a whole split (CPU tensors)."""
+
+    labels: torch.Tensor  # the true classes
+    predicted: torch.Tensor  # the model's classes
+    confidence: torch.Tensor  # the probability the model gave its class
+    loss: float  # the mean cross-entropy
+    seconds: float
+
+    @property
+    def accuracy(self):
+        return 100 * (self.predicted == self.labels).sum().item() / len(self.labels)
+
+    def confusion_matrix(self):
+        """counts[true class, predicted class]"""
+        return torch.bincount(self.labels * 10 + self.predicted, minlength=100).view(10, 10)
+
+    def class_accuracy(self):
+        """Each class's accuracy in percent."""
+        counts = self.confusion_matrix()
+        return (100 * counts.diag() / counts.sum(1).clamp(min=1)).tolist()
+
+    def worst_mistakes(self, how_many=16):
+        """Indices of the wrong answers given with the highest confidence, most confident first."""
+        wrong = (self.predicted != self.labels).nonzero().squeeze(1)
+        return wrong[self.confidence[wrong].argsort(descending=True, stable=True)][:how_many].tolist()
+
+
 @torch.inference_mode()
-def predict_classes(model, images, show_progress=False):
-    batches = range(0, len(images), EVAL_BATCH_SIZE)
-    return torch.cat([model(images[start:start + EVAL_BATCH_SIZE]).argmax(1)
-                      for start in tqdm(batches, desc="Evaluating", leave=False,
-                                        disable=tqdm_disable(show_progress))])
-
-
-def evaluate_accuracy(model, eval_set, runtime, split="test"):
-    """Accuracy in percent over a whole split; under torchrun each process takes a share."""
+def evaluate(model, eval_set, runtime):
+    """The model's answers on the whole split; under torchrun each process takes a share."""
+    started = time.perf_counter()
     images, labels = eval_set
     my_share = slice(runtime.rank, None, runtime.world_size)
+    my_images = images[my_share]
     model.eval()
-    correct = (predict_classes(model, images[my_share], runtime.is_main) == labels[my_share]).sum()
+    logits = torch.cat([model(my_images[start:start + EVAL_BATCH_SIZE])
+                        for start in tqdm(range(0, len(my_images), EVAL_BATCH_SIZE), desc="Evaluating",
+                                          leave=False, disable=tqdm_disable(runtime.is_main))])
     model.train()
-    accuracy = 100 * global_sum(correct, runtime).item() / len(labels)
-    logger.info("Accuracy of the network on the {} {} images: {:.3f} %", len(labels), split, accuracy)
-    return accuracy
+    predicted = logits.argmax(1)
+    # Each process fills in its share; summed over the processes they hold the whole split.
+    whole_predicted, whole_confidence = torch.zeros_like(labels), torch.zeros(len(labels), device=labels.device)
+    whole_predicted[my_share] = predicted
+    whole_confidence[my_share] = F.softmax(logits, 1).gather(1, predicted.unsqueeze(1)).squeeze(1)
+    loss_sum = global_sum(F.cross_entropy(logits, labels[my_share], reduction="sum"), runtime)
+    whole_predicted, whole_confidence = global_sum(whole_predicted, runtime), global_sum(whole_confidence, runtime)
+    return Evaluation(labels.cpu(), whole_predicted.cpu(), whole_confidence.cpu(), loss_sum.item() / len(labels),
+                      time.perf_counter() - started)
 
 
-def write_outputs(out_dir, args, runtime, model, progress, accuracy, started, train_set, eval_set):
-    config = training_config(args)
-    split = evaluation_split(args)
-    metrics = {
-        "config": config,
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
-        "script_sha256": script_hash(),
-        "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
-        "parameters": parameter_count(model), "epochs": progress.history,
-        f"{split}_accuracy": accuracy, f"{split}_images": len(eval_set[1]),
-        "training_seconds": sum(epoch["seconds"] for epoch in progress.history),
-        "total_seconds": time.perf_counter() - started,
-    }
-    write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
-    trained = {"model": model.state_dict(), "config": config, f"{split}_accuracy": accuracy}
-    write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
-    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png")
-    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png")
-    plot_predictions(model, eval_set, args.seed, out_dir / "predictions.png", split)
-    logger.info("Wrote {}, {} and the figures into {}/", MODEL_FILE, METRICS_FILE, out_dir)
+def log_accuracy(evaluation, split="test"):
+    logger.info("Accuracy of the network on the {} {} images: {:.3f} %", len(evaluation.labels), split,
+                evaluation.accuracy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -932,7 +974,7 @@ def save_figure(figure, path):
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=FIGURE_DPI))
 
 
-def plot_digit_grid(images, titles, heading, path, title_colors=None):
+def plot_digit_grid(images, titles, heading, path, title_colors=None, title_size=10):
     """A 4x4 grid of digits under a heading, with a title above each digit."""
     figure = Figure(figsize=(FIGURE_INCHES, FIGURE_INCHES))
     figure.suptitle(heading)
@@ -940,7 +982,7 @@ def plot_digit_grid(images, titles, heading, path, title_colors=None):
         axis.axis("off")
         if index < len(images):
             axis.imshow(display_pixels(images[index]), cmap="gray", vmin=0, vmax=1)
-            axis.set_title(titles[index], fontsize=10, color=(title_colors or ["black"] * 16)[index])
+            axis.set_title(titles[index], fontsize=title_size, color=(title_colors or ["black"] * 16)[index])
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -951,16 +993,196 @@ def plot_samples(dataset, seed, heading, path):
     plot_digit_grid(images[chosen], [str(labels[i].item()) for i in chosen], heading, path)
 
 
-def plot_predictions(model, eval_set, seed, path, split="test"):
-    images, labels = eval_set
-    chosen = sample_indices(len(labels), seed)
-    model.eval()
-    predicted = predict_classes(model, images[chosen]).tolist()
-    truth = labels[chosen].tolist()
+def plot_predictions(eval_set, evaluation, seed, path, split="test"):
+    """16 random images of the split, each titled with the model's answer, in red where it is wrong."""
+    images, _ = eval_set
+    chosen = sample_indices(len(evaluation.labels), seed)
+    predicted, truth = evaluation.predicted[chosen].tolist(), evaluation.labels[chosen].tolist()
     titles = [f"pred {p}" if p == t else f"pred {p} (true {t})" for p, t in zip(predicted, truth)]
     colors = ["black" if p == t else "red" for p, t in zip(predicted, truth)]
     heading = f"Predictions on {split} images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
     plot_digit_grid(images[chosen], titles, heading, path, colors)
+
+
+def plot_mistakes(eval_set, evaluation, path, split="test"):
+    """The 16 wrong answers given with the highest confidence."""
+    worst = evaluation.worst_mistakes()
+    titles = [f"pred {evaluation.predicted[i]} (true {evaluation.labels[i]}) {100 * evaluation.confidence[i]:.0f} %"
+              for i in worst]
+    heading = f"The {len(worst)} most confident mistakes of {int((evaluation.predicted != evaluation.labels).sum())} on {split} images"
+    plot_digit_grid(eval_set[0][worst], titles, heading, path, ["red"] * len(worst), title_size=9)
+
+
+def plot_confusion_matrix(evaluation, path, split="test"):
+    """True against predicted class, coloured by each row's share, the count in every cell."""
+    counts = evaluation.confusion_matrix().numpy()
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    figure = Figure(figsize=(7, 6))
+    axis = figure.subplots()
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for true_class in range(10):
+        for predicted in range(10):
+            axis.text(predicted, true_class, counts[true_class, predicted], ha="center", va="center", fontsize=8,
+                      color="white" if shares[true_class, predicted] > 0.5 else "black")
+    for true_class, accuracy in enumerate(evaluation.class_accuracy()):
+        axis.text(10, true_class, f"{accuracy:.1f} %", ha="left", va="center", fontsize=8)
+    axis.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class",
+             title=f"Confusion matrix on {len(evaluation.labels)} {split} images (accuracy per class at right)")
+    axis.title.set_fontsize(10)
+    figure.colorbar(image, ax=axis, fraction=0.04, pad=0.12, label="share of the true class")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_training_curves(progress, path, split="test"):
+    """Loss and accuracy against epochs: every log line's loss, and each epoch's train and evaluation values."""
+    epochs = [summary["epoch"] for summary in progress.history]
+    evaluated = [summary for summary in progress.history if f"{split}_loss" in summary]
+    figure = Figure(figsize=(10, 4))
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
+    if progress.logged_losses:
+        at, losses = zip(*progress.logged_losses)
+        loss_axis.plot(at, losses, linewidth=0.8, color="tab:blue", alpha=0.5, label="train loss (log lines)")
+    loss_axis.plot(epochs, [summary["loss"] for summary in progress.history], "o", color="tab:blue",
+                   label="train loss (epoch)")
+    loss_axis.plot([summary["epoch"] for summary in evaluated], [summary[f"{split}_loss"] for summary in evaluated],
+                   "s", color="tab:orange", label=f"{split} loss")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="Loss")
+    accuracy_axis.plot(epochs, [summary["train_accuracy"] for summary in progress.history], "o-", color="tab:blue",
+                       label="train accuracy")
+    accuracy_axis.plot([summary["epoch"] for summary in evaluated],
+                       [summary[f"{split}_accuracy"] for summary in evaluated], "s-", color="tab:orange",
+                       label=f"{split} accuracy")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: one self-contained HTML page with every number and figure of a run
+# ----------------------------------------------------------------------------------------------
+
+FIGURES = {  # file: caption
+    "training_curves.png": "Loss (log scale) and accuracy against epochs. The thin line is the training loss "
+                           "of every log interval; the points are each epoch's means.",
+    "confusion_matrix.png": "True class against predicted class. Each cell holds a count and is coloured by its "
+                            "share of the true class; each class's accuracy stands at the right of its row.",
+    "mistakes.png": "The wrong answers the model gave with the highest confidence.",
+    "predictions.png": "16 random evaluation images with the model's answer; wrong answers are red.",
+    "train_images.png": "16 random training images with their labels.",
+    "test_images.png": "16 random evaluation images with their labels.",
+}
+
+
+def html_table(header, rows):
+    cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(cell))}</{tag}>" for cell in row)
+    return (f"<table><tr>{cells(header, 'th')}</tr>"
+            + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>")
+
+
+def embedded_figure(path, caption):
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def cpu_name():
+    """The CPU's model name as Linux reports it (platform.processor() is empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(runtime):
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else cpu_name()
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": f"{runtime.device} ({device_name})",
+            "CPU threads": torch.get_num_threads(), "world size": runtime.world_size, "script sha256": script_hash()}
+
+
+def write_report(out_dir, title, headline, sections):
+    """report.html: `sections` are (heading, HTML) pairs; every figure in FIGURES that exists in
+    out_dir is embedded, so the page needs nothing outside itself."""
+    figures = "".join(embedded_figure(out_dir / name, caption) for name, caption in FIGURES.items()
+                      if (out_dir / name).exists())
+    body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1040px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+th {{ background: #f0f0f0; }} td:first-child, th:first-child {{ text-align: left; }}
+.headline {{ font-size: 28px; font-weight: bold; }}
+figure {{ margin: 1em 0 2em; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption {{ font-size: 14px; color: #555; }}
+</style></head>
+<body><h1>{html.escape(title)}</h1><p class="headline">{html.escape(headline)}</p>
+{body}<h2>Figures</h2>{figures}</body></html>
+"""
+    write_atomically(out_dir / REPORT_FILE, lambda file: file.write(page.encode()))
+
+
+def report_sections(settings, environment_values, evaluation, history=(), split="test"):
+    sections = [("Settings", html_table(("setting", "value"), [(name, as_text(value)) for name, value in settings.items()])),
+                ("Environment", html_table(("what", "value"), environment_values.items()))]
+    if history:
+        columns = {"epoch": "{}", "loss": "{:.4f}", "train_accuracy": "{:.2f}", f"{split}_loss": "{:.4f}",
+                   f"{split}_accuracy": "{:.2f}", "seconds": "{:.1f}"}
+        rows = [[form.format(summary[column]) if column in summary else "" for column, form in columns.items()]
+                for summary in history]
+        sections.append(("Per epoch", html_table([column.replace("_", " ") for column in columns], rows)))
+    sections.append(("Accuracy per class", html_table(
+        ("class", "images", "accuracy %"),
+        [(digit, int(count), f"{accuracy:.2f}") for digit, (count, accuracy)
+         in enumerate(zip(evaluation.confusion_matrix().sum(1), evaluation.class_accuracy()))])))
+    return sections
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's results: metrics, the model, figures and the report, written by the main process
+# ----------------------------------------------------------------------------------------------
+
+def write_evaluation_figures(out_dir, eval_set, evaluation, seed, split):
+    plot_predictions(eval_set, evaluation, seed, out_dir / "predictions.png", split)
+    plot_confusion_matrix(evaluation, out_dir / "confusion_matrix.png", split)
+    plot_mistakes(eval_set, evaluation, out_dir / "mistakes.png", split)
+
+
+def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, train_set, eval_set):
+    config, split = training_config(args), evaluation_split(args)
+    metrics = {
+        "config": config,
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "script_sha256": script_hash(),
+        "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
+        "parameters": parameter_count(model), "epochs": progress.history,
+        f"{split}_accuracy": evaluation.accuracy, f"{split}_images": len(evaluation.labels),
+        "class_accuracy": evaluation.class_accuracy(), "confusion_matrix": evaluation.confusion_matrix().tolist(),
+        "training_seconds": sum(summary["seconds"] for summary in progress.history),
+        "total_seconds": time.perf_counter() - started,
+    }
+    write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
+    trained = {"model": model.state_dict(), "config": config, f"{split}_accuracy": evaluation.accuracy}
+    write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
+    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png")
+    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png")
+    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, split)
+    plot_training_curves(progress, out_dir / "training_curves.png", split)
+    write_report(out_dir, f"LeNet-5 on MNIST, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy",
+                 f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
+                 f"{len(progress.history)} epochs ({metrics['training_seconds']:.1f} s of training)",
+                 report_sections(config, environment(runtime), evaluation, progress.history, split))
+    logger.info("Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE,
+                REPORT_FILE, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1092,9 +1314,14 @@ def evaluate_command(args):
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["test_accuracy"])
     prepare_mnist_files(args.data_dir, allow_download=not args.no_download)
     test_set = load_split(args.data_dir, False, args.test_limit, runtime.device)
-    evaluate_accuracy(model, test_set, runtime)
-    plot_predictions(model, test_set, args.seed, out_dir / "predictions.png")
-    logger.info("Wrote {}", out_dir / "predictions.png")
+    evaluation = evaluate(model, test_set, runtime)
+    log_accuracy(evaluation)
+    write_evaluation_figures(out_dir, test_set, evaluation, args.seed, "test")
+    settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
+    write_report(out_dir, f"LeNet-5 on MNIST, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy",
+                 f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right",
+                 report_sections(settings, environment(runtime), evaluation))
+    logger.info("Wrote predictions.png, confusion_matrix.png, mistakes.png and {} into {}/", REPORT_FILE, out_dir)
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Figures: drawn without pyplot, so that importing the script changes nothing global."""
+"""Evaluation and figures: confusion matrix, mistakes, predictions; drawn without pyplot, so that
+importing the script changes nothing global."""
 import importlib.util
 
 import matplotlib
+import pytest
 import torch
 from PIL import Image
 
@@ -34,17 +36,52 @@ def test_display_pixels_undoes_the_normalisation():
     torch.testing.assert_close(torch.from_numpy(app.display_pixels(normalised)), pixels)
 
 
+def evaluation_of(labels, predicted, confidence=None):
+    confidence = torch.full((len(labels),), 0.5) if confidence is None else confidence
+    return app.Evaluation(labels, predicted, confidence, loss=1.0, seconds=0.1)
+
+
 def test_predictions_figure_counts_the_right_answers(tmp_path, monkeypatch):
     """The heading counts right answers; a wrong one is titled with the true label, in red."""
     images, labels = torch.zeros(20, 1, 28, 28), torch.arange(20) % 10
     chosen = app.sample_indices(20, seed=0)
     answers = labels.clone()
     answers[chosen[0]] = (labels[chosen[0]] + 1) % 10  # exactly one shown digit is answered wrong
-    monkeypatch.setattr(app, "predict_classes", lambda model, batch: answers[chosen])
     drawn = {}
     monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, colors: drawn.update(
         titles=titles, heading=heading, colors=colors))
-    app.plot_predictions(torch.nn.Identity(), (images, labels), 0, tmp_path / "predictions.png")
+    app.plot_predictions((images, labels), evaluation_of(labels, answers), 0, tmp_path / "predictions.png")
     assert drawn["heading"] == "Predictions on test images: 15 of 16 right"
     assert drawn["titles"][0] == f"pred {answers[chosen[0]].item()} (true {labels[chosen[0]].item()})"
     assert drawn["colors"] == ["red"] + ["black"] * 15
+
+
+def test_the_confusion_matrix_counts_every_image_once_and_its_trace_is_the_accuracy():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (500,), generator=generator)
+    predicted = torch.where(torch.rand(500, generator=generator) < 0.8, labels, torch.randint(0, 10, (500,), generator=generator))
+    evaluation = evaluation_of(labels, predicted)
+    counts = evaluation.confusion_matrix()
+    assert counts.sum() == 500 and 100 * counts.trace().item() / 500 == evaluation.accuracy
+    assert counts[3, 5] == ((labels == 3) & (predicted == 5)).sum()
+    assert evaluation.class_accuracy()[3] == pytest.approx(100 * counts[3, 3].item() / (labels == 3).sum().item())
+
+
+def test_the_worst_mistakes_are_all_wrong_and_the_most_confident_first():
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    predicted = torch.tensor([0, 7, 2, 8, 9, 5])
+    confidence = torch.tensor([0.99, 0.6, 0.98, 0.9, 0.7, 0.97])
+    evaluation = evaluation_of(labels, predicted, confidence)
+    assert evaluation.worst_mistakes() == [3, 4, 1]
+    assert evaluation.worst_mistakes(how_many=2) == [3, 4]
+
+
+def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_path, monkeypatch):
+    labels, predicted = torch.tensor([4, 9, 1]), torch.tensor([4, 4, 7])
+    evaluation = evaluation_of(labels, predicted, torch.tensor([0.9, 0.97, 0.55]))
+    drawn = {}
+    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, colors, title_size: drawn.update(
+        titles=titles, heading=heading, count=len(images)))
+    app.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png")
+    assert drawn["titles"] == ["pred 4 (true 9) 97 %", "pred 7 (true 1) 55 %"] and drawn["count"] == 2
+    assert drawn["heading"] == "The 2 most confident mistakes of 2 on test images"

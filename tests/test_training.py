@@ -1,6 +1,7 @@
 """Training through the command line: outputs, determinism, resume, interruptions, failures."""
 import hashlib
 import math
+import re
 import json
 import shutil
 import signal
@@ -14,22 +15,27 @@ import mnist_recognition as app
 from conftest import (QUICK, SCRIPT, TEST_COUNT, assert_same_weights, script_command, train_quietly,
                       trained_weights)
 
-OUTPUTS = {"train_images.png", "test_images.png", "predictions.png", "metrics.json", "lenet5_mnist.pt",
-           "checkpoint.pt"}
+OUTPUTS = {"train_images.png", "test_images.png", "predictions.png", "training_curves.png", "confusion_matrix.png",
+           "mistakes.png", "report.html", "metrics.json", "lenet5_mnist.pt", "checkpoint.pt"}
+FIGURE_SIZES = {"train_images.png": (600, 600), "test_images.png": (600, 600), "predictions.png": (600, 600),
+                "mistakes.png": (600, 600), "training_curves.png": (1000, 400), "confusion_matrix.png": (700, 600)}
 
 
 def metrics_without_timings(out_dir):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     for epoch in metrics["epochs"]:
-        del epoch["seconds"]
+        del epoch["seconds"], epoch["evaluation_seconds"]
     del metrics["total_seconds"], metrics["training_seconds"]
     del metrics["config"]["out_dir"]
     return metrics
 
 
 def assert_same_run(first, second):
+    """The same numbers everywhere: metrics (timings aside), weights, and every figure."""
     assert metrics_without_timings(first) == metrics_without_timings(second)
     assert_same_weights(first, second)
+    for figure in FIGURE_SIZES:
+        assert (first / figure).read_bytes() == (second / figure).read_bytes(), figure
 
 
 # --- one run, end to end, as a user starts it ----------------------------------------------------
@@ -37,9 +43,9 @@ def assert_same_run(first, second):
 def test_a_run_writes_every_output(trained):
     out_dir, _ = trained
     assert {path.name for path in out_dir.iterdir()} == OUTPUTS
-    for name in ("train_images.png", "test_images.png", "predictions.png"):
+    for name, size in FIGURE_SIZES.items():
         with Image.open(out_dir / name) as image:
-            assert image.format == "PNG" and image.size == (600, 600)
+            assert image.format == "PNG" and image.size == size, name
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["parameters"] == 61_706 and metrics["test_images"] == TEST_COUNT
     assert metrics["config"]["epochs"] == 4 and metrics["config"]["batch_size"] == 32
@@ -47,6 +53,10 @@ def test_a_run_writes_every_output(trained):
     assert metrics["device"] == "cpu" and metrics["world_size"] == 1
     assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2, 3, 4]
     assert all(epoch["seconds"] > 0 and 0 <= epoch["train_accuracy"] <= 100 for epoch in metrics["epochs"])
+    assert all(epoch["evaluation_seconds"] > 0 and 0 <= epoch["test_accuracy"] <= 100 and epoch["test_loss"] > 0
+               for epoch in metrics["epochs"])
+    assert metrics["epochs"][-1]["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["training_seconds"] == sum(epoch["seconds"] for epoch in metrics["epochs"])
     assert metrics["epochs"][-1]["loss"] < metrics["epochs"][0]["loss"]
     assert metrics["test_accuracy"] > 60  # chance is 10 %
     assert metrics["total_seconds"] > sum(epoch["seconds"] for epoch in metrics["epochs"])
@@ -63,7 +73,8 @@ def test_a_run_logs_what_the_original_did(trained):
     log = trained[1].stderr
     assert "Device: cpu" in log and "61,706 parameters" in log
     assert "1200 training and 300 test images; 4 epochs, batch 32, Adam lr 0.001" in log
-    assert "Epoch 4/4: loss" in log
+    assert re.search(r"Epoch 4/4: loss \d\.\d{4}, train accuracy \d+\.\d\d %, test loss \d\.\d{4}, "
+                     r"test accuracy \d+\.\d\d %, \d+\.\d s\n", log)
     accuracy = json.loads((trained[0] / "metrics.json").read_text())["test_accuracy"]
     assert f"Accuracy of the network on the {TEST_COUNT} test images: {accuracy:.3f} %" in log
     assert "Traceback" not in log
@@ -368,6 +379,7 @@ def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path,
     assert "Accuracy of the network on the 200 validation images" in result.log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["validation_images"] == 200 and "test_accuracy" not in metrics
+    assert "validation_accuracy" in metrics["epochs"][0] and "test_accuracy" not in metrics["epochs"][0]
     train_set, held_out = app.load_mnist(app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data),
                                                           "--device", "cpu"]), app.Runtime(torch.device("cpu")))
     everything = app.load_split(synthetic_data, True, None, torch.device("cpu"))
@@ -391,3 +403,14 @@ def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthet
         if name != "batch_size":
             assert metrics["config"][name] == (list(value) if isinstance(value, tuple) else value)
     assert metrics["test_accuracy"] > 60  # chance is 10 %
+
+
+# --- evaluation during training ------------------------------------------------------------------
+
+@pytest.mark.parametrize("every, evaluated", [(0, [3]), (2, [2, 3]), (1, [1, 2, 3])])
+def test_eval_every_n_epochs_and_always_after_the_last(every, evaluated, synthetic_data, tmp_path, cli):
+    result = cli(*QUICK, "--epochs", 3, "--eval-every", every, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert result.code == 0
+    epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
+    assert [epoch["epoch"] for epoch in epochs if "test_accuracy" in epoch] == evaluated
+    assert result.log.count("test accuracy") == len(evaluated)
