@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.datasets import MNIST
+from torchvision.datasets import KMNIST, MNIST, FashionMNIST
 from torchvision.datasets.utils import check_integrity, extract_archive
 from tqdm import tqdm
 
@@ -55,7 +55,6 @@ from tqdm import tqdm
 # Settings and command line
 # ----------------------------------------------------------------------------------------------
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
 MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE = "lenet5_mnist.pt", "checkpoint.pt", "metrics.json"
 REPORT_FILE = "report.html"
@@ -165,11 +164,14 @@ SETTINGS = (
             "0: only after the last", non_negative_int),
     Setting("device", "auto", "where to compute; auto picks CUDA when it is available",
             choices=("auto", "cpu", "cuda"), commands=COMMANDS),
-    Setting("data_dir", Path("data"), "folder that holds (or receives) MNIST/raw/", Path,
-            commands=TRAIN_AND_EVALUATE),
+    Setting("dataset", "mnist", "mnist (handwritten digits), fashion-mnist (Zalando's clothing) or kmnist "
+            "(Kuzushiji characters); evaluate and predict use the checkpoint's", choices=("mnist", "fashion-mnist", "kmnist"),
+            commands=COMMANDS, must_match=True),
+    Setting("data_dir", Path("data"), "folder that holds (or receives) MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/",
+            Path, commands=TRAIN_AND_EVALUATE),
     Setting("out_dir", Path("outputs"), "folder for figures, metrics, the model and checkpoints", Path,
             commands=TRAIN_AND_EVALUATE),
-    Setting("no_download", False, "never touch the network; the MNIST files must already be present",
+    Setting("no_download", False, "never touch the network; the dataset's files must already be present",
             commands=TRAIN_AND_EVALUATE, recorded=False),
     Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
             "with the constant schedule", recorded=False),
@@ -225,6 +227,7 @@ def add_settings(parser, command):
 def resolve_settings(args):
     """Fill every setting not given on the command line: from the recipe, else from the table."""
     recipe = RECIPES[getattr(args, "recipe", "seed")]
+    args.given = {setting.name for setting in SETTINGS if hasattr(args, setting.name)}  # on the command line
     for setting in SETTINGS:
         if args.command in setting.commands and not hasattr(args, setting.name):
             setattr(args, setting.name, recipe.get(setting.name, setting.default))
@@ -242,7 +245,8 @@ def recipes_epilog():
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mnist_recognition.py", formatter_class=HelpFormatter,
-        description="Train LeNet-5 on MNIST (the default command). Other commands: 'evaluate' re-checks\n"
+        description="Train LeNet-5 on MNIST or another dataset in its format (the default command). Other\n"
+                    "commands: 'evaluate' re-checks\n"
                     "a trained model, 'predict' reads your own digit images; see\n"
                     "'mnist_recognition.py evaluate --help' and 'mnist_recognition.py predict --help'.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -253,7 +257,7 @@ def build_parser():
                     "(mnist_recognition.py evaluate --help, mnist_recognition.py predict --help).",
         epilog=recipes_epilog())
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter,
-                                   help="measure a trained model's accuracy on the MNIST test set")
+                                   help="measure a trained model's accuracy on its dataset's test set")
     predict = commands.add_parser("predict", formatter_class=HelpFormatter,
                                   help="recognise digits in your own image files")
     for name, command in (("train", train), ("evaluate", evaluate), ("predict", predict)):
@@ -358,17 +362,44 @@ def global_sum(tensor, runtime):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the MNIST files, checked, then each split as one normalised tensor on the device
+# Data: a dataset's files, checked, then each split as one normalised tensor on the device
 # ----------------------------------------------------------------------------------------------
 
-def mnist_raw_dir(data_dir):
-    return Path(data_dir) / "MNIST" / "raw"
+@dataclass(frozen=True)
+class Dataset:
+    """A 28x28 grayscale dataset in MNIST's format (60,000 + 10,000 images, ten classes)."""
+
+    name: str  # its --dataset value
+    title: str
+    source: type  # its torchvision class: file names, MD5 sums, mirrors, and the <data-dir>/<class>/raw/ folder
+    classes: tuple
+    # Of all training pixels scaled to 0..1: data.float().div(255).mean() and .std() of torchvision's
+    # training split (population std), rounded to 4 places.
+    mean: float
+    std: float
+    user_images: str  # how predict prepares a photo: "digit" (as MNIST was made) or "object" (as Fashion-MNIST)
+    affine_limits: dict  # what --augment affine may do to an image without changing its class
 
 
-def missing_data_message(raw_dir, reason):
-    names = ", ".join(name for name, _ in MNIST.resources)
-    return (f"MNIST is not available: {reason}. Put the four files {names} "
-            f"(or their extracted versions without .gz) into {raw_dir}/ and run again.")
+DATASETS = {dataset.name: dataset for dataset in (
+    Dataset("mnist", "MNIST", MNIST, tuple("0123456789"), 0.1307, 0.3081, "digit",
+            {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift_pixels": 2, "mirror": False}),
+    Dataset("fashion-mnist", "Fashion-MNIST", FashionMNIST, tuple(FashionMNIST.classes), 0.2860, 0.3530, "object",
+            {"degrees": 0, "scale": 0.1, "shear_degrees": 0, "shift_pixels": 2, "mirror": True}),
+    # KMNIST's statistics are the published ones (Clanuwat et al., 2018): its files cannot be fetched here.
+    Dataset("kmnist", "Kuzushiji-MNIST", KMNIST, tuple(KMNIST.classes), 0.1918, 0.3483, "digit",
+            {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift_pixels": 2, "mirror": False}),
+)}
+
+
+def raw_dir(data_dir, dataset):
+    return Path(data_dir) / dataset.source.__name__ / "raw"
+
+
+def missing_data_message(data_dir, dataset, reason):
+    names = ", ".join(name for name, _ in dataset.source.resources)
+    return (f"{dataset.title} is not available: {reason}. Put the four files {names} "
+            f"(or their extracted versions without .gz) into {raw_dir(data_dir, dataset)}/ and run again.")
 
 
 def extract_gz(archive, target):
@@ -378,14 +409,14 @@ def extract_gz(archive, target):
         os.replace(Path(scratch) / target.name, target)
 
 
-def prepare_mnist_files(data_dir, allow_download):
+def prepare_files(data_dir, dataset, allow_download):
     """Make sure the four extracted IDX files exist, using local .gz files before the network."""
-    raw_dir = mnist_raw_dir(data_dir)
+    folder = raw_dir(data_dir, dataset)
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise CliError(f"The data folder {data_dir} is not a folder.")
     missing = []
-    for archive_name, md5 in MNIST.resources:
-        archive, extracted = raw_dir / archive_name, raw_dir / archive_name.removesuffix(".gz")
+    for archive_name, md5 in dataset.source.resources:
+        archive, extracted = folder / archive_name, folder / archive_name.removesuffix(".gz")
         if extracted.is_file():
             continue
         if not archive.is_file():
@@ -398,15 +429,15 @@ def prepare_mnist_files(data_dir, allow_download):
     if not missing:
         return
     if not allow_download:
-        raise CliError(missing_data_message(raw_dir, f"{', '.join(missing)} missing and --no-download given"))
-    logger.info("Downloading {} into {}", ", ".join(missing), raw_dir)
+        raise CliError(missing_data_message(data_dir, dataset, f"{', '.join(missing)} missing and --no-download given"))
+    logger.info("Downloading {} into {}", ", ".join(missing), folder)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a silent network should fail, not hang
     try:
-        MNIST(str(data_dir), train=True, download=True)
+        dataset.source(str(data_dir), train=True, download=True)
     except Exception as error:  # torchvision reports mirror, HTTP and socket failures in many types
         last_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise CliError(missing_data_message(raw_dir, f"the download failed ({last_line})")) from None
+        raise CliError(missing_data_message(data_dir, dataset, f"the download failed ({last_line})")) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
 
@@ -429,7 +460,7 @@ def check_idx_file(path, magic, item_shape):
     found_magic, count, *shape = struct.unpack(f">{2 + len(item_shape)}I", header)
     if found_magic != magic:
         raise CliError(f"{path}: wrong magic number {found_magic:#010x}, expected {magic:#010x}; "
-                       f"this is not an MNIST {'image' if item_shape else 'label'} file.")
+                       f"this is not an IDX {'image' if item_shape else 'label'} file.")
     if tuple(shape) != item_shape:
         raise CliError(f"{path}: images are {'x'.join(map(str, shape))} pixels, expected 28x28.")
     expected_size = header_size + count * math.prod(item_shape)
@@ -439,8 +470,8 @@ def check_idx_file(path, magic, item_shape):
     return count
 
 
-def check_split_files(data_dir, train):
-    prefix = mnist_raw_dir(data_dir) / ("train" if train else "t10k")
+def check_split_files(data_dir, dataset, train):
+    prefix = raw_dir(data_dir, dataset) / ("train" if train else "t10k")
     images = Path(f"{prefix}-images-idx3-ubyte")
     labels = Path(f"{prefix}-labels-idx1-ubyte")
     image_count = check_idx_file(images, 0x803, (28, 28))
@@ -449,28 +480,29 @@ def check_split_files(data_dir, train):
         raise CliError(f"{labels}: {label_count} labels for the {image_count} images in {images.name}.")
 
 
-def load_split(data_dir, train, limit, device):
-    """One MNIST split as (images N x 1 x 28 x 28, normalised like the original pipeline; labels)."""
-    check_split_files(data_dir, train)
-    dataset = MNIST(str(data_dir), train=train, download=False)
-    pixels, labels = dataset.data[:limit], dataset.targets[:limit]
+def load_split(data_dir, dataset, train, limit, device):
+    """One split as (images N x 1 x 28 x 28, normalised like the original pipeline; labels)."""
+    check_split_files(data_dir, dataset, train)
+    split = dataset.source(str(data_dir), train=train, download=False)
+    pixels, labels = split.data[:limit], split.targets[:limit]
     # The same arithmetic as ToTensor() then Normalize(), done once for the whole split.
-    images = pixels.float().div(255).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(1)
+    images = pixels.float().div(255).sub(dataset.mean).div(dataset.std).unsqueeze(1)
     return images.to(device).contiguous(memory_format=memory_format_for(device)), labels.to(device)
 
 
-def load_mnist(args, runtime):
+def load_data(args, runtime):
     """(training split, evaluation split): the test split, or with --validation N the last N
     training images, held out. Under torchrun one process per machine fetches the files while
     the rest wait."""
+    dataset = DATASETS[args.dataset]
     if runtime.local_rank == 0:
-        prepare_mnist_files(args.data_dir, allow_download=not args.no_download)
+        prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     if runtime.world_size > 1:
         dist.barrier()
     if not args.validation:
-        train = load_split(args.data_dir, True, args.train_limit, runtime.device)
-        return train, load_split(args.data_dir, False, args.test_limit, runtime.device)
-    images, labels = load_split(args.data_dir, True, None, runtime.device)
+        train = load_split(args.data_dir, dataset, True, args.train_limit, runtime.device)
+        return train, load_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
+    images, labels = load_split(args.data_dir, dataset, True, None, runtime.device)
     if args.validation >= len(labels):
         raise CliError(f"--validation {args.validation}: the training split has only {len(labels)} images.")
     kept = len(labels) - args.validation
@@ -706,9 +738,6 @@ def batch_stats(progress, first, end, sample_count, args, runtime):
 
 # The recipe's pieces: optimiser, learning-rate schedule, augmentation -------------------------
 
-AFFINE_LIMITS = {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift_pixels": 2}  # each way
-
-
 def new_optimizer(model, args):
     # fused: one kernel for all parameters instead of several small ones each (measured faster)
     return torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.adam_betas, fused=True)
@@ -732,16 +761,20 @@ def new_schedule(optimizer, args, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def random_affine_matrices(count, generator):
-    """`count` random 2x3 matrices for F.affine_grid: rotation, shear, scale and shift within AFFINE_LIMITS."""
+def random_affine_matrices(count, generator, limits):
+    """`count` random 2x3 matrices for F.affine_grid: rotation, shear, scale and shift, each way up to
+    its limit, and a mirror image half of the time where the limits allow it."""
     def uniform(limit):
         return (torch.rand(count, generator=generator) * 2 - 1) * limit
-    angle, shear = uniform(math.radians(AFFINE_LIMITS["degrees"])), uniform(math.radians(AFFINE_LIMITS["shear_degrees"]))
-    scale = 1 + uniform(AFFINE_LIMITS["scale"])
-    shift = 2 / 28 * AFFINE_LIMITS["shift_pixels"]  # affine_grid spans the 28 pixels with [-1, 1]
+    angle, shear = uniform(math.radians(limits["degrees"])), uniform(math.radians(limits["shear_degrees"]))
+    scale = 1 + uniform(limits["scale"])
+    shift = 2 / 28 * limits["shift_pixels"]  # affine_grid spans the 28 pixels with [-1, 1]
     cos, sin, tan = angle.cos(), angle.sin(), shear.tan()
-    return torch.stack([torch.stack([cos / scale, (cos * tan - sin) / scale, uniform(shift)], 1),
-                        torch.stack([sin / scale, (sin * tan + cos) / scale, uniform(shift)], 1)], 1)
+    matrices = torch.stack([torch.stack([cos / scale, (cos * tan - sin) / scale, uniform(shift)], 1),
+                            torch.stack([sin / scale, (sin * tan + cos) / scale, uniform(shift)], 1)], 1)
+    if limits["mirror"]:
+        matrices[:, :, 0] *= torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0).unsqueeze(1)
+    return matrices
 
 
 def augment(images, matrices):
@@ -766,7 +799,8 @@ def training_batch(train_set, global_batch, args, runtime, epoch, batch):
     if args.augment == "affine":
         # Drawn for the whole global batch from a generator seeded by (seed, epoch, batch), so that
         # any number of processes, and a resumed run, move every image exactly as one process would.
-        matrices = random_affine_matrices(len(global_batch), generator_for(args.seed, epoch, batch))
+        matrices = random_affine_matrices(len(global_batch), generator_for(args.seed, epoch, batch),
+                                          DATASETS[args.dataset].affine_limits)
         batch_images = augment(batch_images, matrices[runtime.rank::runtime.world_size])
     return batch_images, labels[my_share]
 
@@ -841,7 +875,7 @@ def train(args, runtime):
     started = time.perf_counter()
     out_dir = prepare_out_dir(args.out_dir) if runtime.is_main else args.out_dir
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    train_set, eval_set = load_mnist(args, runtime)
+    train_set, eval_set = load_data(args, runtime)
     model = new_model(args.seed, runtime.device)
     optimizer = new_optimizer(model, args)
     schedule = new_schedule(optimizer, args, steps_per_epoch=math.ceil(len(train_set[1]) / args.batch_size))
@@ -871,7 +905,7 @@ def train(args, runtime):
 
     if evaluation is None:  # the checkpoint held every epoch already
         evaluation = evaluate(model, eval_set, runtime)
-    log_accuracy(evaluation, split)
+    log_accuracy(evaluation, DATASETS[args.dataset], split)
     if runtime.is_main:
         write_outputs(out_dir, args, runtime, model, progress, evaluation, started, train_set, eval_set)
     return 0
@@ -952,9 +986,11 @@ def evaluate(model, eval_set, runtime):
                       time.perf_counter() - started)
 
 
-def log_accuracy(evaluation, split="test"):
+def log_accuracy(evaluation, dataset, split="test"):
     logger.info("Accuracy of the network on the {} {} images: {:.3f} %", len(evaluation.labels), split,
                 evaluation.accuracy)
+    logger.info("Accuracy per class: {}", ", ".join(f"{name} {accuracy:.1f} %" for name, accuracy
+                                                     in zip(dataset.classes, evaluation.class_accuracy())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -965,55 +1001,65 @@ def sample_indices(count, seed, how_many=16):
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:how_many].tolist()
 
 
-def display_pixels(image):
+def display_pixels(image, dataset):
     """A normalised 1 x 28 x 28 tensor back to 0..1 pixels for display."""
-    return (image.float().cpu().squeeze(0) * MNIST_STD + MNIST_MEAN).clamp(0, 1).numpy()
+    return (image.float().cpu().squeeze(0) * dataset.std + dataset.mean).clamp(0, 1).numpy()
+
+
+def answer_title(predicted, truth, classes, confidence=None):
+    """'pred 7', or 'pred 3 (true 5)' when wrong, with the confidence if given; two lines when long."""
+    title = f"pred {classes[predicted]}"
+    if predicted != truth:
+        title += f" (true {classes[truth]})"
+    if confidence is not None:
+        title += f" {100 * confidence:.0f} %"
+    return title if len(title) <= 20 else title.replace(" (", "\n(", 1)
 
 
 def save_figure(figure, path):
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=FIGURE_DPI))
 
 
-def plot_digit_grid(images, titles, heading, path, title_colors=None, title_size=10):
-    """A 4x4 grid of digits under a heading, with a title above each digit."""
+def plot_digit_grid(images, titles, heading, path, dataset, title_colors=None, title_size=10):
+    """A 4x4 grid of images under a heading, with a title above each image."""
     figure = Figure(figsize=(FIGURE_INCHES, FIGURE_INCHES))
     figure.suptitle(heading)
     for index, axis in enumerate(figure.subplots(4, 4).flat):
         axis.axis("off")
         if index < len(images):
-            axis.imshow(display_pixels(images[index]), cmap="gray", vmin=0, vmax=1)
+            axis.imshow(display_pixels(images[index], dataset), cmap="gray", vmin=0, vmax=1)
             axis.set_title(titles[index], fontsize=title_size, color=(title_colors or ["black"] * 16)[index])
     figure.tight_layout()
     save_figure(figure, path)
 
 
-def plot_samples(dataset, seed, heading, path):
-    images, labels = dataset
+def plot_samples(images_and_labels, seed, heading, path, dataset):
+    images, labels = images_and_labels
     chosen = sample_indices(len(labels), seed)
-    plot_digit_grid(images[chosen], [str(labels[i].item()) for i in chosen], heading, path)
+    plot_digit_grid(images[chosen], [dataset.classes[labels[i]] for i in chosen], heading, path, dataset)
 
 
-def plot_predictions(eval_set, evaluation, seed, path, split="test"):
+def plot_predictions(eval_set, evaluation, seed, path, dataset, split="test"):
     """16 random images of the split, each titled with the model's answer, in red where it is wrong."""
     images, _ = eval_set
     chosen = sample_indices(len(evaluation.labels), seed)
     predicted, truth = evaluation.predicted[chosen].tolist(), evaluation.labels[chosen].tolist()
-    titles = [f"pred {p}" if p == t else f"pred {p} (true {t})" for p, t in zip(predicted, truth)]
+    titles = [answer_title(p, t, dataset.classes) for p, t in zip(predicted, truth)]
     colors = ["black" if p == t else "red" for p, t in zip(predicted, truth)]
     heading = f"Predictions on {split} images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
-    plot_digit_grid(images[chosen], titles, heading, path, colors)
+    plot_digit_grid(images[chosen], titles, heading, path, dataset, colors)
 
 
-def plot_mistakes(eval_set, evaluation, path, split="test"):
+def plot_mistakes(eval_set, evaluation, path, dataset, split="test"):
     """The 16 wrong answers given with the highest confidence."""
     worst = evaluation.worst_mistakes()
-    titles = [f"pred {evaluation.predicted[i]} (true {evaluation.labels[i]}) {100 * evaluation.confidence[i]:.0f} %"
-              for i in worst]
+    titles = [answer_title(evaluation.predicted[i].item(), evaluation.labels[i].item(), dataset.classes,
+                           evaluation.confidence[i].item()) for i in worst]
     heading = f"The {len(worst)} most confident mistakes of {int((evaluation.predicted != evaluation.labels).sum())} on {split} images"
-    plot_digit_grid(eval_set[0][worst], titles, heading, path, ["red"] * len(worst), title_size=9)
+    plot_digit_grid(eval_set[0][worst], titles, heading, path, dataset, ["red"] * len(worst), title_size=9)
 
 
-def plot_confusion_matrix(evaluation, path, split="test"):
+def plot_confusion_matrix(evaluation, path, dataset, split="test"):
     """True against predicted class, coloured by each row's share, the count in every cell."""
     counts = evaluation.confusion_matrix().numpy()
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -1028,6 +1074,9 @@ def plot_confusion_matrix(evaluation, path, split="test"):
         axis.text(10, true_class, f"{accuracy:.1f} %", ha="left", va="center", fontsize=8)
     axis.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class",
              title=f"Confusion matrix on {len(evaluation.labels)} {split} images (accuracy per class at right)")
+    axis.set_xticklabels(dataset.classes, rotation=45 if max(map(len, dataset.classes)) > 2 else 0, ha="right"
+                         if max(map(len, dataset.classes)) > 2 else "center")
+    axis.set_yticklabels(dataset.classes)
     axis.title.set_fontsize(10)
     figure.colorbar(image, ax=axis, fraction=0.04, pad=0.12, label="share of the true class")
     figure.tight_layout()
@@ -1131,7 +1180,7 @@ figcaption {{ font-size: 14px; color: #555; }}
     write_atomically(out_dir / REPORT_FILE, lambda file: file.write(page.encode()))
 
 
-def report_sections(settings, environment_values, evaluation, history=(), split="test"):
+def report_sections(settings, environment_values, evaluation, dataset, history=(), split="test"):
     sections = [("Settings", html_table(("setting", "value"), [(name, as_text(value)) for name, value in settings.items()])),
                 ("Environment", html_table(("what", "value"), environment_values.items()))]
     if history:
@@ -1141,9 +1190,9 @@ def report_sections(settings, environment_values, evaluation, history=(), split=
                 for summary in history]
         sections.append(("Per epoch", html_table([column.replace("_", " ") for column in columns], rows)))
     sections.append(("Accuracy per class", html_table(
-        ("class", "images", "accuracy %"),
-        [(digit, int(count), f"{accuracy:.2f}") for digit, (count, accuracy)
-         in enumerate(zip(evaluation.confusion_matrix().sum(1), evaluation.class_accuracy()))])))
+        ("class", "name", "images", "accuracy %"),
+        [(index, name, int(count), f"{accuracy:.2f}") for index, (name, count, accuracy)
+         in enumerate(zip(dataset.classes, evaluation.confusion_matrix().sum(1), evaluation.class_accuracy()))])))
     return sections
 
 
@@ -1151,14 +1200,14 @@ def report_sections(settings, environment_values, evaluation, history=(), split=
 # A run's results: metrics, the model, figures and the report, written by the main process
 # ----------------------------------------------------------------------------------------------
 
-def write_evaluation_figures(out_dir, eval_set, evaluation, seed, split):
-    plot_predictions(eval_set, evaluation, seed, out_dir / "predictions.png", split)
-    plot_confusion_matrix(evaluation, out_dir / "confusion_matrix.png", split)
-    plot_mistakes(eval_set, evaluation, out_dir / "mistakes.png", split)
+def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset, split):
+    plot_predictions(eval_set, evaluation, seed, out_dir / "predictions.png", dataset, split)
+    plot_confusion_matrix(evaluation, out_dir / "confusion_matrix.png", dataset, split)
+    plot_mistakes(eval_set, evaluation, out_dir / "mistakes.png", dataset, split)
 
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, train_set, eval_set):
-    config, split = training_config(args), evaluation_split(args)
+    config, split, dataset = training_config(args), evaluation_split(args), DATASETS[args.dataset]
     metrics = {
         "config": config,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
@@ -1166,21 +1215,23 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, 
         "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
         "parameters": parameter_count(model), "epochs": progress.history,
         f"{split}_accuracy": evaluation.accuracy, f"{split}_images": len(evaluation.labels),
-        "class_accuracy": evaluation.class_accuracy(), "confusion_matrix": evaluation.confusion_matrix().tolist(),
+        "classes": list(dataset.classes), "class_accuracy": evaluation.class_accuracy(),
+        "confusion_matrix": evaluation.confusion_matrix().tolist(),
         "training_seconds": sum(summary["seconds"] for summary in progress.history),
         "total_seconds": time.perf_counter() - started,
     }
     write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
     trained = {"model": model.state_dict(), "config": config, f"{split}_accuracy": evaluation.accuracy}
     write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
-    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png")
-    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png")
-    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, split)
+    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png", dataset)
+    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png",
+                 dataset)
+    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, dataset, split)
     plot_training_curves(progress, out_dir / "training_curves.png", split)
-    write_report(out_dir, f"LeNet-5 on MNIST, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy",
+    write_report(out_dir, f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
                  f"{len(progress.history)} epochs ({metrics['training_seconds']:.1f} s of training)",
-                 report_sections(config, environment(runtime), evaluation, progress.history, split))
+                 report_sections(config, environment(runtime), evaluation, dataset, progress.history, split))
     logger.info("Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE,
                 REPORT_FILE, out_dir)
 
@@ -1190,6 +1241,15 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, 
 # ----------------------------------------------------------------------------------------------
 
 MIN_INK_CONTRAST = 40  # of 255: below this the image is taken to be blank
+
+
+def dataset_of(payload, args, checkpoint):
+    """The dataset a checkpoint was trained on; an explicit --dataset must agree with it."""
+    trained_on = payload.get("config", {}).get("dataset", "mnist")  # older checkpoints: MNIST
+    if "dataset" in args.given and args.dataset != trained_on:
+        raise CliError(f"{checkpoint} was trained on {trained_on}, not {args.dataset}. Leave out --dataset "
+                       f"(the checkpoint's is used), or give a checkpoint trained on {args.dataset}.")
+    return DATASETS[trained_on]
 
 
 def open_grayscale(path):
@@ -1215,26 +1275,44 @@ def open_grayscale(path):
         raise CliError(f"{path}: the image cannot be read ({error}).") from None
 
 
-def prepare_like_mnist(gray):
-    """Preprocess like MNIST itself: light digit on dark, cropped, longer side 20 px,
-    centre of mass at the centre of a 28x28 field. Returns 28x28 pixels in 0..1."""
+def foreground(gray):
+    """The object of a photo or scan as 0..1 pixels, light on dark, cropped to it: inverted when
+    the border (the background) is light, the background level subtracted."""
     pixels = np.asarray(gray, dtype=np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if np.median(border) > 127:  # dark ink on light paper: invert
+    if np.median(border) > 127:  # dark on light paper: invert
         pixels, border = 255 - pixels, 255 - border
     ink = np.clip(pixels - np.median(border), 0, None)
     if ink.max() < MIN_INK_CONTRAST:
-        raise ValueError("no ink found; the image looks blank")
+        raise ValueError("no ink or object found; the image looks blank")
     ink /= ink.max()
     rows, cols = np.nonzero(ink > 0.2)
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    scale = 20 / max(ink.shape)
-    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
-    digit = Image.fromarray((ink * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
-    digit_pixels = np.asarray(digit, dtype=np.float32) / 255
-    row_centre, col_centre = centre_of_mass(digit_pixels)
+    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def resized(pixels, longer_side):
+    """0..1 pixels scaled so that their longer side is `longer_side`, as an 8-bit image."""
+    scale = longer_side / max(pixels.shape)
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    return Image.fromarray((pixels * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+
+
+def prepare_like_mnist(gray):
+    """As MNIST was made: the digit light on dark, its longer side 20 px, its centre of mass at
+    the centre of a 28x28 field. Returns 28x28 pixels in 0..1."""
+    digit = resized(foreground(gray), 20)
+    row_centre, col_centre = centre_of_mass(np.asarray(digit, dtype=np.float32) / 255)
     field = Image.new("L", (28, 28))
     field.paste(digit, (round(13.5 - col_centre), round(13.5 - row_centre)))
+    return np.asarray(field, dtype=np.float32) / 255
+
+
+def prepare_like_fashion_mnist(gray):
+    """As Fashion-MNIST was made: the object light on dark, trimmed to it, its longer side 28 px,
+    centred in a 28x28 field. Returns 28x28 pixels in 0..1."""
+    item = resized(foreground(gray), 28)
+    field = Image.new("L", (28, 28))
+    field.paste(item, ((28 - item.width) // 2, (28 - item.height) // 2))
     return np.asarray(field, dtype=np.float32) / 255
 
 
@@ -1244,64 +1322,69 @@ def centre_of_mass(pixels):
     return (rows * pixels).sum() / total, (cols * pixels).sum() / total
 
 
-def read_handwriting(path):
+PREPARE_USER_IMAGE = {"digit": prepare_like_mnist, "object": prepare_like_fashion_mnist}
+
+
+def read_user_image(path, dataset):
     """(the original grayscale image, the network's 1 x 28 x 28 input) for one image file."""
     gray = open_grayscale(path)
     try:
-        digit = prepare_like_mnist(gray)
+        pixels = PREPARE_USER_IMAGE[dataset.user_images](gray)
     except ValueError as error:
         raise CliError(f"{path}: {error}.") from None
-    return gray, torch.from_numpy(digit).sub(MNIST_MEAN).div(MNIST_STD).unsqueeze(0)
+    return gray, torch.from_numpy(pixels).sub(dataset.mean).div(dataset.std).unsqueeze(0)
 
 
-def describe_prediction(result):
+def describe_prediction(result, classes):
     ranked = np.argsort(result["probabilities"])[::-1]
-    others = ", ".join(f"{d} ({100 * result['probabilities'][d]:.1f} %)" for d in ranked[1:3])
-    return f"{result['file']}: {result['digit']} ({100 * result['probability']:.1f} %), then {others}"
+    others = ", ".join(f"{classes[c]} ({100 * result['probabilities'][c]:.1f} %)" for c in ranked[1:3])
+    return f"{result['file']}: {result['name']} ({100 * result['probability']:.1f} %), then {others}"
 
 
-def plot_handwriting(inputs, results, path):
+def plot_user_images(inputs, results, path, dataset):
     """One row per input: the image, what the network sees, and its ten probabilities."""
     figure = Figure(figsize=(9, 2.6 * len(results)))
     axes = figure.subplots(len(results), 3, squeeze=False)
-    for row, ((gray, digit), result) in zip(axes, zip(inputs, results)):
+    for row, ((gray, network_input), result) in zip(axes, zip(inputs, results)):
         row[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
         row[0].set_title(Path(result["file"]).name, fontsize=9)
-        row[1].imshow(display_pixels(digit), cmap="gray", vmin=0, vmax=1)
+        row[1].imshow(display_pixels(network_input, dataset), cmap="gray", vmin=0, vmax=1)
         row[1].set_title("network input (28x28)", fontsize=9)
         for axis in row[:2]:
             axis.axis("off")
         bars = row[2].bar(range(10), result["probabilities"], color="lightgray")
-        bars[result["digit"]].set_color("tab:blue")
-        row[2].set(xticks=range(10), ylim=(0, 1), title=f"predicted {result['digit']}")
+        bars[result["class"]].set_color("tab:blue")
+        row[2].set(xticks=range(10), ylim=(0, 1), title=f"predicted {result['name']}")
+        row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if max(map(len, dataset.classes)) > 2 else 0)
     figure.tight_layout()
     save_figure(figure, path)
 
 
 def predict_command(args):
     device = pick_device(args.device)
-    model, _ = load_trained_model(args.checkpoint, device)
+    model, payload = load_trained_model(args.checkpoint, device)
+    dataset = dataset_of(payload, args, args.checkpoint)
     inputs, results, failures = [], [], 0
     for path in args.images:
         try:
-            gray, digit = read_handwriting(path)
+            gray, network_input = read_user_image(path, dataset)
         except CliError as error:
             logger.error(str(error))
             failures += 1
             continue
         with torch.inference_mode():
-            probabilities = F.softmax(model(digit.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
-        digit_class = int(np.argmax(probabilities))
-        inputs.append((gray, digit))
-        results.append({"file": str(path), "digit": digit_class,
-                        "probability": probabilities[digit_class], "probabilities": probabilities})
+            probabilities = F.softmax(model(network_input.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
+        answer = int(np.argmax(probabilities))
+        inputs.append((gray, network_input))
+        results.append({"file": str(path), "class": answer, "name": dataset.classes[answer],
+                        "probability": probabilities[answer], "probabilities": probabilities})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            print(describe_prediction(result))
+            print(describe_prediction(result, dataset.classes))
     if args.show and results:
-        plot_handwriting(inputs, results, args.show)
+        plot_user_images(inputs, results, args.show, dataset)
         logger.info("Wrote {}", args.show)
     return 1 if failures else 0
 
@@ -1310,17 +1393,18 @@ def evaluate_command(args):
     runtime = Runtime(pick_device(args.device))
     out_dir = prepare_out_dir(args.out_dir)
     model, payload = load_trained_model(args.checkpoint, runtime.device)
+    dataset = dataset_of(payload, args, args.checkpoint)
     if "test_accuracy" in payload:
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["test_accuracy"])
-    prepare_mnist_files(args.data_dir, allow_download=not args.no_download)
-    test_set = load_split(args.data_dir, False, args.test_limit, runtime.device)
+    prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
+    test_set = load_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
     evaluation = evaluate(model, test_set, runtime)
-    log_accuracy(evaluation)
-    write_evaluation_figures(out_dir, test_set, evaluation, args.seed, "test")
+    log_accuracy(evaluation, dataset)
+    write_evaluation_figures(out_dir, test_set, evaluation, args.seed, dataset, "test")
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
-    write_report(out_dir, f"LeNet-5 on MNIST, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy",
+    write_report(out_dir, f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right",
-                 report_sections(settings, environment(runtime), evaluation))
+                 report_sections(settings, environment(runtime), evaluation, dataset))
     logger.info("Wrote predictions.png, confusion_matrix.png, mistakes.png and {} into {}/", REPORT_FILE, out_dir)
     return 0
 

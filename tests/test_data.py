@@ -15,6 +15,7 @@ from conftest import REPO, TEST_COUNT, TRAIN_COUNT
 # Written out here rather than taken from the script, so that a wrong name there cannot hide.
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 NO_DOWNLOAD = ("--no-download", "--device", "cpu")
+MNIST_DATA = app.DATASETS["mnist"]
 
 
 def fingerprint(folder):
@@ -30,7 +31,7 @@ def data_copy(tmp_path, synthetic_data):
 
 def test_load_split_normalises_like_totensor_then_normalize(synthetic_data):
     from torchvision import datasets, transforms
-    images, labels = app.load_split(synthetic_data, True, None, torch.device("cpu"))
+    images, labels = app.load_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert images.shape == (TRAIN_COUNT, 1, 28, 28) and labels.shape == (TRAIN_COUNT,)
     reference = datasets.MNIST(str(synthetic_data), train=True, transform=transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]))
@@ -41,8 +42,8 @@ def test_load_split_normalises_like_totensor_then_normalize(synthetic_data):
 
 
 def test_limits_take_the_first_samples(synthetic_data):
-    images, labels = app.load_split(synthetic_data, False, 50, torch.device("cpu"))
-    full_images, full_labels = app.load_split(synthetic_data, False, None, torch.device("cpu"))
+    images, labels = app.load_split(synthetic_data, MNIST_DATA, False, 50, torch.device("cpu"))
+    full_images, full_labels = app.load_split(synthetic_data, MNIST_DATA, False, None, torch.device("cpu"))
     assert len(labels) == 50 and torch.equal(images, full_images[:50]) and torch.equal(labels, full_labels[:50])
     assert len(full_labels) == TEST_COUNT
 
@@ -57,7 +58,7 @@ def test_official_gz_files_are_checked_and_extracted(data_copy, monkeypatch):
         resources.append((f"{name}.gz", hashlib.md5((raw / f"{name}.gz").read_bytes()).hexdigest()))
         (raw / name).rename(raw / f"{name}.original")
     monkeypatch.setattr(MNIST, "resources", resources)
-    app.prepare_mnist_files(data_copy, allow_download=False)
+    app.prepare_files(data_copy, MNIST_DATA, allow_download=False)
     for name in FILES:
         assert (raw / name).read_bytes() == (raw / f"{name}.original").read_bytes()
 

@@ -10,6 +10,8 @@ from PIL import Image
 import mnist_recognition as app
 from conftest import SCRIPT
 
+MNIST_DATA = app.DATASETS["mnist"]
+
 
 def test_importing_the_script_keeps_the_callers_matplotlib_backend():
     """`from mnist_recognition import LeNet5` in a notebook must not switch its backend."""
@@ -25,15 +27,16 @@ def test_importing_the_script_keeps_the_callers_matplotlib_backend():
 
 def test_a_digit_grid_is_600_pixels_square_with_a_title_per_digit(tmp_path):
     images = torch.zeros(16, 1, 28, 28)
-    app.plot_digit_grid(images, [str(index) for index in range(16)], "heading", tmp_path / "grid.png")
+    app.plot_digit_grid(images, [str(index) for index in range(16)], "heading", tmp_path / "grid.png", MNIST_DATA)
     with Image.open(tmp_path / "grid.png") as image:
         assert image.format == "PNG" and image.size == (600, 600)
 
 
 def test_display_pixels_undoes_the_normalisation():
     pixels = torch.rand(28, 28)
-    normalised = ((pixels - app.MNIST_MEAN) / app.MNIST_STD).unsqueeze(0)
-    torch.testing.assert_close(torch.from_numpy(app.display_pixels(normalised)), pixels)
+    for dataset in app.DATASETS.values():
+        normalised = ((pixels - dataset.mean) / dataset.std).unsqueeze(0)
+        torch.testing.assert_close(torch.from_numpy(app.display_pixels(normalised, dataset)), pixels)
 
 
 def evaluation_of(labels, predicted, confidence=None):
@@ -48,9 +51,9 @@ def test_predictions_figure_counts_the_right_answers(tmp_path, monkeypatch):
     answers = labels.clone()
     answers[chosen[0]] = (labels[chosen[0]] + 1) % 10  # exactly one shown digit is answered wrong
     drawn = {}
-    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, colors: drawn.update(
+    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, dataset, colors: drawn.update(
         titles=titles, heading=heading, colors=colors))
-    app.plot_predictions((images, labels), evaluation_of(labels, answers), 0, tmp_path / "predictions.png")
+    app.plot_predictions((images, labels), evaluation_of(labels, answers), 0, tmp_path / "predictions.png", MNIST_DATA)
     assert drawn["heading"] == "Predictions on test images: 15 of 16 right"
     assert drawn["titles"][0] == f"pred {answers[chosen[0]].item()} (true {labels[chosen[0]].item()})"
     assert drawn["colors"] == ["red"] + ["black"] * 15
@@ -80,8 +83,8 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
     labels, predicted = torch.tensor([4, 9, 1]), torch.tensor([4, 4, 7])
     evaluation = evaluation_of(labels, predicted, torch.tensor([0.9, 0.97, 0.55]))
     drawn = {}
-    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, colors, title_size: drawn.update(
+    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, dataset, colors, title_size: drawn.update(
         titles=titles, heading=heading, count=len(images)))
-    app.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png")
+    app.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png", MNIST_DATA)
     assert drawn["titles"] == ["pred 4 (true 9) 97 %", "pred 7 (true 1) 55 %"] and drawn["count"] == 2
     assert drawn["heading"] == "The 2 most confident mistakes of 2 on test images"

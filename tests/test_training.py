@@ -15,6 +15,7 @@ import mnist_recognition as app
 from conftest import (QUICK, SCRIPT, TEST_COUNT, assert_same_weights, script_command, train_quietly,
                       trained_weights)
 
+MNIST_DATA = app.DATASETS["mnist"]
 OUTPUTS = {"train_images.png", "test_images.png", "predictions.png", "training_curves.png", "confusion_matrix.png",
            "mistakes.png", "report.html", "metrics.json", "lenet5_mnist.pt", "checkpoint.pt"}
 FIGURE_SIZES = {"train_images.png": (600, 600), "test_images.png": (600, 600), "predictions.png": (600, 600),
@@ -283,12 +284,12 @@ def test_cosine_warms_up_linearly_from_zero_then_anneals_to_zero():
 
 
 def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data):
-    images, labels = app.load_split(synthetic_data, True, 64, torch.device("cpu"))
+    images, labels = app.load_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
     args = app.parse_args(["--augment", "affine"])
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     moved, moved_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 1, 0)
     assert moved.shape == images.shape and torch.equal(moved_labels, labels[order])
-    matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0))
+    matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.affine_limits)
     for position in (0, 17, 63):
         source = order[position]
         alone = app.augment(images[source:source + 1], matrices[position:position + 1])
@@ -297,12 +298,12 @@ def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data)
 
 
 def test_affine_matrices_stay_within_their_limits():
-    matrices = app.random_affine_matrices(10_000, torch.Generator().manual_seed(0))
-    shift_limit = 2 / 28 * app.AFFINE_LIMITS["shift_pixels"]
+    matrices = app.random_affine_matrices(10_000, torch.Generator().manual_seed(0), MNIST_DATA.affine_limits)
+    shift_limit = 2 / 28 * MNIST_DATA.affine_limits["shift_pixels"]
     assert matrices[:, :, 2].abs().max() <= shift_limit and matrices[:, :, 2].abs().max() > 0.9 * shift_limit
     determinant = torch.linalg.det(matrices[:, :, :2])  # 1 / scale**2: rotation and shear keep the area
     scale = 1 / determinant.sqrt()
-    limit = app.AFFINE_LIMITS["scale"]
+    limit = MNIST_DATA.affine_limits["scale"]
     assert scale.min() >= 1 - limit - 1e-6 and scale.max() <= 1 + limit + 1e-6
     images = torch.rand(2, 1, 28, 28)
     identity = app.augment(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
@@ -310,7 +311,7 @@ def test_affine_matrices_stay_within_their_limits():
 
 
 def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_data):
-    train_set = app.load_split(synthetic_data, True, 32, torch.device("cpu"))
+    train_set = app.load_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
     cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
 
     def batch(seed, epoch, index):
@@ -323,7 +324,7 @@ def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_da
 
 
 def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(synthetic_data):
-    train_set = app.load_split(synthetic_data, True, 40, torch.device("cpu"))
+    train_set = app.load_split(synthetic_data, MNIST_DATA, True, 40, torch.device("cpu"))
     args, order = app.parse_args(["--augment", "affine"]), torch.randperm(40)
     whole, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu")), 3, 7)
     for rank in (0, 1):
@@ -380,9 +381,9 @@ def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["validation_images"] == 200 and "test_accuracy" not in metrics
     assert "validation_accuracy" in metrics["epochs"][0] and "test_accuracy" not in metrics["epochs"][0]
-    train_set, held_out = app.load_mnist(app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data),
+    train_set, held_out = app.load_data(app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data),
                                                           "--device", "cpu"]), app.Runtime(torch.device("cpu")))
-    everything = app.load_split(synthetic_data, True, None, torch.device("cpu"))
+    everything = app.load_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert torch.equal(held_out[0], everything[0][-200:]) and torch.equal(train_set[1], everything[1][:-200])
 
 

@@ -13,6 +13,8 @@ from PIL import Image
 import mnist_recognition as app
 from conftest import TEST_COUNT, draw_digit
 
+MNIST_DATA = app.DATASETS["mnist"]
+
 
 # --- preprocessing -------------------------------------------------------------------------------
 
@@ -53,9 +55,9 @@ def centre_of_mass(pixels):
 
 def network_pixels(path):
     """What the network sees of an image file, back in 0..1 pixels."""
-    _, network_input = app.read_handwriting(path)
+    _, network_input = app.read_user_image(path, MNIST_DATA)
     assert network_input.shape == (1, 28, 28)
-    return network_input[0].numpy() * app.MNIST_STD + app.MNIST_MEAN
+    return network_input[0].numpy() * MNIST_DATA.std + MNIST_DATA.mean
 
 
 @pytest.mark.parametrize("case", list(CASES) + ["jpeg"])
@@ -121,8 +123,9 @@ def test_predict_recognises_generated_digits(trained, tmp_path, cli):
     for answer in answers:
         assert len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-4
         assert answer["probability"] == max(answer["probabilities"])
-        assert answer["digit"] == answer["probabilities"].index(answer["probability"])
-    correct = sum(answer["digit"] == digit for digit, answer in enumerate(answers))
+        assert answer["class"] == answer["probabilities"].index(answer["probability"])
+        assert answer["name"] == str(answer["class"])  # MNIST's class names are its digits
+    correct = sum(answer["class"] == digit for digit, answer in enumerate(answers))
     assert correct >= 8, answers
 
 
@@ -159,7 +162,7 @@ def huge_png(path):
 BAD_INPUTS = {
     "not an image": (lambda path: path.write_text("just some text"), "not an image"),
     "empty": (lambda path: path.write_bytes(b""), "empty"),
-    "blank page": (lambda path: Image.new("RGB", (300, 200), "white").save(path), "no ink"),
+    "blank page": (lambda path: Image.new("RGB", (300, 200), "white").save(path), "looks blank"),
     "too large": (huge_png, "too large"),
     "missing": (lambda path: None, "no such file"),
 }
