@@ -55,9 +55,10 @@ def write_idx_labels(path, labels):
         file.write(bytes(labels))
 
 
-def write_synthetic_mnist(data_dir, seed=0):
+def write_synthetic_mnist(data_dir, seed=0, folder="MNIST"):
+    """Synthetic IDX files in <data_dir>/<folder>/raw/, as torchvision lays out MNIST and its kin."""
     rng = random.Random(seed)
-    raw = Path(data_dir) / "MNIST" / "raw"
+    raw = Path(data_dir) / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, count in (("train", TRAIN_COUNT), ("t10k", TEST_COUNT)):
         labels = [index % 10 for index in range(count)]

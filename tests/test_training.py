@@ -415,3 +415,11 @@ def test_eval_every_n_epochs_and_always_after_the_last(every, evaluated, synthet
     epochs = json.loads((tmp_path / "metrics.json").read_text())["epochs"]
     assert [epoch["epoch"] for epoch in epochs if "test_accuracy" in epoch] == evaluated
     assert result.log.count("test accuracy") == len(evaluated)
+
+
+def test_mirror_images_only_for_datasets_whose_classes_survive_them():
+    for dataset in app.DATASETS.values():
+        matrices = app.random_affine_matrices(1000, torch.Generator().manual_seed(0), dataset.affine_limits)
+        mirrored = (torch.linalg.det(matrices[:, :, :2]) < 0).float().mean().item()
+        assert (0.4 < mirrored < 0.6) if dataset.affine_limits["mirror"] else mirrored == 0
+    assert app.DATASETS["fashion-mnist"].affine_limits["mirror"] and not app.DATASETS["mnist"].affine_limits["mirror"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import mnist_recognition as app
-from conftest import TEST_COUNT, draw_digit
+from conftest import TEST_COUNT, draw_digit, write_synthetic_mnist
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -199,3 +199,69 @@ def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_
     result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--data-dir", synthetic_data,
                  "--no-download", "--device", "cpu", "--out-dir", tmp_path, "--test-limit", 50)
     assert result.code == 0 and "Accuracy of the network on the 50 test images" in result.log
+
+
+# --- the checkpoint's dataset --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fashion_trained(tmp_path_factory):
+    """A model trained on synthetic files laid out as Fashion-MNIST: (data_dir, out_dir)."""
+    data_dir = tmp_path_factory.mktemp("fashion") / "data"
+    write_synthetic_mnist(data_dir, folder="FashionMNIST")
+    out_dir = data_dir.parent / "out"
+    assert app.main(["--dataset", "fashion-mnist", "--epochs", "2", "--batch-size", "32", "--no-download",
+                     "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out_dir)]) == 0
+    return data_dir, out_dir
+
+
+def test_predict_names_the_classes_of_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
+    _, out_dir = fashion_trained
+    paths = digit_files(tmp_path, digits=(3, 8))
+    result = cli("predict", *paths, "--device", "cpu", "--checkpoint", out_dir / "lenet5_mnist.pt", "--json")
+    assert result.code == 0
+    classes = app.DATASETS["fashion-mnist"].classes
+    for answer in json.loads(result.stdout):
+        assert answer["name"] == classes[answer["class"]]
+    text = cli("predict", *paths, "--device", "cpu", "--checkpoint", out_dir / "lenet5_mnist.pt").stdout
+    names = "|".join(re.escape(name) for name in classes)
+    line = rf": ({names}) \(\d+\.\d %\), then ({names}) \(\d+\.\d %\), ({names}) \(\d+\.\d %\)"
+    assert re.fullmatch("".join(f"{re.escape(str(path))}{line}\n" for path in paths), text), text
+
+
+def test_evaluate_uses_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
+    data_dir, out_dir = fashion_trained
+    recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["test_accuracy"]
+    result = cli("evaluate", "--checkpoint", out_dir / "lenet5_mnist.pt", "--data-dir", data_dir, "--no-download",
+                 "--device", "cpu", "--out-dir", tmp_path)
+    assert result.code == 0  # there is no MNIST/ in data_dir: the checkpoint's FashionMNIST/ was read
+    assert f"test images: {recorded:.3f} %" in result.log and "Accuracy per class: T-shirt/top" in result.log
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_dataset_that_disagrees_with_the_checkpoint_is_refused(command, fashion_trained, tmp_path, cli):
+    data_dir, out_dir = fashion_trained
+    [image] = digit_files(tmp_path, digits=[1])
+    extra = [image] if command == "predict" else ["--data-dir", data_dir, "--no-download", "--out-dir", tmp_path]
+    result = cli(command, *extra, "--dataset", "mnist", "--device", "cpu", "--checkpoint", out_dir / "lenet5_mnist.pt")
+    assert result.code == 2
+    assert "was trained on fashion-mnist, not mnist" in result.errors()[0]
+    agreeing = cli(command, *extra, "--dataset", "fashion-mnist", "--device", "cpu",
+                   "--checkpoint", out_dir / "lenet5_mnist.pt")
+    assert agreeing.code == 0
+
+
+def test_a_clothing_photo_is_prepared_as_fashion_mnist_was_made(tmp_path):
+    """Trimmed to the object, its longer side 28 pixels, centred, light on dark."""
+    photo = Image.new("L", (400, 300), 235)  # a light background
+    photo.paste(40, (150, 60, 250, 260))  # a dark object 100 x 200 pixels, off-centre
+    photo.save(tmp_path / "coat.png")
+    _, network_input = app.read_user_image(tmp_path / "coat.png", app.DATASETS["fashion-mnist"])
+    fashion = app.DATASETS["fashion-mnist"]
+    pixels = network_input[0].numpy() * fashion.std + fashion.mean
+    rows, cols = np.nonzero(pixels > 0.5)
+    assert (rows.min(), rows.max()) == (0, 27)  # the longer side fills the field
+    assert 13 <= cols.max() - cols.min() + 1 <= 15  # the shorter side keeps the aspect ratio
+    assert abs((cols.min() + cols.max()) / 2 - 13.5) <= 1  # centred
+    assert pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1].min() > 0.5  # light object on dark
+    digit_input = app.prepare_like_mnist(Image.open(tmp_path / "coat.png").convert("L"))
+    assert np.ptp(np.nonzero(digit_input > 0.5)[0]) + 1 <= 21  # MNIST's own way would leave it 20 pixels tall
