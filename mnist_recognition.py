@@ -330,9 +330,41 @@ class Runtime:
 
 
 def pick_device(device_flag, local_rank=0):
+    """The device to compute on; on CUDA, set up for plain fp32 and reproducible kernels first."""
     if device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available()):
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise CliError(f"This process would use GPU {local_rank}, but this machine has {gpus} GPU(s): "
+                           f"start at most {gpus} process(es) per machine (torchrun --nproc_per_node={gpus}), "
+                           f"or train on the CPU with --device cpu.")
+        make_cuda_reproducible()
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+CUDA_WORKSPACE = ":4096:8"  # what cuBLAS needs to pick deterministic algorithms
+
+
+def make_cuda_reproducible():
+    """Plain fp32 (no TF32) and deterministic cuDNN and cuBLAS kernels, so that two runs on one GPU
+    give the same weights; warn, rather than stop, where an operation has no deterministic kernel."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUDA_WORKSPACE)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def precision_settings(device):
+    """What metrics.json records about the arithmetic of a run on `device`."""
+    settings = {"dtype": "float32"}
+    if device.type == "cuda":
+        settings.update({
+            "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()})
+    return settings
 
 
 def start_runtime(device_flag):
@@ -343,9 +375,10 @@ def start_runtime(device_flag):
     device = pick_device(device_flag, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
-    return Runtime(device, dist.get_rank(), local_rank, dist.get_world_size(), backend)
+        dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5), device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
+    return Runtime(device, dist.get_rank(), local_rank, dist.get_world_size(), dist.get_backend())
 
 
 def stop_runtime():
@@ -386,7 +419,7 @@ DATASETS = {dataset.name: dataset for dataset in (
     Dataset("mnist", "MNIST", MNIST, tuple("0123456789"), 0.1307, 0.3081, "digit",
             {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift_pixels": 2, "mirror": False}),
     Dataset("fashion-mnist", "Fashion-MNIST", FashionMNIST, tuple(FashionMNIST.classes), 0.2860, 0.3530, "object",
-            {"degrees": 0, "scale": 0.1, "shear_degrees": 0, "shift_pixels": 2, "mirror": True}),
+            {"degrees": 5, "scale": 0.1, "shear_degrees": 5, "shift_pixels": 2, "mirror": True}),
     # KMNIST's statistics are the published ones (Clanuwat et al., 2018): its files cannot be fetched here.
     Dataset("kmnist", "Kuzushiji-MNIST", KMNIST, tuple(KMNIST.classes), 0.1918, 0.3483, "digit",
             {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift_pixels": 2, "mirror": False}),
@@ -685,7 +718,7 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def start_or_resume(args, model, optimizer, schedule, checkpoint_path):
+def start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path):
     """A fresh Progress, or the one stored in the checkpoint after checking it fits these flags."""
     if not args.resume:
         return Progress(torch.Generator().manual_seed(args.seed).get_state())
@@ -694,7 +727,7 @@ def start_or_resume(args, model, optimizer, schedule, checkpoint_path):
     saved = load_checkpoint(checkpoint_path)
     if not {"optimizer", "config", "progress"} <= set(saved):
         raise CliError(f"--resume: {checkpoint_path} holds a trained model but no training state to continue.")
-    if "schedule" not in saved or set(saved["progress"]) != set(Progress.__dataclass_fields__):
+    if "ran_on" not in saved or set(saved["progress"]) != set(Progress.__dataclass_fields__):
         raise CliError(f"--resume: {checkpoint_path} was written by another version of this program and "
                        f"cannot be continued. Start a new run, or use another --out-dir.")
     config = training_config(args)
@@ -708,6 +741,11 @@ def start_or_resume(args, model, optimizer, schedule, checkpoint_path):
     if saved["progress"]["epoch"] > args.epochs:
         raise CliError(f"--resume: {checkpoint_path} already holds {saved['progress']['epoch']} epochs; "
                        f"--epochs {args.epochs} cannot go back.")
+    if saved["ran_on"] != ran_on(runtime):
+        before, now = saved["ran_on"], ran_on(runtime)
+        logger.warning("Resuming a run made on {} x {} process(es) on {} x {}: it continues correctly, but no "
+                       "longer bit-exactly (another device or number of processes adds numbers in another order).",
+                       before["device"], before["world_size"], now["device"], now["world_size"])
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
@@ -717,10 +755,25 @@ def start_or_resume(args, model, optimizer, schedule, checkpoint_path):
     return progress
 
 
-def save_checkpoint(path, model, optimizer, schedule, progress, args):
+def on_cpu(value):
+    """`value` with every tensor in it copied to the CPU, so that a plain torch.load works anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
+def ran_on(runtime):
+    return {"device": runtime.device.type, "world_size": runtime.world_size}
+
+
+def save_checkpoint(path, model, optimizer, schedule, progress, args, runtime):
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-               "config": training_config(args), "progress": progress.state_dict()}
-    write_atomically(path, lambda file: torch.save(payload, file))
+               "config": training_config(args), "progress": progress.state_dict(), "ran_on": ran_on(runtime)}
+    write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
 
 def batch_stats(progress, first, end, sample_count, args, runtime):
@@ -880,7 +933,7 @@ def train(args, runtime):
     model = new_model(args.seed, runtime.device)
     optimizer = new_optimizer(model, args)
     schedule = new_schedule(optimizer, args, steps_per_epoch=math.ceil(len(train_set[1]) / args.batch_size))
-    progress = start_or_resume(args, model, optimizer, schedule, checkpoint_path)
+    progress = start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path)
     log_setup(args, runtime, model, train_set, eval_set)
     # The step runs through DDP's wrapper under torchrun; `model` itself is saved and evaluated.
     step_model = model
@@ -899,7 +952,7 @@ def train(args, runtime):
             if finished:
                 log_epoch(progress.history[-1], args.epochs, split)
             if runtime.is_main:
-                save_checkpoint(checkpoint_path, model, optimizer, schedule, progress, args)
+                save_checkpoint(checkpoint_path, model, optimizer, schedule, progress, args, runtime)
             if not finished:
                 log_how_to_resume(args, progress, checkpoint_path)
                 return 130
@@ -1214,6 +1267,7 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, 
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         "script_sha256": script_hash(),
         "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
+        "precision": precision_settings(runtime.device),
         "parameters": parameter_count(model), "epochs": progress.history,
         f"{split}_accuracy": evaluation.accuracy, f"{split}_images": len(evaluation.labels),
         "classes": list(dataset.classes), "class_accuracy": evaluation.class_accuracy(),
@@ -1222,7 +1276,7 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, 
         "total_seconds": time.perf_counter() - started,
     }
     write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
-    trained = {"model": model.state_dict(), "config": config, f"{split}_accuracy": evaluation.accuracy}
+    trained = {"model": on_cpu(model.state_dict()), "config": config, f"{split}_accuracy": evaluation.accuracy}
     write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
     plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png", dataset)
     plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mnist_recognition as app
 from conftest import assert_same_weights, run_process, torchrun_command, train_quietly
 
 # Ten steps of a global batch of 63: shares of 32 and 31, so the uneven split is tested too.
@@ -45,6 +46,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, syntheti
         (tmp_path / name).write_bytes((two_processes[0] / name).read_bytes())
     result = cli(*TEN_STEPS, "--epochs", 2, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
     assert result.code == 0 and "Resuming from" in result.log
+    assert "made on cpu x 2 process(es) on cpu x 1: it continues correctly, but no longer bit-exactly" in result.log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2] and metrics["world_size"] == 1
 
@@ -68,3 +70,17 @@ def test_a_dead_worker_ends_the_job_quickly_with_an_error(synthetic_data, tmp_pa
     assert not Path(f"/proc/{survivor}").exists() or "zombie" in Path(f"/proc/{survivor}/status").read_text()
     # The last complete checkpoint is still there and loads.
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]["epoch"] >= 1
+
+
+def test_more_processes_than_gpus_is_refused_saying_what_to_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(app.CliError, match=r"this machine has 1 GPU\(s\).*--nproc_per_node=1.*--device cpu"):
+        app.pick_device("cuda", local_rank=1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(app.CliError, match="has 0 GPU"):
+        app.pick_device("cuda")
+
+
+def test_the_cpu_needs_no_gpu_settings():
+    assert app.pick_device("cpu", local_rank=3) == torch.device("cpu")
+    assert app.precision_settings(torch.device("cpu")) == {"dtype": "float32"}

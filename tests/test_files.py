@@ -128,3 +128,24 @@ def test_a_good_checkpoint_loads_its_weights(trained):
     assert not model.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, payload["model"][name])
+
+
+def test_checkpoints_and_models_hold_only_cpu_tensors(trained):
+    """So that a plain torch.load works on a machine without the GPU they were trained on."""
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            yield from (tensor for item in value.values() for tensor in tensors(item))
+        elif isinstance(value, (list, tuple)):
+            yield from (tensor for item in value for tensor in tensors(item))
+    for name in ("checkpoint.pt", "lenet5_mnist.pt"):
+        found = list(tensors(torch.load(trained[0] / name, weights_only=True)))
+        assert found and all(tensor.device.type == "cpu" for tensor in found)
+
+
+def test_on_cpu_copies_every_tensor_in_nested_containers():
+    nested = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": {"c": torch.arange(3)}, "d": "text"}
+    copied = app.on_cpu(nested)
+    assert copied["d"] == "text" and copied["a"][1][1] == 3 and isinstance(copied["a"][1], tuple)
+    assert torch.equal(copied["b"]["c"], torch.arange(3)) and copied["a"][0].device.type == "cpu"

@@ -423,3 +423,21 @@ def test_mirror_images_only_for_datasets_whose_classes_survive_them():
         mirrored = (torch.linalg.det(matrices[:, :, :2]) < 0).float().mean().item()
         assert (0.4 < mirrored < 0.6) if dataset.affine_limits["mirror"] else mirrored == 0
     assert app.DATASETS["fashion-mnist"].affine_limits["mirror"] and not app.DATASETS["mnist"].affine_limits["mirror"]
+
+
+# --- CUDA: only where there is a GPU -------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_on_a_gpu_two_runs_agree_and_resume_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
+    flags = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cuda", "--augment", "affine",
+             "--schedule", "onecycle", "--data-dir", synthetic_data)
+    for name in ("first", "second"):
+        assert cli(*flags, "--out-dir", tmp_path / name).code == 0
+    assert_same_run(tmp_path / "first", tmp_path / "second")
+    interrupt_at(monkeypatch, epoch=2, batch=7)
+    assert cli(*flags, "--out-dir", tmp_path / "resumed").code == 130
+    monkeypatch.undo()
+    assert cli(*flags, "--out-dir", tmp_path / "resumed", "--resume").code == 0
+    assert_same_run(tmp_path / "first", tmp_path / "resumed")
+    precision = json.loads((tmp_path / "first" / "metrics.json").read_text())["precision"]
+    assert precision["tf32_matmul"] is False and precision["cudnn_deterministic"] is True and precision["gpu"]
