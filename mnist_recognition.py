@@ -912,8 +912,9 @@ def log_setup(args, runtime, model, train_set, eval_set):
     logger.info("Device: {}{}", runtime.device,
                 f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else "")
     logger.info("LeNet-5 with {:,} parameters", parameter_count(model))
-    logger.info("{} training and {} {} images; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
-                len(eval_set[1]), evaluation_split(args), args.epochs, args.batch_size, args.lr)
+    logger.info("{} training and {} {} images of {}; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
+                len(eval_set[1]), evaluation_split(args), DATASETS[args.dataset].title, args.epochs,
+                args.batch_size, args.lr)
     recipe_settings = ("schedule", "warmup", "adam_betas", "label_smoothing", "augment")
     logger.info("Recipe {}: {}", args.recipe,
                 ", ".join(f"{name} {as_text(getattr(args, name))}" for name in recipe_settings))
@@ -945,11 +946,11 @@ def train(args, runtime):
     with StopOnInterrupt(enabled=runtime.world_size == 1) as interrupt:
         while progress.epoch < args.epochs:
             finished = train_epoch(step_model, optimizer, schedule, train_set, progress, args, runtime, interrupt)
-            if finished and evaluates_after(progress.epoch, args):
-                evaluation = evaluate(model, eval_set, runtime)  # not counted in the epoch's seconds
-                progress.history[-1].update({f"{split}_loss": evaluation.loss, f"{split}_accuracy": evaluation.accuracy,
-                                             "evaluation_seconds": evaluation.seconds})
             if finished:
+                if evaluates_after(progress.epoch, args):
+                    evaluation = evaluate(model, eval_set, runtime)  # not counted in the epoch's seconds
+                    progress.history[-1].update({f"{split}_loss": evaluation.loss, "evaluation_seconds": evaluation.seconds,
+                                                 f"{split}_accuracy": evaluation.accuracy})
                 log_epoch(progress.history[-1], args.epochs, split)
             if runtime.is_main:
                 save_checkpoint(checkpoint_path, model, optimizer, schedule, progress, args, runtime)
@@ -1066,7 +1067,7 @@ def answer_title(predicted, truth, classes, confidence=None):
     if predicted != truth:
         title += f" (true {classes[truth]})"
     if confidence is not None:
-        title += f" {100 * confidence:.0f} %"
+        title += f" {100 * confidence:.1f} %"
     return title if len(title) <= 20 else title.replace(" (", "\n(", 1)
 
 

@@ -86,5 +86,5 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
     monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, dataset, colors, title_size: drawn.update(
         titles=titles, heading=heading, count=len(images)))
     app.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png", MNIST_DATA)
-    assert drawn["titles"] == ["pred 4 (true 9) 97 %", "pred 7 (true 1) 55 %"] and drawn["count"] == 2
+    assert drawn["titles"] == ["pred 4\n(true 9) 97.0 %", "pred 7\n(true 1) 55.0 %"] and drawn["count"] == 2
     assert drawn["heading"] == "The 2 most confident mistakes of 2 on test images"

@@ -73,7 +73,7 @@ def test_metrics_record_a_hash_of_the_code_that_made_them(trained):
 def test_a_run_logs_what_the_original_did(trained):
     log = trained[1].stderr
     assert "Device: cpu" in log and "61,706 parameters" in log
-    assert "1200 training and 300 test images; 4 epochs, batch 32, Adam lr 0.001" in log
+    assert "1200 training and 300 test images of MNIST; 4 epochs, batch 32, Adam lr 0.001" in log
     assert re.search(r"Epoch 4/4: loss \d\.\d{4}, train accuracy \d+\.\d\d %, test loss \d\.\d{4}, "
                      r"test accuracy \d+\.\d\d %, \d+\.\d s\n", log)
     accuracy = json.loads((trained[0] / "metrics.json").read_text())["test_accuracy"]
@@ -90,7 +90,8 @@ def test_same_seed_gives_identical_results_in_process_and_as_a_process(synthetic
 
 def test_another_seed_gives_other_weights(synthetic_data, tmp_path):
     for seed in (0, 1):
-        train_quietly(*QUICK, "--epochs", 1, "--seed", seed, "--data-dir", synthetic_data, "--out-dir", tmp_path / str(seed))
+        train_quietly(*QUICK, "--epochs", 1, "--train-limit", 128, "--seed", seed, "--data-dir", synthetic_data,
+                      "--out-dir", tmp_path / str(seed))
     assert not torch.equal(trained_weights(tmp_path / "0")["features.0.weight"],
                            trained_weights(tmp_path / "1")["features.0.weight"])
 
@@ -189,12 +190,17 @@ def test_resume_without_a_checkpoint_is_refused(synthetic_data, tmp_path, cli):
 
 # --- interruptions: these are about the process, so they start one -------------------------------
 
+def signalled_mid_epoch(background, flags, sig, after_line):
+    """Start a training process, send it `sig` once it logs `after_line`; returns (exit code, log)."""
+    job = background(script_command(*flags))
+    job.wait_for_line(after_line)
+    job.send(sig)
+    return job.finish()
+
+
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted, cli):
     flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    job = background(script_command(*flags))
-    job.wait_for_line("[Epoch 2, Batch 15]")
-    job.send(signal.SIGKILL)
-    code, log = job.finish()
+    code, log = signalled_mid_epoch(background, flags, signal.SIGKILL, "[Epoch 2, Batch 15]")
     assert code == -signal.SIGKILL, log
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]["epoch"] in (1, 2)
     assert cli(*flags, "--resume").code == 0
@@ -203,10 +209,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, ba
 
 def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted, cli):
     flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    job = background(script_command(*flags))
-    job.wait_for_line("[Epoch 2, Batch 10]")
-    job.send(signal.SIGINT)
-    code, log = job.finish()
+    code, log = signalled_mid_epoch(background, flags, signal.SIGINT, "[Epoch 2, Batch 10]")
     assert code == 130, log
     assert "Traceback" not in log
     assert f"Continue with: python mnist_recognition.py {' '.join(map(str, flags))} --resume" in log
@@ -335,7 +338,7 @@ def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(sy
 def test_augmentation_never_touches_the_evaluation_images(synthetic_data, tmp_path, cli):
     """The accuracy measured at the end of augmented training is what evaluate, which has no
     augmentation, measures again on the same images."""
-    flags = (*QUICK, "--augment", "affine", "--data-dir", synthetic_data)
+    flags = (*QUICK, "--epochs", 1, "--augment", "affine", "--data-dir", synthetic_data)
     assert cli(*flags, "--out-dir", tmp_path).code == 0
     recorded = json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"]
     result = cli("evaluate", "--checkpoint", tmp_path / "lenet5_mnist.pt", "--data-dir", synthetic_data,
@@ -376,7 +379,7 @@ def test_resume_with_a_schedule_cannot_change_the_epochs(synthetic_data, tmp_pat
 def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path, cli):
     result = cli(*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert result.code == 0
-    assert "1000 training and 200 validation images" in result.log
+    assert "1000 training and 200 validation images of MNIST" in result.log
     assert "Accuracy of the network on the 200 validation images" in result.log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["validation_images"] == 200 and "test_accuracy" not in metrics
