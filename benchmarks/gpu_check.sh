@@ -62,7 +62,7 @@ echo "| two identical runs give identical weights and numbers | $(same_run "$wor
 # Ctrl-C in the middle of training, then --resume.
 "${train[@]}" --out-dir "$work/resumed" > "$work/interrupted.log" 2>&1 &
 job=$!
-for _ in $(seq 200); do grep -q "Epoch 1/$epochs" "$work/interrupted.log" 2>/dev/null && break; sleep 0.05; done
+for _ in $(seq 1200); do grep -q "Epoch 1, Batch 200]" "$work/interrupted.log" 2>/dev/null && break; sleep 0.05; done
 kill -INT "$job"; wait "$job" || true
 seconds "${train[@]}" --out-dir "$work/resumed" --resume > /dev/null
 echo "| --resume after Ctrl-C is bit-exact ($(grep -o 'Interrupted in epoch [0-9]* after batch [0-9]*' "$work/interrupted.log" || echo 'not interrupted')) | $(same_run "$work/first" "$work/resumed") |"
