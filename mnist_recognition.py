@@ -1222,7 +1222,7 @@ def write_report(out_dir, title, headline, sections):
     out_dir is embedded, so the page needs nothing outside itself."""
     figures = "".join(embedded_figure(out_dir / name, caption) for name, caption in FIGURES.items()
                       if (out_dir / name).exists())
-    body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
+    body = "".join(f"<section><h2>{html.escape(heading)}</h2>{content}</section>" for heading, content in sections)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -1233,9 +1233,10 @@ th {{ background: #f0f0f0; }} td:first-child, th:first-child {{ text-align: left
 .headline {{ font-size: 28px; font-weight: bold; }}
 figure {{ margin: 1em 0 2em; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 figcaption {{ font-size: 14px; color: #555; }}
+.tables {{ display: flex; flex-wrap: wrap; gap: 0 2.5em; align-items: flex-start; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1><p class="headline">{html.escape(headline)}</p>
-{body}<h2>Figures</h2>{figures}</body></html>
+<div class="tables">{body}</div><h2>Figures</h2>{figures}</body></html>
 """
     write_atomically(out_dir / REPORT_FILE, lambda file: file.write(page.encode()))
 
