@@ -1119,6 +1119,11 @@ def plot_mistakes(eval_set, evaluation, path, dataset, split="test"):
     plot_digit_grid(eval_set[0][worst], titles, heading, path, dataset, ["red"] * len(worst), title_size=9)
 
 
+def has_long_names(dataset):
+    """Whether the class names need slanted tick labels to fit side by side."""
+    return max(map(len, dataset.classes)) > 2
+
+
 def plot_confusion_matrix(evaluation, path, dataset, split="test"):
     """True against predicted class, coloured by each row's share, the count in every cell."""
     counts = evaluation.confusion_matrix().numpy()
@@ -1134,8 +1139,8 @@ def plot_confusion_matrix(evaluation, path, dataset, split="test"):
         axis.text(10, true_class, f"{accuracy:.1f} %", ha="left", va="center", fontsize=8)
     axis.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class",
              title=f"Confusion matrix on {len(evaluation.labels)} {split} images (accuracy per class at right)")
-    axis.set_xticklabels(dataset.classes, rotation=45 if max(map(len, dataset.classes)) > 2 else 0, ha="right"
-                         if max(map(len, dataset.classes)) > 2 else "center")
+    axis.set_xticklabels(dataset.classes, rotation=45 if has_long_names(dataset) else 0,
+                         ha="right" if has_long_names(dataset) else "center")
     axis.set_yticklabels(dataset.classes)
     axis.title.set_fontsize(10)
     figure.colorbar(image, ax=axis, fraction=0.04, pad=0.12, label="share of the true class")
@@ -1217,11 +1222,10 @@ def environment(runtime):
             "CPU threads": torch.get_num_threads(), "world size": runtime.world_size, "script sha256": script_hash()}
 
 
-def write_report(out_dir, title, headline, sections):
-    """report.html: `sections` are (heading, HTML) pairs; every figure in FIGURES that exists in
-    out_dir is embedded, so the page needs nothing outside itself."""
-    figures = "".join(embedded_figure(out_dir / name, caption) for name, caption in FIGURES.items()
-                      if (out_dir / name).exists())
+def write_report(out_dir, title, headline, sections, figure_names=tuple(FIGURES)):
+    """report.html: `sections` are (heading, HTML) pairs; the figures named are embedded, so the
+    page needs nothing outside itself."""
+    figures = "".join(embedded_figure(out_dir / name, FIGURES[name]) for name in figure_names)
     body = "".join(f"<section><h2>{html.escape(heading)}</h2>{content}</section>" for heading, content in sections)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -1260,6 +1264,9 @@ def report_sections(settings, environment_values, evaluation, dataset, history=(
 # ----------------------------------------------------------------------------------------------
 # A run's results: metrics, the model, figures and the report, written by the main process
 # ----------------------------------------------------------------------------------------------
+
+EVALUATION_FIGURES = ("confusion_matrix.png", "mistakes.png", "predictions.png")
+
 
 def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset, split):
     plot_predictions(eval_set, evaluation, seed, out_dir / "predictions.png", dataset, split)
@@ -1417,7 +1424,7 @@ def plot_user_images(inputs, results, path, dataset):
         bars = row[2].bar(range(10), result["probabilities"], color="lightgray")
         bars[result["class"]].set_color("tab:blue")
         row[2].set(xticks=range(10), ylim=(0, 1), title=f"predicted {result['name']}")
-        row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if max(map(len, dataset.classes)) > 2 else 0)
+        row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if has_long_names(dataset) else 0)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -1466,7 +1473,7 @@ def evaluate_command(args):
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     write_report(out_dir, f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right",
-                 report_sections(settings, environment(runtime), evaluation, dataset))
+                 report_sections(settings, environment(runtime), evaluation, dataset), EVALUATION_FIGURES)
     logger.info("Wrote predictions.png, confusion_matrix.png, mistakes.png and {} into {}/", REPORT_FILE, out_dir)
     return 0
 

@@ -72,3 +72,13 @@ def test_a_real_browser_shows_every_figure_and_the_accuracy(trained, tmp_path):
     with Image.open(tmp_path / "report.png") as screenshot:
         colours = screenshot.convert("RGB").getcolors(maxcolors=1_000_000)
     assert colours is not None and len(colours) > 50  # text and figures, not a blank page
+
+
+def test_evaluate_in_the_training_folder_embeds_only_its_own_figures(trained, synthetic_data, tmp_path, cli):
+    """evaluate's default --out-dir is training's: the training curves left there are not its own."""
+    shutil.copytree(trained[0], tmp_path / "outputs")
+    result = cli("evaluate", "--checkpoint", tmp_path / "outputs" / "lenet5_mnist.pt", "--data-dir", synthetic_data,
+                 "--no-download", "--device", "cpu", "--out-dir", tmp_path / "outputs")
+    assert result.code == 0
+    page = (tmp_path / "outputs" / "report.html").read_text()
+    assert page.count("<img ") == 3 and "training_curves.png" not in page
