@@ -251,21 +251,20 @@ def recipes_epilog():
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mnist_recognition.py", formatter_class=HelpFormatter,
-        description="Train LeNet-5 on MNIST or another dataset in its format (the default command). Other\n"
-                    "commands: 'evaluate' re-checks\n"
-                    "a trained model, 'predict' reads your own digit images; see\n"
+        description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST (the default command). Other commands:\n"
+                    "'evaluate' re-checks a trained model, 'predict' reads your own images; see\n"
                     "'mnist_recognition.py evaluate --help' and 'mnist_recognition.py predict --help'.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", formatter_class=HelpFormatter, help="train LeNet-5 (what runs when no command is given)",
-        description="Train LeNet-5 on MNIST; this runs when no command is given. Other commands:\n"
-                    "'evaluate' re-checks a trained model and 'predict' reads your own digit images\n"
+        description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST; this runs when no command is given.\n"
+                    "Other commands: 'evaluate' re-checks a trained model and 'predict' reads your own images\n"
                     "(mnist_recognition.py evaluate --help, mnist_recognition.py predict --help).",
         epilog=recipes_epilog())
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter,
                                    help="measure a trained model's accuracy on its dataset's test set")
     predict = commands.add_parser("predict", formatter_class=HelpFormatter,
-                                  help="recognise digits in your own image files")
+                                  help="recognise digits (or clothes, with a Fashion-MNIST model) in your own images")
     for name, command in (("train", train), ("evaluate", evaluate), ("predict", predict)):
         add_settings(command, name)
     for command in (evaluate, predict):
