@@ -431,7 +431,20 @@ def test_mirror_images_only_for_datasets_whose_classes_survive_them():
 
 # --- CUDA: only where there is a GPU -------------------------------------------------------------
 
+@pytest.fixture
+def cuda_settings_restored():
+    """The CUDA runs switch on deterministic algorithms for the whole process: switch them back."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = flags
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.usefixtures("cuda_settings_restored")
 def test_on_a_gpu_two_runs_agree_and_resume_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
     flags = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cuda", "--augment", "affine",
              "--schedule", "onecycle", "--data-dir", synthetic_data)
