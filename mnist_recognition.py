@@ -135,7 +135,11 @@ class Setting:
 
     @property
     def flag(self):
-        return "--" + self.name.replace("_", "-")
+        return flag_for(self.name)
+
+
+def flag_for(name):
+    return "--" + name.replace("_", "-")
 
 
 TRAIN_AND_EVALUATE = ("train", "evaluate")
@@ -243,7 +247,7 @@ def resolve_settings(args):
 def recipes_epilog():
     lines = ["recipes (a flag given explicitly wins over its recipe's value):"]
     for name, values in RECIPES.items():
-        flags = " ".join(f"--{key.replace('_', '-')} {as_text(value)}" for key, value in values.items())
+        flags = " ".join(f"{flag_for(key)} {as_text(value)}" for key, value in values.items())
         lines.append(f"  {name:<5} {flags or 'the original recipe: every default above'}")
     return "\n".join(lines)
 
@@ -736,9 +740,9 @@ def start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path):
                        f"cannot be continued. Start a new run, or use another --out-dir.")
     config = training_config(args)
     # A schedule spans all epochs, so with one --epochs must stay too.
-    must_match = [s.name for s in SETTINGS if s.must_match or (s.name == "epochs" and args.schedule != "constant")]
-    differences = [f"--{name.replace('_', '-')} {as_text(saved['config'].get(name))} (now {as_text(config[name])})"
-                   for name in must_match if saved["config"].get(name) != config[name]]
+    must_match = [s for s in SETTINGS if s.must_match or (s.name == "epochs" and args.schedule != "constant")]
+    differences = [f"{s.flag} {as_text(saved['config'].get(s.name))} (now {as_text(config[s.name])})"
+                   for s in must_match if saved["config"].get(s.name) != config[s.name]]
     if differences:
         raise CliError(f"--resume: {checkpoint_path} was made with " + ", ".join(differences)
                        + ". Resume with the same settings, or use another --out-dir.")
@@ -876,12 +880,16 @@ def train_step(model, optimizer, schedule, images, labels, loss_divisor, label_s
     return loss_sum.detach(), (logits.argmax(1) == labels).sum()
 
 
+def batches_per_epoch(sample_count, args):
+    return math.ceil(sample_count / args.batch_size)
+
+
 def train_epoch(model, optimizer, schedule, train_set, progress, args, runtime, interrupt):
     """Train until the epoch ends (True) or Ctrl-C asks to stop (False), updating `progress`."""
     sample_count = len(train_set[1])
     order, next_shuffle_state = progress.epoch_order(sample_count)
     order = order.to(runtime.device)
-    batch_count = math.ceil(sample_count / args.batch_size)
+    batch_count = batches_per_epoch(sample_count, args)
     progress.begin_epoch(batch_count, runtime.device)
     epoch, started = progress.epoch + 1, time.perf_counter()
     bar = tqdm(total=batch_count, initial=progress.batches_done, desc=f"Epoch {epoch}/{args.epochs}",
@@ -937,7 +945,7 @@ def train(args, runtime):
     train_set, eval_set = load_data(args, runtime)
     model = new_model(args.seed, runtime.device)
     optimizer = new_optimizer(model, args)
-    schedule = new_schedule(optimizer, args, steps_per_epoch=math.ceil(len(train_set[1]) / args.batch_size))
+    schedule = new_schedule(optimizer, args, steps_per_epoch=batches_per_epoch(len(train_set[1]), args))
     progress = start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path)
     log_setup(args, runtime, model, train_set, eval_set)
     # The step runs through DDP's wrapper under torchrun; `model` itself is saved and evaluated.
