@@ -61,9 +61,19 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------
 
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
-MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE = "lenet5_mnist.pt", "checkpoint.pt", "metrics.json"
-REPORT_FILE = "report.html"
 FIGURE_INCHES, FIGURE_DPI = 6, 100  # every 4x4 figure is 600x600 pixels
+CHECKPOINT_FORMAT = 2  # written into every checkpoint and model file; --resume takes only this one
+
+# Every file a run writes into --out-dir, named here once.
+MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE = "lenet5_mnist.pt", "checkpoint.pt", "metrics.json", "report.html"
+CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
+PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
+
+
+def split_images_png(split):
+    """test_images.png, or validation_images.png under --validation."""
+    return f"{split}_images.png"
+
 COMMANDS = ("train", "evaluate", "predict")
 
 
@@ -125,7 +135,7 @@ class Setting:
     --resume check are all made from the table below."""
 
     name: str
-    default: object  # the seed recipe's value; RECIPES may give another
+    default: object  # the original recipe's value; RECIPES may give another
     help: str
     type: object = None  # what argparse converts the value with; None for an on/off flag
     choices: tuple = None
@@ -144,8 +154,8 @@ def flag_for(name):
 
 TRAIN_AND_EVALUATE = ("train", "evaluate")
 SETTINGS = (
-    Setting("recipe", "seed", "a named set of defaults for the settings below (see RECIPES); "
-            "a flag given explicitly wins over its recipe", choices=("seed", "fast", "best"), must_match=True),
+    Setting("recipe", "original", "a named set of defaults for the settings below (see RECIPES); "
+            "a flag given explicitly wins over its recipe", choices=("original", "fast", "best"), must_match=True),
     Setting("epochs", 10, "passes over the training set", positive_int),
     Setting("batch_size", 64, "training batch size (the global batch under torchrun)", positive_int,
             must_match=True),
@@ -189,7 +199,7 @@ SETTINGS = (
 # A recipe is the settings it changes; every other setting keeps its default above. The numbers
 # were chosen on a validation split (--validation 10000), never on the test set: see the README.
 RECIPES = {
-    "seed": {},  # the original recipe, bit for bit
+    "original": {},  # the original design's recipe, bit for bit
     "fast": {"epochs": 2, "batch_size": 512, "lr": 2e-2, "schedule": "onecycle", "warmup": 0.35,
              "adam_betas": (0.7, 0.9), "label_smoothing": 0.1},
     "best": {"epochs": 30, "batch_size": 128, "lr": 3e-3, "schedule": "onecycle", "augment": "affine",
@@ -236,7 +246,7 @@ def add_settings(parser, command):
 
 def resolve_settings(args):
     """Fill every setting not given on the command line: from the recipe, else from the table."""
-    recipe = RECIPES[getattr(args, "recipe", "seed")]
+    recipe = RECIPES[getattr(args, "recipe", "original")]
     args.given = {setting.name for setting in SETTINGS if hasattr(args, setting.name)}  # on the command line
     for setting in SETTINGS:
         if args.command in setting.commands and not hasattr(args, setting.name):
@@ -248,7 +258,7 @@ def recipes_epilog():
     lines = ["recipes (a flag given explicitly wins over its recipe's value):"]
     for name, values in RECIPES.items():
         flags = " ".join(f"{flag_for(key)} {as_text(value)}" for key, value in values.items())
-        lines.append(f"  {name:<5} {flags or 'the original recipe: every default above'}")
+        lines.append(f"  {name:<8} {flags or 'the original design: every default above'}")
     return "\n".join(lines)
 
 
@@ -273,7 +283,7 @@ def build_parser():
         add_settings(command, name)
     for command in (evaluate, predict):
         command.add_argument("--checkpoint", type=Path, default=Path("outputs") / MODEL_FILE,
-                             help="a model written by training (lenet5_mnist.pt or checkpoint.pt)")
+                             help=f"a model written by training ({MODEL_FILE} or {CHECKPOINT_FILE})")
     predict.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, GIF, ...)")
     predict.add_argument("--json", action="store_true", help="print the results as one JSON document")
     predict.add_argument("--show", type=Path, default=None,
@@ -679,7 +689,7 @@ class Progress:
     # This process's loss sum and correct count of each batch of the current epoch.
     batch_losses: torch.Tensor = None
     batch_correct: torch.Tensor = None
-    history: list = field(default_factory=list)  # one dict per completed epoch
+    history: list = field(default_factory=list)  # one summary per completed epoch (see train_epoch)
     logged_losses: list = field(default_factory=list)  # (epochs done, mean loss) at every log line
 
     def state_dict(self):
@@ -727,17 +737,30 @@ class StopOnInterrupt:
 
 
 def start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path):
-    """A fresh Progress, or the one stored in the checkpoint after checking it fits these flags."""
+    """A fresh Progress, or the one stored in the checkpoint once it is checked to fit these flags."""
     if not args.resume:
         return Progress(torch.Generator().manual_seed(args.seed).get_state())
+    saved = resumable_checkpoint(checkpoint_path, args, runtime)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    progress = Progress(**saved["progress"])
+    logger.info("Resuming from {}: {} epochs and {} batches done", checkpoint_path,
+                progress.epoch, progress.batches_done)
+    return progress
+
+
+def resumable_checkpoint(checkpoint_path, args, runtime):
+    """The checkpoint to resume from, after checking that it can continue a run with these flags."""
     if not checkpoint_path.is_file():
         raise CliError(f"--resume: there is no {checkpoint_path} to continue from.")
     saved = load_checkpoint(checkpoint_path)
-    if not {"optimizer", "config", "progress"} <= set(saved):
+    if "progress" not in saved:
         raise CliError(f"--resume: {checkpoint_path} holds a trained model but no training state to continue.")
-    if "ran_on" not in saved or set(saved["progress"]) != set(Progress.__dataclass_fields__):
-        raise CliError(f"--resume: {checkpoint_path} was written by another version of this program and "
-                       f"cannot be continued. Start a new run, or use another --out-dir.")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise CliError(f"--resume: {checkpoint_path} was written by another version of this program (checkpoint "
+                       f"format {saved.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}) and cannot be "
+                       f"continued. Start a new run, or use another --out-dir.")
     config = training_config(args)
     # A schedule spans all epochs, so with one --epochs must stay too.
     must_match = [s for s in SETTINGS if s.must_match or (s.name == "epochs" and args.schedule != "constant")]
@@ -754,13 +777,7 @@ def start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path):
         logger.warning("Resuming a run made on {} x {} process(es) on {} x {}: it continues correctly, but no "
                        "longer bit-exactly (another device or number of processes adds numbers in another order).",
                        before["device"], before["world_size"], now["device"], now["world_size"])
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    progress = Progress(**saved["progress"])
-    logger.info("Resuming from {}: {} epochs and {} batches done", checkpoint_path,
-                progress.epoch, progress.batches_done)
-    return progress
+    return saved
 
 
 def on_cpu(value):
@@ -779,20 +796,36 @@ def ran_on(runtime):
 
 
 def save_checkpoint(path, model, optimizer, schedule, progress, args, runtime):
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-               "config": training_config(args), "progress": progress.state_dict(), "ran_on": ran_on(runtime)}
+    """The checkpoint: everything that --resume needs to continue the run bit-exactly."""
+    payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "schedule": schedule.state_dict(), "config": training_config(args), "progress": progress.state_dict(),
+               "ran_on": ran_on(runtime)}
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
 
-def batch_stats(progress, first, end, sample_count, args, runtime):
-    """(mean loss, accuracy %) over batches [first, end) of the current epoch, all processes
-    together; raises LossDiverged if any of those batches had a non-finite loss."""
+def save_model(path, model, config, evaluation):
+    """The model file: the trained weights, how they were trained, and the accuracy they reached."""
+    payload = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+               "eval_split": evaluation.split, "eval_accuracy": evaluation.accuracy}
+    write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
+
+
+def check_finite(progress, first, end, args, runtime):
+    """The loss sums of batches [first, end) of the current epoch, all processes together; raises
+    LossDiverged if any of them is infinite or NaN."""
     losses = global_sum(progress.batch_losses[first:end], runtime).double()
     non_finite = (~torch.isfinite(losses)).nonzero()
     if len(non_finite):
         raise LossDiverged(f"The loss became infinite or NaN in epoch {progress.epoch + 1}, batch "
                            f"{first + int(non_finite[0]) + 1}. Training stopped; the last checkpoint is "
                            f"unchanged. Try a lower --lr (now {args.lr}).")
+    return losses
+
+
+def batch_stats(progress, first, end, sample_count, args, runtime):
+    """(mean loss, accuracy %) over batches [first, end) of the current epoch, all processes
+    together; raises LossDiverged if any of those batches had a non-finite loss."""
+    losses = check_finite(progress, first, end, args, runtime)
     correct = global_sum(progress.batch_correct[first:end].sum(), runtime).item()
     seen = min(end * args.batch_size, sample_count) - first * args.batch_size
     return losses.sum().item() / seen, 100 * correct / seen
@@ -910,12 +943,12 @@ def train_epoch(model, optimizer, schedule, train_set, progress, args, runtime, 
             progress.logged_losses.append((progress.epoch + (batch + 1) / batch_count, loss))
         if interrupt.requested:
             bar.close()
-            # Only its check matters here: a non-finite loss must stop before it is checkpointed.
-            batch_stats(progress, 0, progress.batches_done, sample_count, args, runtime)
+            check_finite(progress, 0, progress.batches_done, args, runtime)  # never checkpoint a diverged run
             return False
     bar.close()
     loss, accuracy = batch_stats(progress, 0, batch_count, sample_count, args, runtime)
-    summary = {"epoch": epoch, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - started}
+    summary = {"epoch": epoch, "loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - started,
+               "eval_loss": None, "eval_accuracy": None, "eval_seconds": None}  # filled in where evaluated
     progress.end_epoch(summary, next_shuffle_state)
     return True
 
@@ -960,9 +993,9 @@ def train(args, runtime):
             finished = train_epoch(step_model, optimizer, schedule, train_set, progress, args, runtime, interrupt)
             if finished:
                 if evaluates_after(progress.epoch, args):
-                    evaluation = evaluate(model, eval_set, runtime)  # not counted in the epoch's seconds
-                    progress.history[-1].update({f"{split}_loss": evaluation.loss, "evaluation_seconds": evaluation.seconds,
-                                                 f"{split}_accuracy": evaluation.accuracy})
+                    evaluation = evaluate(model, eval_set, split, runtime)  # not counted in the epoch's seconds
+                    progress.history[-1].update(eval_loss=evaluation.loss, eval_accuracy=evaluation.accuracy,
+                                                eval_seconds=evaluation.seconds)
                 log_epoch(progress.history[-1], args.epochs, split)
             if runtime.is_main:
                 save_checkpoint(checkpoint_path, model, optimizer, schedule, progress, args, runtime)
@@ -971,8 +1004,8 @@ def train(args, runtime):
                 return 130
 
     if evaluation is None:  # the checkpoint held every epoch already
-        evaluation = evaluate(model, eval_set, runtime)
-    log_accuracy(evaluation, DATASETS[args.dataset], split)
+        evaluation = evaluate(model, eval_set, split, runtime)
+    log_accuracy(evaluation, DATASETS[args.dataset])
     if runtime.is_main:
         write_outputs(out_dir, args, runtime, model, progress, evaluation, started, train_set, eval_set)
     return 0
@@ -983,8 +1016,8 @@ def evaluates_after(epoch, args):
 
 
 def log_epoch(summary, epochs, split):
-    evaluated = (f", {split} loss {summary[f'{split}_loss']:.4f}, {split} accuracy {summary[f'{split}_accuracy']:.2f} %"
-                 if f"{split}_loss" in summary else "")
+    evaluated = (f", {split} loss {summary['eval_loss']:.4f}, {split} accuracy {summary['eval_accuracy']:.2f} %"
+                 if summary["eval_loss"] is not None else "")
     logger.info("Epoch {}/{}: loss {:.4f}, train accuracy {:.2f} %{}, {:.1f} s", summary["epoch"], epochs,
                 summary["loss"], summary["train_accuracy"], evaluated, summary["seconds"])
 
@@ -1005,6 +1038,7 @@ def train_command(args):
 class Evaluation:
     """A model's answers on a whole split (CPU tensors)."""
 
+    split: str  # which split: "test", or "validation" under --validation
     labels: torch.Tensor  # the true classes
     predicted: torch.Tensor  # the model's classes
     confidence: torch.Tensor  # the probability the model gave its class
@@ -1031,17 +1065,19 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model, eval_set, runtime):
-    """The model's answers on the whole split; under torchrun each process takes a share."""
+def evaluate(model, eval_set, split, runtime):
+    """The model's answers on the whole split; under torchrun each process takes a share. The
+    model is left in the mode (training or evaluation) it was in."""
     started = time.perf_counter()
     images, labels = eval_set
     my_share = slice(runtime.rank, None, runtime.world_size)
     my_images = images[my_share]
+    was_training = model.training
     model.eval()
     logits = torch.cat([model(my_images[start:start + EVAL_BATCH_SIZE])
                         for start in tqdm(range(0, len(my_images), EVAL_BATCH_SIZE), desc="Evaluating",
                                           leave=False, disable=tqdm_disable(runtime.is_main))])
-    model.train()
+    model.train(was_training)
     predicted = logits.argmax(1)
     # Each process fills in its share; summed over the processes they hold the whole split.
     whole_predicted, whole_confidence = torch.zeros_like(labels), torch.zeros(len(labels), device=labels.device)
@@ -1049,12 +1085,12 @@ def evaluate(model, eval_set, runtime):
     whole_confidence[my_share] = F.softmax(logits, 1).gather(1, predicted.unsqueeze(1)).squeeze(1)
     loss_sum = global_sum(F.cross_entropy(logits, labels[my_share], reduction="sum"), runtime)
     whole_predicted, whole_confidence = global_sum(whole_predicted, runtime), global_sum(whole_confidence, runtime)
-    return Evaluation(labels.cpu(), whole_predicted.cpu(), whole_confidence.cpu(), loss_sum.item() / len(labels),
-                      time.perf_counter() - started)
+    return Evaluation(split, labels.cpu(), whole_predicted.cpu(), whole_confidence.cpu(),
+                      loss_sum.item() / len(labels), time.perf_counter() - started)
 
 
-def log_accuracy(evaluation, dataset, split="test"):
-    logger.info("Accuracy of the network on the {} {} images: {:.3f} %", len(evaluation.labels), split,
+def log_accuracy(evaluation, dataset):
+    logger.info("Accuracy of the network on the {} {} images: {:.3f} %", len(evaluation.labels), evaluation.split,
                 evaluation.accuracy)
     logger.info("Accuracy per class: {}", ", ".join(f"{name} {accuracy:.1f} %" for name, accuracy
                                                      in zip(dataset.classes, evaluation.class_accuracy())))
@@ -1106,23 +1142,24 @@ def plot_samples(images_and_labels, seed, heading, path, dataset):
     plot_digit_grid(images[chosen], [dataset.classes[labels[i]] for i in chosen], heading, path, dataset)
 
 
-def plot_predictions(eval_set, evaluation, seed, path, dataset, split="test"):
+def plot_predictions(eval_set, evaluation, seed, path, dataset):
     """16 random images of the split, each titled with the model's answer, in red where it is wrong."""
     images, _ = eval_set
     chosen = sample_indices(len(evaluation.labels), seed)
     predicted, truth = evaluation.predicted[chosen].tolist(), evaluation.labels[chosen].tolist()
     titles = [answer_title(p, t, dataset.classes) for p, t in zip(predicted, truth)]
     colors = ["black" if p == t else "red" for p, t in zip(predicted, truth)]
-    heading = f"Predictions on {split} images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
+    heading = f"Predictions on {evaluation.split} images: {sum(p == t for p, t in zip(predicted, truth))} of 16 right"
     plot_digit_grid(images[chosen], titles, heading, path, dataset, colors)
 
 
-def plot_mistakes(eval_set, evaluation, path, dataset, split="test"):
+def plot_mistakes(eval_set, evaluation, path, dataset):
     """The 16 wrong answers given with the highest confidence."""
     worst = evaluation.worst_mistakes()
     titles = [answer_title(evaluation.predicted[i].item(), evaluation.labels[i].item(), dataset.classes,
                            evaluation.confidence[i].item()) for i in worst]
-    heading = f"The {len(worst)} most confident mistakes of {int((evaluation.predicted != evaluation.labels).sum())} on {split} images"
+    wrong = int((evaluation.predicted != evaluation.labels).sum())
+    heading = f"The {len(worst)} most confident mistakes of {wrong} on {evaluation.split} images"
     plot_digit_grid(eval_set[0][worst], titles, heading, path, dataset, ["red"] * len(worst), title_size=9)
 
 
@@ -1131,7 +1168,7 @@ def has_long_names(dataset):
     return max(map(len, dataset.classes)) > 2
 
 
-def plot_confusion_matrix(evaluation, path, dataset, split="test"):
+def plot_confusion_matrix(evaluation, path, dataset):
     """True against predicted class, coloured by each row's share, the count in every cell."""
     counts = evaluation.confusion_matrix().numpy()
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -1145,7 +1182,7 @@ def plot_confusion_matrix(evaluation, path, dataset, split="test"):
     for true_class, accuracy in enumerate(evaluation.class_accuracy()):
         axis.text(10, true_class, f"{accuracy:.1f} %", ha="left", va="center", fontsize=8)
     axis.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class",
-             title=f"Confusion matrix on {len(evaluation.labels)} {split} images (accuracy per class at right)")
+             title=f"Confusion matrix on {len(evaluation.labels)} {evaluation.split} images (accuracy per class at right)")
     axis.set_xticklabels(dataset.classes, rotation=45 if has_long_names(dataset) else 0,
                          ha="right" if has_long_names(dataset) else "center")
     axis.set_yticklabels(dataset.classes)
@@ -1155,10 +1192,10 @@ def plot_confusion_matrix(evaluation, path, dataset, split="test"):
     save_figure(figure, path)
 
 
-def plot_training_curves(progress, path, split="test"):
+def plot_training_curves(progress, split, path):
     """Loss and accuracy against epochs: every log line's loss, and each epoch's train and evaluation values."""
     epochs = [summary["epoch"] for summary in progress.history]
-    evaluated = [summary for summary in progress.history if f"{split}_loss" in summary]
+    evaluated = [summary for summary in progress.history if summary["eval_loss"] is not None]
     figure = Figure(figsize=(10, 4))
     loss_axis, accuracy_axis = figure.subplots(1, 2)
     if progress.logged_losses:
@@ -1166,13 +1203,13 @@ def plot_training_curves(progress, path, split="test"):
         loss_axis.plot(at, losses, linewidth=0.8, color="tab:blue", alpha=0.5, label="train loss (log lines)")
     loss_axis.plot(epochs, [summary["loss"] for summary in progress.history], "o", color="tab:blue",
                    label="train loss (epoch)")
-    loss_axis.plot([summary["epoch"] for summary in evaluated], [summary[f"{split}_loss"] for summary in evaluated],
+    loss_axis.plot([summary["epoch"] for summary in evaluated], [summary["eval_loss"] for summary in evaluated],
                    "s", color="tab:orange", label=f"{split} loss")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="Loss")
     accuracy_axis.plot(epochs, [summary["train_accuracy"] for summary in progress.history], "o-", color="tab:blue",
                        label="train accuracy")
     accuracy_axis.plot([summary["epoch"] for summary in evaluated],
-                       [summary[f"{split}_accuracy"] for summary in evaluated], "s-", color="tab:orange",
+                       [summary["eval_accuracy"] for summary in evaluated], "s-", color="tab:orange",
                        label=f"{split} accuracy")
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for axis in (loss_axis, accuracy_axis):
@@ -1187,16 +1224,23 @@ def plot_training_curves(progress, path, split="test"):
 # The report: one self-contained HTML page with every number and figure of a run
 # ----------------------------------------------------------------------------------------------
 
-FIGURES = {  # file: caption
-    "training_curves.png": "Loss (log scale) and accuracy against epochs. The thin line is the training loss "
-                           "of every log interval; the points are each epoch's means.",
-    "confusion_matrix.png": "True class against predicted class. Each cell holds a count and is coloured by its "
-                            "share of the true class; each class's accuracy stands at the right of its row.",
-    "mistakes.png": "The wrong answers the model gave with the highest confidence.",
-    "predictions.png": "16 random evaluation images with the model's answer; wrong answers are red.",
-    "train_images.png": "16 random training images with their labels.",
-    "test_images.png": "16 random evaluation images with their labels.",
+FIGURE_CAPTIONS = {
+    CURVES_PNG: "Loss (log scale) and accuracy against epochs. The thin line is the training loss of every log "
+                "interval; the points are each epoch's means.",
+    CONFUSION_PNG: "True class against predicted class. Each cell holds a count and is coloured by its share of the "
+                   "true class; each class's accuracy stands at the right of its row.",
+    MISTAKES_PNG: "The wrong answers the model gave with the highest confidence.",
+    PREDICTIONS_PNG: "16 random evaluation images with the model's answer; wrong answers are red.",
+    TRAIN_IMAGES_PNG: "16 random training images with their labels.",
+    split_images_png("test"): "16 random test images with their labels.",
+    split_images_png("validation"): "16 random validation images (held out from the training split) with their labels.",
 }
+EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
+
+
+def training_figures(split):
+    """The six figures of a training run, in the report's order."""
+    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split))
 
 
 def html_table(header, rows):
@@ -1229,10 +1273,10 @@ def environment(runtime):
             "CPU threads": torch.get_num_threads(), "world size": runtime.world_size, "script sha256": script_hash()}
 
 
-def write_report(out_dir, title, headline, sections, figure_names=tuple(FIGURES)):
+def write_report(out_dir, title, headline, sections, figure_names):
     """report.html: `sections` are (heading, HTML) pairs; the figures named are embedded, so the
     page needs nothing outside itself."""
-    figures = "".join(embedded_figure(out_dir / name, FIGURES[name]) for name in figure_names)
+    figures = "".join(embedded_figure(out_dir / name, FIGURE_CAPTIONS[name]) for name in figure_names)
     body = "".join(f"<section><h2>{html.escape(heading)}</h2>{content}</section>" for heading, content in sections)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -1252,15 +1296,17 @@ figcaption {{ font-size: 14px; color: #555; }}
     write_atomically(out_dir / REPORT_FILE, lambda file: file.write(page.encode()))
 
 
-def report_sections(settings, environment_values, evaluation, dataset, history=(), split="test"):
+def report_sections(settings, environment_values, evaluation, dataset, history=()):
     sections = [("Settings", html_table(("setting", "value"), [(name, as_text(value)) for name, value in settings.items()])),
                 ("Environment", html_table(("what", "value"), environment_values.items()))]
     if history:
-        columns = {"epoch": "{}", "loss": "{:.4f}", "train_accuracy": "{:.2f}", f"{split}_loss": "{:.4f}",
-                   f"{split}_accuracy": "{:.2f}", "seconds": "{:.1f}"}
-        rows = [[form.format(summary[column]) if column in summary else "" for column, form in columns.items()]
+        split = evaluation.split
+        columns = {"epoch": ("epoch", "{}"), "loss": ("loss", "{:.4f}"), "train_accuracy": ("train accuracy", "{:.2f}"),
+                   "eval_loss": (f"{split} loss", "{:.4f}"), "eval_accuracy": (f"{split} accuracy", "{:.2f}"),
+                   "seconds": ("seconds", "{:.1f}")}
+        rows = [["" if summary[key] is None else form.format(summary[key]) for key, (_, form) in columns.items()]
                 for summary in history]
-        sections.append(("Per epoch", html_table([column.replace("_", " ") for column in columns], rows)))
+        sections.append(("Per epoch", html_table([heading for heading, _ in columns.values()], rows)))
     sections.append(("Accuracy per class", html_table(
         ("class", "name", "images", "accuracy %"),
         [(index, name, int(count), f"{accuracy:.2f}") for index, (name, count, accuracy)
@@ -1272,17 +1318,14 @@ def report_sections(settings, environment_values, evaluation, dataset, history=(
 # A run's results: metrics, the model, figures and the report, written by the main process
 # ----------------------------------------------------------------------------------------------
 
-EVALUATION_FIGURES = ("confusion_matrix.png", "mistakes.png", "predictions.png")
-
-
-def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset, split):
-    plot_predictions(eval_set, evaluation, seed, out_dir / "predictions.png", dataset, split)
-    plot_confusion_matrix(evaluation, out_dir / "confusion_matrix.png", dataset, split)
-    plot_mistakes(eval_set, evaluation, out_dir / "mistakes.png", dataset, split)
+def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset):
+    plot_confusion_matrix(evaluation, out_dir / CONFUSION_PNG, dataset)
+    plot_mistakes(eval_set, evaluation, out_dir / MISTAKES_PNG, dataset)
+    plot_predictions(eval_set, evaluation, seed, out_dir / PREDICTIONS_PNG, dataset)
 
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, train_set, eval_set):
-    config, split, dataset = training_config(args), evaluation_split(args), DATASETS[args.dataset]
+    config, split, dataset = training_config(args), evaluation.split, DATASETS[args.dataset]
     metrics = {
         "config": config,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
@@ -1290,24 +1333,24 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, started, 
         "device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend,
         "precision": precision_settings(runtime.device),
         "parameters": parameter_count(model), "epochs": progress.history,
-        f"{split}_accuracy": evaluation.accuracy, f"{split}_images": len(evaluation.labels),
+        "eval_split": split, "eval_accuracy": evaluation.accuracy, "eval_images": len(evaluation.labels),
         "classes": list(dataset.classes), "class_accuracy": evaluation.class_accuracy(),
         "confusion_matrix": evaluation.confusion_matrix().tolist(),
         "training_seconds": sum(summary["seconds"] for summary in progress.history),
         "total_seconds": time.perf_counter() - started,
     }
     write_atomically(out_dir / METRICS_FILE, lambda file: file.write(json.dumps(metrics, indent=2).encode()))
-    trained = {"model": on_cpu(model.state_dict()), "config": config, f"{split}_accuracy": evaluation.accuracy}
-    write_atomically(out_dir / MODEL_FILE, lambda file: torch.save(trained, file))
-    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / "train_images.png", dataset)
-    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / "test_images.png",
+    save_model(out_dir / MODEL_FILE, model, config, evaluation)
+    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
+    plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / split_images_png(split),
                  dataset)
-    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, dataset, split)
-    plot_training_curves(progress, out_dir / "training_curves.png", split)
+    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, dataset)
+    plot_training_curves(progress, split, out_dir / CURVES_PNG)
     write_report(out_dir, f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
                  f"{len(progress.history)} epochs ({metrics['training_seconds']:.1f} s of training)",
-                 report_sections(config, environment(runtime), evaluation, dataset, progress.history, split))
+                 report_sections(config, environment(runtime), evaluation, dataset, progress.history),
+                 training_figures(split))
     logger.info("Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE,
                 REPORT_FILE, out_dir)
 
@@ -1470,18 +1513,18 @@ def evaluate_command(args):
     out_dir = prepare_out_dir(args.out_dir)
     model, payload = load_trained_model(args.checkpoint, runtime.device)
     dataset = dataset_of(payload, args, args.checkpoint)
-    if "test_accuracy" in payload:
-        logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["test_accuracy"])
+    if payload.get("eval_split") == "test":
+        logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["eval_accuracy"])
     prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     test_set = load_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
-    evaluation = evaluate(model, test_set, runtime)
+    evaluation = evaluate(model, test_set, "test", runtime)
     log_accuracy(evaluation, dataset)
-    write_evaluation_figures(out_dir, test_set, evaluation, args.seed, dataset, "test")
+    write_evaluation_figures(out_dir, test_set, evaluation, args.seed, dataset)
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     write_report(out_dir, f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right",
                  report_sections(settings, environment(runtime), evaluation, dataset), EVALUATION_FIGURES)
-    logger.info("Wrote predictions.png, confusion_matrix.png, mistakes.png and {} into {}/", REPORT_FILE, out_dir)
+    logger.info("Wrote {} and {} into {}/", ", ".join(EVALUATION_FIGURES), REPORT_FILE, out_dir)
     return 0
 
 

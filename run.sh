@@ -4,18 +4,39 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -x venv/bin/python ]; then
+is_3_11_or_newer() {  # is_3_11_or_newer PYTHON
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
+if [ ! -e venv ]; then
     python="${PYTHON:-python3}"
-    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    if ! is_3_11_or_newer "$python"; then
         found=$("$python" --version 2>/dev/null || echo "not found")
         echo "run.sh: needs Python 3.11 or newer; $python is $found. Install one, or name it:" \
              "PYTHON=python3.12 bash run.sh" >&2
         exit 2
     fi
-    "$python" -m venv venv
+    # A venv made without Debian's python3-venv has a python but no pip: remove it, so that the
+    # next run starts afresh instead of failing at pip.
+    if ! "$python" -m venv venv; then
+        rm -rf venv
+        echo "run.sh: '$python -m venv venv' failed, and venv/ was removed. On Debian or Ubuntu install" \
+             "the venv module first (apt-get install python3-venv), then run again." >&2
+        exit 2
+    fi
+elif ! is_3_11_or_newer venv/bin/python; then
+    found=$(venv/bin/python --version 2>/dev/null || echo "a Python that no longer runs")
+    echo "run.sh: venv/ holds $found, but this program needs Python 3.11 or newer. Remove it" \
+         "(rm -rf venv) and run again; PYTHON=python3.12 bash run.sh names the interpreter to use." >&2
+    exit 2
 fi
 # Install only when requirements.txt changed since the last successful install.
 if ! cmp -s requirements.txt venv/.installed-requirements.txt; then
+    if ! venv/bin/python -m pip --version >/dev/null 2>&1; then
+        echo "run.sh: venv/ has no pip (it was made without Debian's python3-venv). Remove it (rm -rf venv)," \
+             "install python3-venv (apt-get install python3-venv), and run again." >&2
+        exit 2
+    fi
     venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt
     cp requirements.txt venv/.installed-requirements.txt
 fi

@@ -53,7 +53,7 @@ wall=$(seconds "${train[@]}" --out-dir "$work/first")
 echo "| default run: wall time of \`python mnist_recognition.py\` | ${wall} s |"
 echo "| default run: training seconds (sum of epochs) | $(metric "$work/first" "f\"{m['training_seconds']:.2f} s\"") |"
 echo "| default run: seconds per epoch | $(metric "$work/first" "', '.join(f\"{e['seconds']:.2f}\" for e in m['epochs'])") |"
-echo "| default run: test accuracy | $(metric "$work/first" "f\"{m['test_accuracy']:.3f} %\"") |"
+echo "| default run: test accuracy | $(metric "$work/first" "f\"{m['eval_accuracy']:.3f} %\"") |"
 echo "| default run: precision | $(metric "$work/first" "m['precision']") |"
 
 seconds "${train[@]}" --out-dir "$work/second" > /dev/null
@@ -69,7 +69,7 @@ echo "| --resume after Ctrl-C is bit-exact ($(grep -o 'Interrupted in epoch [0-9
 
 wall=$(seconds venv/bin/torchrun --standalone --nproc_per_node=1 mnist_recognition.py --device "$device" \
        --epochs 1 --no-download --out-dir "$work/torchrun")
-echo "| torchrun, 1 process, 1 epoch: backend, accuracy, wall time | $(metric "$work/torchrun" "f\"{m['backend']}, {m['test_accuracy']:.3f} %\""), ${wall} s |"
+echo "| torchrun, 1 process, 1 epoch: backend, accuracy, wall time | $(metric "$work/torchrun" "f\"{m['backend']}, {m['eval_accuracy']:.3f} %\""), ${wall} s |"
 
 "$python" mnist_recognition.py evaluate --device "$device" --no-download --checkpoint "$work/first/lenet5_mnist.pt" \
     --out-dir "$work/evaluate-gpu" > "$work/evaluate-gpu.log" 2>&1
@@ -99,4 +99,4 @@ print(f"| predict 20 test digits on the GPU and the CPU: same answers, largest p
 PY
 
 seconds "$python" mnist_recognition.py --recipe fast --device "$device" --no-download --out-dir "$work/fast" > /dev/null
-echo "| fast recipe: training seconds, test accuracy | $(metric "$work/fast" "f\"{m['training_seconds']:.2f} s, {m['test_accuracy']:.3f} %\"") |"
+echo "| fast recipe: training seconds, test accuracy | $(metric "$work/fast" "f\"{m['training_seconds']:.2f} s, {m['eval_accuracy']:.3f} %\"") |"

@@ -10,10 +10,8 @@ import torch
 from torchvision.datasets import MNIST
 
 import mnist_recognition as app
-from conftest import REPO, TEST_COUNT, TRAIN_COUNT, write_synthetic_mnist
+from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, write_synthetic_mnist
 
-# Written out here rather than taken from the script, so that a wrong name there cannot hide.
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 NO_DOWNLOAD = ("--no-download", "--device", "cpu")
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -52,14 +50,14 @@ def test_official_gz_files_are_checked_and_extracted(data_copy, monkeypatch):
     """A .gz whose MD5 is the one torchvision lists is extracted in place; nothing is downloaded."""
     raw = data_copy / "MNIST" / "raw"
     resources = []
-    for name in FILES:
+    for name in DATASET_FILES:
         with gzip.open(raw / f"{name}.gz", "wb") as archive:
             archive.write((raw / name).read_bytes())
         resources.append((f"{name}.gz", hashlib.md5((raw / f"{name}.gz").read_bytes()).hexdigest()))
         (raw / name).rename(raw / f"{name}.original")
     monkeypatch.setattr(MNIST, "resources", resources)
     app.prepare_files(data_copy, MNIST_DATA, allow_download=False)
-    for name in FILES:
+    for name in DATASET_FILES:
         assert (raw / name).read_bytes() == (raw / f"{name}.original").read_bytes()
 
 
@@ -71,7 +69,7 @@ def test_missing_files_exit_2_with_a_message_naming_the_files(tmp_path, download
     result = cli(*download_flag, "--device", "cpu", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
     assert result.code == 2
     [error] = result.errors()
-    for name in FILES:
+    for name in DATASET_FILES:
         assert f"{name}.gz" in error
     assert str(tmp_path / "data" / "MNIST" / "raw") in error
     assert ("--no-download" if download_flag else "download failed") in error
@@ -148,16 +146,14 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path, cli):
 
 @pytest.mark.real_data
 def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path, cli):
-    folder = real_folder("mnist", "MNIST")
-    if folder is None:
-        pytest.skip("real MNIST not found in data/MNIST/raw/ or ../shared/mnist/; this 1-epoch accuracy check needs it")
+    folder = real_dataset_folder("mnist", "MNIST")
     shutil.copytree(folder, tmp_path / "data" / "MNIST" / "raw")
     result = cli("--epochs", 1, *NO_DOWNLOAD, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
     assert result.code == 0, result.log
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["test_images"] == 10_000
-    assert metrics["test_accuracy"] >= 97.5
-    assert f"Accuracy of the network on the 10000 test images: {metrics['test_accuracy']:.3f} %" in result.log
+    assert metrics["eval_split"] == "test" and metrics["eval_images"] == 10_000
+    assert metrics["eval_accuracy"] >= 97.5
+    assert f"Accuracy of the network on the 10000 test images: {metrics['eval_accuracy']:.3f} %" in result.log
 
 
 # --- other datasets in MNIST's format ------------------------------------------------------------
@@ -234,21 +230,11 @@ def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, s
     torch.testing.assert_close(images * dataset.std + dataset.mean, pixels)  # its own normalisation, undone
 
 
-def real_folder(shared_name, torchvision_folder):
-    """A folder holding a dataset's four real files (extracted or .gz), or None."""
-    for folder in (REPO / "data" / torchvision_folder / "raw", REPO.parent / "shared" / shared_name):
-        if all((folder / name).is_file() or (folder / f"{name}.gz").is_file() for name in FILES):
-            return folder
-    return None
-
-
 @pytest.mark.real_data
 @pytest.mark.parametrize("name, shared_name", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
 def test_the_normalisation_is_the_mean_and_std_of_the_real_training_pixels(name, shared_name, tmp_path):
     dataset = app.DATASETS[name]
-    folder = real_folder(shared_name, dataset.source.__name__)
-    if folder is None:
-        pytest.skip(f"real {dataset.title} not found in data/{dataset.source.__name__}/raw/ or ../shared/{shared_name}/")
+    folder = real_dataset_folder(shared_name, dataset.source.__name__)
     shutil.copytree(folder, tmp_path / dataset.source.__name__ / "raw")
     app.prepare_files(tmp_path, dataset, allow_download=False)
     pixels = dataset.source(str(tmp_path), train=True).data.double().div(255)
@@ -257,15 +243,12 @@ def test_the_normalisation_is_the_mean_and_std_of_the_real_training_pixels(name,
 
 @pytest.mark.real_data
 def test_one_epoch_on_real_fashion_mnist_reaches_85_percent(tmp_path, cli):
-    folder = real_folder("fashion-mnist", "FashionMNIST")
-    if folder is None:
-        pytest.skip("real Fashion-MNIST not found in data/FashionMNIST/raw/ or ../shared/fashion-mnist/; "
-                    "this 1-epoch accuracy check needs it")
+    folder = real_dataset_folder("fashion-mnist", "FashionMNIST")
     shutil.copytree(folder, tmp_path / "data" / "FashionMNIST" / "raw")
     # One epoch of the original recipe gives about 83 %; with a one-cycle schedule about 87 %.
     result = cli("--dataset", "fashion-mnist", "--epochs", 1, "--schedule", "onecycle", "--lr", "1e-2", *NO_DOWNLOAD,
                  "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
     assert result.code == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["test_images"] == 10_000 and metrics["test_accuracy"] >= 85
+    assert metrics["eval_images"] == 10_000 and metrics["eval_accuracy"] >= 85
     assert "Accuracy per class: T-shirt/top" in result.log

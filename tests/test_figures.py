@@ -25,11 +25,28 @@ def test_importing_the_script_keeps_the_callers_matplotlib_backend():
         matplotlib.use(previous)
 
 
-def test_a_digit_grid_is_600_pixels_square_with_a_title_per_digit(tmp_path):
+def test_a_digit_grid_is_600_pixels_square_with_a_title_per_digit(tmp_path, monkeypatch):
+    saved = []
+    save = app.save_figure
+    monkeypatch.setattr(app, "save_figure", lambda figure, path: (saved.append(figure), save(figure, path)))
     images = torch.zeros(16, 1, 28, 28)
-    app.plot_digit_grid(images, [str(index) for index in range(16)], "heading", tmp_path / "grid.png", MNIST_DATA)
+    titles = [f"digit {index}" for index in range(16)]
+    app.plot_digit_grid(images, titles, "the heading", tmp_path / "grid.png", MNIST_DATA)
     with Image.open(tmp_path / "grid.png") as image:
         assert image.format == "PNG" and image.size == (600, 600)
+    [figure] = saved
+    assert figure.get_suptitle() == "the heading"
+    assert [axis.get_title() for axis in figure.axes] == titles  # in reading order, one above each image
+    assert all(len(axis.get_images()) == 1 for axis in figure.axes)
+
+
+def test_a_grid_of_fewer_images_leaves_the_other_places_empty(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
+    app.plot_digit_grid(torch.zeros(3, 1, 28, 28), ["a", "b", "c"], "three", tmp_path / "grid.png", MNIST_DATA)
+    [figure] = saved
+    assert [axis.get_title() for axis in figure.axes] == ["a", "b", "c"] + [""] * 13
+    assert [len(axis.get_images()) for axis in figure.axes] == [1] * 3 + [0] * 13
 
 
 def test_display_pixels_undoes_the_normalisation():
@@ -41,7 +58,7 @@ def test_display_pixels_undoes_the_normalisation():
 
 def evaluation_of(labels, predicted, confidence=None):
     confidence = torch.full((len(labels),), 0.5) if confidence is None else confidence
-    return app.Evaluation(labels, predicted, confidence, loss=1.0, seconds=0.1)
+    return app.Evaluation("test", labels, predicted, confidence, loss=1.0, seconds=0.1)
 
 
 def test_predictions_figure_counts_the_right_answers(tmp_path, monkeypatch):
@@ -88,3 +105,15 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
     app.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png", MNIST_DATA)
     assert drawn["titles"] == ["pred 4\n(true 9) 97.0 %", "pred 7\n(true 1) 55.0 %"] and drawn["count"] == 2
     assert drawn["heading"] == "The 2 most confident mistakes of 2 on test images"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_leaves_the_model_in_the_mode_it_found(training):
+    model = app.new_model(0, torch.device("cpu")).train(training)
+    images, labels = torch.randn(30, 1, 28, 28), torch.arange(30) % 10
+    evaluation = app.evaluate(model, (images, labels), "validation", app.Runtime(torch.device("cpu")))
+    assert model.training == training
+    assert evaluation.split == "validation" and len(evaluation.labels) == 30
+    with torch.no_grad():
+        expected = model.eval()(images).argmax(1)
+    assert torch.equal(evaluation.predicted, expected)  # computed in evaluation mode either way

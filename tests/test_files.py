@@ -123,29 +123,81 @@ def test_bad_checkpoints_are_refused_and_nothing_in_them_runs(case, trained, tmp
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_good_checkpoint_loads_its_weights(trained):
-    model, payload = app.load_trained_model(trained[0] / "lenet5_mnist.pt", torch.device("cpu"))
-    assert not model.training
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, payload["model"][name])
+# --- checkpoints of a run on another device ------------------------------------------------------
+# This machine may have no GPU, so a tensor subclass stands for a GPU tensor: like one, it gives a
+# plain CPU tensor only through .cpu(), and torch.load(weights_only=True) refuses to load it.
+
+class OnAnotherDevice(torch.Tensor):
+    __torch_function__ = torch._C._disabled_torch_function_impl  # operations on it give plain tensors
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
 
 
-def test_checkpoints_and_models_hold_only_cpu_tensors(trained):
-    """So that a plain torch.load works on a machine without the GPU they were trained on."""
-    def tensors(value):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, dict):
-            yield from (tensor for item in value.values() for tensor in tensors(item))
-        elif isinstance(value, (list, tuple)):
-            yield from (tensor for item in value for tensor in tensors(item))
-    for name in ("checkpoint.pt", "lenet5_mnist.pt"):
-        found = list(tensors(torch.load(trained[0] / name, weights_only=True)))
-        assert found and all(tensor.device.type == "cpu" for tensor in found)
+def on_another_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().as_subclass(OnAnotherDevice)
+    if isinstance(value, dict):
+        return {key: on_another_device(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_another_device(item) for item in value)
+    return value
+
+
+def tensors_in(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        yield from (tensor for item in value.values() for tensor in tensors_in(item))
+    elif isinstance(value, (list, tuple)):
+        yield from (tensor for item in value for tensor in tensors_in(item))
 
 
 def test_on_cpu_copies_every_tensor_in_nested_containers():
-    nested = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": {"c": torch.arange(3)}, "d": "text"}
+    nested = on_another_device({"a": [torch.ones(2), (torch.zeros(1), 3)], "b": {"c": torch.arange(3)}, "d": "text"})
     copied = app.on_cpu(nested)
     assert copied["d"] == "text" and copied["a"][1][1] == 3 and isinstance(copied["a"][1], tuple)
-    assert torch.equal(copied["b"]["c"], torch.arange(3)) and copied["a"][0].device.type == "cpu"
+    assert torch.equal(copied["b"]["c"], torch.arange(3)) and torch.equal(copied["a"][0], torch.ones(2))
+    assert [type(tensor) for tensor in tensors_in(copied)] == [torch.Tensor] * 3
+
+
+@pytest.fixture
+def model_on_another_device(monkeypatch):
+    """A model, its Adam optimiser after one step, its schedule and a Progress, all of whose
+    state_dicts hold 'GPU' tensors."""
+    args = app.parse_args(["--device", "cpu"])
+    model = app.new_model(0, torch.device("cpu"))
+    optimizer = app.new_optimizer(model, args)
+    schedule = app.new_schedule(optimizer, args, steps_per_epoch=10)
+    app.train_step(model, optimizer, schedule, torch.randn(4, 1, 28, 28), torch.arange(4), loss_divisor=4)
+    for owner in (model, optimizer):
+        monkeypatch.setattr(owner, "state_dict", lambda state_dict=owner.state_dict: on_another_device(state_dict()))
+    progress = app.Progress(on_another_device(torch.Generator().get_state()),
+                            batch_losses=on_another_device(torch.ones(3)), batch_correct=on_another_device(torch.ones(3)))
+    return args, model, optimizer, schedule, progress
+
+
+def test_a_checkpoint_of_a_run_on_another_device_holds_only_cpu_tensors(model_on_another_device, tmp_path):
+    """So that a plain torch.load works on a machine without the GPU it was trained on."""
+    args, model, optimizer, schedule, progress = model_on_another_device
+    app.save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, schedule, progress, args,
+                        app.Runtime(torch.device("cpu")))
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    found = list(tensors_in(saved))
+    assert len(found) > 20 and all(type(tensor) is torch.Tensor for tensor in found)
+    assert saved["format"] == app.CHECKPOINT_FORMAT
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved["model"][name], tensor.as_subclass(torch.Tensor))
+
+
+def test_a_model_file_of_a_run_on_another_device_loads_its_weights_on_the_cpu(model_on_another_device, tmp_path):
+    _, model, _, _, _ = model_on_another_device
+    evaluation = app.Evaluation("test", torch.tensor([1, 2]), torch.tensor([1, 3]), torch.ones(2), 0.5, 0.1)
+    app.save_model(tmp_path / "lenet5_mnist.pt", model, {"dataset": "mnist"}, evaluation)
+    loaded, payload = app.load_trained_model(tmp_path / "lenet5_mnist.pt", torch.device("cpu"))
+    assert (payload["eval_split"], payload["eval_accuracy"], payload["format"]) == ("test", 50.0, app.CHECKPOINT_FORMAT)
+    assert not loaded.training
+    assert loaded.features[3].weight.is_contiguous(memory_format=torch.channels_last)  # the CPU's fastest layout
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.as_subclass(torch.Tensor))
+    assert not torch.equal(loaded.features[0].weight, app.LeNet5().features[0].weight)  # not a fresh model

@@ -1,6 +1,5 @@
 """Settings and command line: one table makes the flags, the recorded config and the resume check."""
 import argparse
-import dataclasses
 
 import pytest
 import torch
@@ -69,19 +68,41 @@ def test_a_recipe_sets_its_settings_and_an_explicit_flag_wins():
     mixed = app.parse_args(["--recipe", "fast", "--epochs", "7", "--adam-betas", "0.8,0.95"])
     assert mixed.epochs == 7 and mixed.adam_betas == (0.8, 0.95)
     assert mixed.batch_size == app.RECIPES["fast"]["batch_size"]
-    seed = app.parse_args([])
-    assert all(getattr(seed, s.name) == s.default for s in app.SETTINGS if "train" in s.commands)
+    original = app.parse_args([])
+    assert all(getattr(original, s.name) == s.default for s in app.SETTINGS if "train" in s.commands)
 
 
-def test_the_seed_recipe_is_the_original_one():
+# Each recipe as the README and --help promise it, written out here: a typo in the script's
+# RECIPES table must fail a test.
+PROMISED = {
+    "original": ["--epochs", "10", "--batch-size", "64", "--lr", "0.001", "--schedule", "constant",
+                 "--adam-betas", "0.9,0.999", "--label-smoothing", "0.0", "--augment", "none"],
+    "fast": ["--epochs", "2", "--batch-size", "512", "--lr", "0.02", "--schedule", "onecycle", "--warmup", "0.35",
+             "--adam-betas", "0.7,0.9", "--label-smoothing", "0.1", "--augment", "none"],
+    "best": ["--epochs", "30", "--batch-size", "128", "--lr", "0.003", "--schedule", "onecycle", "--warmup", "0.25",
+             "--adam-betas", "0.9,0.999", "--label-smoothing", "0.1", "--augment", "affine"],
+}
+
+
+@pytest.mark.parametrize("recipe", PROMISED)
+def test_each_recipe_is_what_the_readme_promises(recipe):
+    by_recipe = app.training_config(app.parse_args(["--recipe", recipe]))
+    spelled_out = app.training_config(app.parse_args(PROMISED[recipe]))
+    del spelled_out["recipe"], by_recipe["recipe"]
+    assert by_recipe == spelled_out
+
+
+def test_the_default_recipe_is_the_original_one():
     args = app.parse_args([])
-    assert (args.recipe, args.epochs, args.batch_size, args.lr) == ("seed", 10, 64, 1e-3)
+    assert (args.recipe, args.epochs, args.batch_size, args.lr) == ("original", 10, 64, 1e-3)
     assert (args.schedule, args.augment, args.label_smoothing, args.adam_betas) == ("constant", "none", 0.0, (0.9, 0.999))
+    assert app.parse_args(["--recipe", "original"]).recipe == "original"
 
 
 @pytest.mark.parametrize("flags", [["--adam-betas", "0.9"], ["--adam-betas", "0.9,1.0"], ["--adam-betas", "a,b"],
                                    ["--label-smoothing", "1"], ["--warmup", "-0.1"], ["--validation", "-1"],
-                                   ["--recipe", "slow"], ["--schedule", "linear"], ["--augment", "mixup"]])
+                                   ["--recipe", "slow"], ["--recipe", "seed"], ["--schedule", "linear"],
+                                   ["--augment", "mixup"]])
 def test_bad_recipe_settings_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(flags)
@@ -100,7 +121,7 @@ def test_the_recorded_config_is_every_recorded_training_setting():
     assert set(config) == {s.name for s in app.SETTINGS if s.recorded and "train" in s.commands}
     assert config["epochs"] == 3 and config["lr"] == 0.01 and config["batch_size"] == 64
     assert config["out_dir"] == "somewhere"  # paths are recorded as text, so the config is JSON
-    assert config["adam_betas"] == [0.9, 0.999] and config["recipe"] == "seed"
+    assert config["adam_betas"] == [0.9, 0.999] and config["recipe"] == "original"
     assert "resume" not in config and "no_download" not in config
 
 
@@ -123,7 +144,17 @@ def test_the_table_declares_each_setting_once_with_help():
     names = [setting.name for setting in app.SETTINGS]
     assert len(names) == len(set(names))
     assert all(setting.help and set(setting.commands) <= set(app.COMMANDS) for setting in app.SETTINGS)
-    assert all(dataclasses.is_dataclass(setting) for setting in app.SETTINGS)
+
+
+def test_every_default_and_recipe_value_is_one_the_flag_accepts():
+    """What the table and the recipes hold is what argparse would make of the flag's text."""
+    for setting in app.SETTINGS:
+        values = [setting.default] + [recipe[setting.name] for recipe in app.RECIPES.values() if setting.name in recipe]
+        for value in values:
+            if setting.choices:
+                assert value in setting.choices, setting.name
+            elif setting.type is not None and value is not None:
+                assert setting.type(app.as_text(value)) == value, setting.name
 
 
 def test_positive_number_types_refuse_zero_and_non_numbers():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import mnist_recognition as app
-from conftest import TEST_COUNT, draw_digit, write_synthetic_mnist
+from conftest import QUICK, TEST_COUNT, draw_digit, write_synthetic_mnist
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -91,31 +91,30 @@ def test_preprocessing_is_pixel_for_pixel_the_same_wherever_and_however_the_digi
 
     digit.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirrored.png")
     mirrored = network_pixels(tmp_path / "mirrored.png")
-    assert mean_difference(mirrored, np.fliplr(centred)) < 0.02 < 0.05 < mean_difference(mirrored, centred)
-    shifted = np.roll(centred, 2, axis=1)
-    assert mean_difference(centred, shifted) > 0.05  # what a 2-pixel shift would cost
+    assert mean_difference(mirrored, np.fliplr(centred)) < 0.02  # centring may round to the other pixel
+    assert mean_difference(mirrored, centred) > 0.05
 
 
 def test_preprocessing_an_already_prepared_digit_changes_it_little_pixel_for_pixel(tmp_path):
     paper_digit(8, size=300).save(tmp_path / "digit.png")
     once = network_pixels(tmp_path / "digit.png")
     twice = app.prepare_like_mnist(Image.fromarray((once * 255).round().astype(np.uint8)))
-    assert mean_difference(once, twice) < 0.03
-    assert mean_difference(once, np.roll(once, 1, axis=0)) > 2 * mean_difference(once, twice)
+    assert mean_difference(once, twice) < 0.01  # a shift of one pixel costs 0.03 to 0.08
 
 
 # --- predict -------------------------------------------------------------------------------------
 
-def digit_files(folder, digits=range(10)):
+def digit_files(folder, digits=range(10), seed=100):
+    """Dark digits on white, 140 px square, one file each."""
     paths = []
     for digit in digits:
-        paths.append(folder / f"digit{digit}.png")
-        draw_digit(digit, random.Random(100 + digit), size=28, ink=0, paper=255).resize((140, 140)).save(paths[-1])
+        paths.append(folder / f"digit{digit}_{seed}.png")
+        draw_digit(digit, random.Random(seed + digit), size=28, ink=0, paper=255).resize((140, 140)).save(paths[-1])
     return paths
 
 
 def test_predict_recognises_generated_digits(trained, tmp_path, cli):
-    paths = digit_files(tmp_path)
+    paths = [path for seed in (100, 110, 120) for path in digit_files(tmp_path, seed=seed)]
     result = cli("predict", *paths, "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--json")
     assert result.code == 0
     answers = json.loads(result.stdout)
@@ -125,8 +124,11 @@ def test_predict_recognises_generated_digits(trained, tmp_path, cli):
         assert answer["probability"] == max(answer["probabilities"])
         assert answer["class"] == answer["probabilities"].index(answer["probability"])
         assert answer["name"] == str(answer["class"])  # MNIST's class names are its digits
-    correct = sum(answer["class"] == digit for digit, answer in enumerate(answers))
-    assert correct >= 8, answers
+    correct = sum(answer["class"] == digit % 10 for digit, answer in enumerate(answers))
+    # The trained fixture's model reads about 80 % of the synthetic test digits, and 20 of these 30 on
+    # the development machine; its weights differ from one CPU model to another, hence the margin.
+    # Chance is 3 of 30; a broken preparation (not inverted, not centred) falls near it.
+    assert correct >= 12, answers
 
 
 def test_predict_prints_a_line_per_image_and_draws_a_figure(trained, tmp_path, cli):
@@ -185,7 +187,7 @@ def test_bad_inputs_get_one_line_and_the_rest_are_still_predicted(case, trained,
 
 def test_evaluate_reproduces_the_accuracy_recorded_by_training(trained, synthetic_data, tmp_path, cli):
     out_dir, _ = trained
-    recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["test_accuracy"]
+    recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["eval_accuracy"]
     result = cli("evaluate", "--checkpoint", out_dir / "lenet5_mnist.pt", "--data-dir", synthetic_data,
                  "--no-download", "--device", "cpu", "--out-dir", tmp_path)
     assert result.code == 0
@@ -193,6 +195,15 @@ def test_evaluate_reproduces_the_accuracy_recorded_by_training(trained, syntheti
     assert f"Accuracy of the network on the {TEST_COUNT} test images: {recorded:.3f} %" in result.log
     with Image.open(tmp_path / "predictions.png") as image:
         assert image.size == (600, 600)
+
+
+def test_evaluate_claims_no_recorded_test_accuracy_for_a_model_chosen_on_validation(synthetic_data, tmp_path, cli):
+    flags = (*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data)
+    assert cli(*flags, "--out-dir", tmp_path).code == 0
+    result = cli("evaluate", "--checkpoint", tmp_path / "lenet5_mnist.pt", "--data-dir", synthetic_data,
+                 "--no-download", "--device", "cpu", "--out-dir", tmp_path / "evaluated")
+    assert result.code == 0 and "Accuracy of the network on the 300 test images" in result.log
+    assert "recorded" not in result.log  # what training recorded was a validation accuracy
 
 
 def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_data, tmp_path, cli):
@@ -230,7 +241,7 @@ def test_predict_names_the_classes_of_the_checkpoints_dataset(fashion_trained, t
 
 def test_evaluate_uses_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
     data_dir, out_dir = fashion_trained
-    recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["test_accuracy"]
+    recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["eval_accuracy"]
     result = cli("evaluate", "--checkpoint", out_dir / "lenet5_mnist.pt", "--data-dir", data_dir, "--no-download",
                  "--device", "cpu", "--out-dir", tmp_path)
     assert result.code == 0  # there is no MNIST/ in data_dir: the checkpoint's FashionMNIST/ was read
