@@ -8,6 +8,7 @@
     python mnist_recognition.py --dataset fashion-mnist
     python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt
     python mnist_recognition.py predict my_digit.png --checkpoint outputs/lenet5_mnist.pt
+    python mnist_recognition.py serve                 # a page to draw a digit on: http://127.0.0.1:8000/
     torchrun --standalone --nproc_per_node=2 mnist_recognition.py
 
 Measured with benchmarks/time_to_accuracy.py on a 2-core AMD EPYC (AVX-512), torch 2.14.1,
@@ -25,8 +26,11 @@ torchrun with DistributedDataParallel.
 import argparse
 import base64
 import datetime
+import errno
 import hashlib
 import html
+import io
+import ipaddress
 import json
 import math
 import os
@@ -37,9 +41,12 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +82,7 @@ def split_images_png(split):
     """test_images.png, or validation_images.png under --validation."""
     return f"{split}_images.png"
 
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "predict", "serve")
 
 
 class CliError(Exception):
@@ -108,6 +115,13 @@ def non_negative_int(text):
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def port_number(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
     return value
 
 
@@ -267,28 +281,33 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="mnist_recognition.py", formatter_class=HelpFormatter,
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST (the default command). Other commands:\n"
-                    "'evaluate' re-checks a trained model, 'predict' reads your own images; see\n"
-                    "'mnist_recognition.py evaluate --help' and 'mnist_recognition.py predict --help'.")
+                    "'evaluate' re-checks a trained model, 'predict' reads your own images, 'serve' opens a\n"
+                    "page to draw a digit on; see 'mnist_recognition.py COMMAND --help'.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", formatter_class=HelpFormatter, help="train LeNet-5 (what runs when no command is given)",
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST; this runs when no command is given.\n"
-                    "Other commands: 'evaluate' re-checks a trained model and 'predict' reads your own images\n"
-                    "(mnist_recognition.py evaluate --help, mnist_recognition.py predict --help).",
+                    "Other commands: 'evaluate' re-checks a trained model, 'predict' reads your own images and\n"
+                    "'serve' opens a page to draw a digit on (mnist_recognition.py COMMAND --help).",
         epilog=recipes_epilog())
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter,
                                    help="measure a trained model's accuracy on its dataset's test set")
     predict = commands.add_parser("predict", formatter_class=HelpFormatter,
                                   help="recognise digits (or clothes, with a Fashion-MNIST model) in your own images")
-    for name, command in (("train", train), ("evaluate", evaluate), ("predict", predict)):
+    serve = commands.add_parser("serve", formatter_class=HelpFormatter,
+                                help="a page to draw a digit or drop a photo on, and see what the network reads")
+    for name, command in (("train", train), ("evaluate", evaluate), ("predict", predict), ("serve", serve)):
         add_settings(command, name)
-    for command in (evaluate, predict):
+    for command in (evaluate, predict, serve):
         command.add_argument("--checkpoint", type=Path, default=Path("outputs") / MODEL_FILE,
                              help=f"a model written by training ({MODEL_FILE} or {CHECKPOINT_FILE})")
     predict.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, GIF, ...)")
     predict.add_argument("--json", action="store_true", help="print the results as one JSON document")
     predict.add_argument("--show", type=Path, default=None,
                          help="write a figure of each input, what the network sees, and its probabilities")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on; 0.0.0.0 lets other machines reach the page")
+    serve.add_argument("--port", type=port_number, default=8000, help="the port to listen on (0: any free one)")
     return parser
 
 
@@ -1372,42 +1391,60 @@ def dataset_of(payload, args, checkpoint):
     return DATASETS[trained_on]
 
 
-def open_grayscale(path):
-    """The image at `path` as 8-bit grayscale, transparency composited on white."""
-    if not path.is_file():
-        raise CliError(f"{path}: no such file.")
-    if path.stat().st_size == 0:
-        raise CliError(f"{path}: the file is empty.")
+class BadImage(Exception):
+    """An image that cannot be read as a digit (or object); `status` is the HTTP status that serve
+    answers with."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+IMAGE_OPENING = threading.Lock()
+
+
+def open_grayscale(source):
+    """The image in `source` (a path or a binary file object) as 8-bit grayscale, transparency
+    composited on white."""
+    if isinstance(source, Path):
+        if not source.is_file():
+            raise BadImage("no such file")
+        if source.stat().st_size == 0:
+            raise BadImage("the file is empty")
     try:
-        with warnings.catch_warnings():
+        # Image.open reads the header and checks the pixel count; catch_warnings changes a setting
+        # of the whole process, so threads (serve's) take turns here.
+        with IMAGE_OPENING, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
-                if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                    image = image.convert("RGBA")
-                    image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-                return image.convert("L")
+            image = Image.open(source)
+        with image:
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+                return rgba.convert("L")
+            return image.convert("L")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise CliError(f"{path}: the image is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels).") from None
+        raise BadImage(f"the image is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)", 413) from None
     except UnidentifiedImageError:
-        raise CliError(f"{path}: not an image file that can be read.") from None
-    except (OSError, ValueError) as error:
-        raise CliError(f"{path}: the image cannot be read ({error}).") from None
+        raise BadImage("not an image file that can be read") from None
+    except (OSError, ValueError, SyntaxError) as error:  # a damaged file fails in PIL's decoders in these ways
+        raise BadImage(f"the image cannot be read ({error})") from None
 
 
 def foreground(gray):
     """The object of a photo or scan as 0..1 pixels, light on dark, cropped to it: inverted when
     the border (the background) is light, the background level subtracted."""
     pixels = np.asarray(gray, dtype=np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if np.median(border) > 127:  # dark on light paper: invert
-        pixels, border = 255 - pixels, 255 - border
-    ink = np.clip(pixels - np.median(border), 0, None)
+    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))  # the border's
+    if background > 127:  # dark on light paper: invert
+        pixels, background = 255 - pixels, 255 - background
+    ink = np.maximum(pixels - background, 0)
     if ink.max() < MIN_INK_CONTRAST:
         raise ValueError("no ink or object found; the image looks blank")
     ink /= ink.max()
-    rows, cols = np.nonzero(ink > 0.2)
-    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    inked = ink > 0.2
+    rows, cols = np.flatnonzero(inked.any(1)), np.flatnonzero(inked.any(0))  # the rows and columns with ink
+    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
 def resized(pixels, longer_side):
@@ -1445,14 +1482,34 @@ def centre_of_mass(pixels):
 PREPARE_USER_IMAGE = {"digit": prepare_like_mnist, "object": prepare_like_fashion_mnist}
 
 
-def read_user_image(path, dataset):
-    """(the original grayscale image, the network's 1 x 28 x 28 input) for one image file."""
-    gray = open_grayscale(path)
+def prepared_pixels(gray, dataset):
+    """The 28x28 0..1 pixels that the network sees of a grayscale image, prepared as the dataset
+    was made; raises BadImage (422) where there is no ink."""
     try:
-        pixels = PREPARE_USER_IMAGE[dataset.user_images](gray)
+        return PREPARE_USER_IMAGE[dataset.user_images](gray)
     except ValueError as error:
-        raise CliError(f"{path}: {error}.") from None
-    return gray, torch.from_numpy(pixels).sub(dataset.mean).div(dataset.std).unsqueeze(0)
+        raise BadImage(str(error), 422) from None
+
+
+def normalised(pixels, dataset):
+    """28x28 0..1 pixels as the network's 1 x 28 x 28 input, normalised like the training data."""
+    return torch.from_numpy(pixels).sub(dataset.mean).div(dataset.std).unsqueeze(0)
+
+
+def read_user_image(source, dataset):
+    """(the original grayscale image, the network's 1 x 28 x 28 input) for one image file (a path
+    or a binary file object); raises BadImage."""
+    gray = open_grayscale(source)
+    return gray, normalised(prepared_pixels(gray, dataset), dataset)
+
+
+def classify(model, network_input, device, dataset):
+    """The model's answer for one prepared input: class, name, probability and all probabilities."""
+    with torch.inference_mode():
+        probabilities = F.softmax(model(network_input.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
+    answer = int(np.argmax(probabilities))
+    return {"class": answer, "name": dataset.classes[answer], "probability": probabilities[answer],
+            "probabilities": probabilities}
 
 
 def describe_prediction(result, classes):
@@ -1488,16 +1545,12 @@ def predict_command(args):
     for path in args.images:
         try:
             gray, network_input = read_user_image(path, dataset)
-        except CliError as error:
-            logger.error(str(error))
+        except BadImage as error:
+            logger.error("{}: {}.", path, error)
             failures += 1
             continue
-        with torch.inference_mode():
-            probabilities = F.softmax(model(network_input.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
-        answer = int(np.argmax(probabilities))
         inputs.append((gray, network_input))
-        results.append({"file": str(path), "class": answer, "name": dataset.classes[answer],
-                        "probability": probabilities[answer], "probabilities": probabilities})
+        results.append({"file": str(path), **classify(model, network_input, device, dataset)})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -1530,6 +1583,341 @@ def evaluate_command(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Trying a model live: a page to draw a digit or drop a photo, served by the standard library
+# ----------------------------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 10 * 1024 * 1024  # larger uploads are refused (413) before they are read
+
+# The whole page: HTML, CSS and JS, with nothing from another host. The pen is 28 canvas pixels
+# wide because predict's preparation scales a digit drawn about 200 px tall on this 280-px canvas
+# by 1/10, to strokes about 2.8 px wide, as MNIST's are: a 0, a 1 and a 7 drawn so (with Pillow,
+# round ends) carry 118, 57 and 86 of ink (summed 0..1 pixels) after the preparation, where
+# MNIST's training 0s, 1s and 7s carry 136, 60 and 90 on average.
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LeNet-5: draw a digit</title>
+<style>
+body { font-family: sans-serif; max-width: 900px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } p { color: #444; }
+main { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; margin-top: 1em; }
+canvas { width: 280px; height: 280px; border: 2px solid #444; border-radius: 8px; touch-action: none;
+         cursor: crosshair; background: white; display: block; }
+body.dragging canvas { border-color: #1f77b4; border-style: dashed; }
+button { margin-top: 0.6em; font-size: 15px; padding: 0.3em 1em; }
+#answer { font-size: 84px; font-weight: bold; line-height: 1; min-height: 1em; margin-bottom: 0.2em; }
+#answer.error { font-size: 17px; font-weight: normal; color: #b00020; max-width: 20em; }
+.bar { display: grid; grid-template-columns: 7.5em 12em 3.5em; gap: 0.5em; align-items: center; font-size: 14px; }
+.track { background: #eee; height: 12px; border-radius: 3px; overflow: hidden; }
+.fill { background: #9ab; height: 12px; }
+.bar.top { font-weight: bold; } .bar.top .fill { background: #1f77b4; }
+.value { text-align: right; }
+#seen { width: 168px; height: 168px; image-rendering: pixelated; background: black; display: block; }
+figcaption { font-size: 13px; color: #555; margin-top: 0.3em; }
+#model { font-size: 13px; color: #666; margin-top: 2em; }
+</style></head>
+<body>
+<h1>Draw a digit</h1>
+<p>Draw with a mouse, a finger or a pen: the answer comes as you lift it. Or drop a photo or a scan
+anywhere on the page, or <label>choose an image file: <input type="file" id="file" accept="image/*"></label></p>
+<main>
+  <div><canvas id="canvas" width="280" height="280"></canvas><button id="clear">Clear (Esc)</button></div>
+  <div><div id="answer" aria-live="polite"></div><div id="bars"></div></div>
+  <figure><img id="seen" alt=""><figcaption>What the network saw (28x28)</figcaption></figure>
+</main>
+<p id="model">__MODEL__</p>
+<script>
+"use strict";
+const CLASSES = __CLASSES__;
+const PEN_WIDTH = 28;  // canvas pixels; see PAGE in mnist_recognition.py for why
+const canvas = document.getElementById("canvas"), pen = canvas.getContext("2d");
+const answer = document.getElementById("answer"), bars = document.getElementById("bars");
+const seen = document.getElementById("seen");
+let last = null, asked = 0, pending = 0;
+
+function showNothing() {
+  answer.textContent = ""; answer.className = ""; delete answer.dataset.class;
+  bars.replaceChildren(); seen.removeAttribute("src");
+}
+function clearCanvas() {
+  pen.fillStyle = "white"; pen.fillRect(0, 0, canvas.width, canvas.height);
+  asked += 1;  // an answer still on its way is for the old drawing
+  showNothing();
+}
+function at(event) {  // the pointer in canvas pixels, inside the border
+  const box = canvas.getBoundingClientRect();
+  return [(event.clientX - box.left - canvas.clientLeft) * canvas.width / canvas.clientWidth,
+          (event.clientY - box.top - canvas.clientTop) * canvas.height / canvas.clientHeight];
+}
+function strokeTo(point) {
+  pen.lineWidth = PEN_WIDTH; pen.lineCap = "round"; pen.lineJoin = "round"; pen.strokeStyle = "black";
+  pen.beginPath(); pen.moveTo(...last); pen.lineTo(...point); pen.stroke();
+  last = point;
+}
+canvas.addEventListener("pointerdown", event => {
+  event.preventDefault();
+  canvas.setPointerCapture(event.pointerId);
+  last = at(event); strokeTo(last);
+});
+canvas.addEventListener("pointermove", event => { if (last) strokeTo(at(event)); });
+function endStroke() {
+  if (!last) return;
+  last = null;
+  const mine = begin();
+  canvas.toBlob(image => ask(image, mine), "image/png");
+}
+canvas.addEventListener("pointerup", endStroke);
+canvas.addEventListener("pointercancel", endStroke);
+
+function begin() {  // a question is on its way from now on: data-busy says so until every answer is in
+  pending += 1; answer.dataset.busy = "true";
+  return ++asked;
+}
+async function ask(image, mine) {
+  let reply;
+  try {
+    const response = await fetch("/predict", {method: "POST", body: image});
+    reply = await response.json();
+  } catch (error) {
+    reply = {error: "No answer from the server (" + error.message + ")."};
+  }
+  pending -= 1;
+  if (pending === 0) delete answer.dataset.busy;
+  if (mine === asked) show(reply);
+}
+function show(reply) {
+  showNothing();
+  if (reply.error) { answer.textContent = reply.error; answer.className = "error"; return; }
+  answer.textContent = reply.name;
+  answer.dataset.class = reply.class;
+  bars.replaceChildren(...reply.probabilities.map((probability, index) => {
+    const row = document.createElement("div");
+    row.className = index === reply.class ? "bar top" : "bar";
+    row.innerHTML = '<span></span><div class="track"><div class="fill"></div></div><span class="value"></span>';
+    row.children[0].textContent = CLASSES[index];
+    row.querySelector(".fill").style.width = (100 * probability).toFixed(1) + "%";
+    row.children[2].textContent = (100 * probability).toFixed(1) + " %";
+    return row;
+  }));
+  seen.src = reply.input;
+}
+
+document.getElementById("clear").addEventListener("click", clearCanvas);
+document.addEventListener("keydown", event => { if (event.key === "Escape") clearCanvas(); });
+document.getElementById("file").addEventListener("change", event => {
+  if (event.target.files.length) ask(event.target.files[0], begin());
+});
+document.addEventListener("dragover", event => { event.preventDefault(); document.body.classList.add("dragging"); });
+document.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
+document.addEventListener("drop", event => {
+  event.preventDefault(); document.body.classList.remove("dragging");
+  if (event.dataTransfer.files.length) ask(event.dataTransfer.files[0], begin());
+});
+clearCanvas();
+</script>
+</body></html>
+"""
+
+
+def describe_model(checkpoint, payload, dataset):
+    """'outputs/lenet5_mnist.pt: LeNet-5 trained on MNIST, recipe fast, 99.16 % test accuracy'"""
+    recipe = payload.get("config", {}).get("recipe", "unknown")
+    accuracy = (f", {payload['eval_accuracy']:.2f} % {payload['eval_split']} accuracy"
+                if "eval_accuracy" in payload else "")
+    return f"{checkpoint}: LeNet-5 trained on {dataset.title}, recipe {recipe}{accuracy}"
+
+
+def page_for(model_description, dataset):
+    """The page, with the model's class names and a line about the model."""
+    return PAGE.replace("__CLASSES__", json.dumps(list(dataset.classes))).replace(
+        "__MODEL__", html.escape(model_description))
+
+
+def png_data_url(pixels):
+    """28x28 0..1 pixels as a PNG data URL."""
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class DigitServer(ThreadingHTTPServer):
+    """Serves the page and answers POST /predict with the model's reading of the image sent."""
+
+    # server_close closes every open connection, then waits for its thread: a thread still alive
+    # when the interpreter ends can make torch abort the process ("terminate called ...").
+    daemon_threads, block_on_close = False, True
+
+    def __init__(self, address, model, device, dataset, page):
+        # The request threads share the model: forward passes under inference_mode change nothing in it.
+        self.model, self.device, self.dataset, self.page = model, device, dataset, page.encode()
+        self.model_lock = threading.Lock()  # one forward pass at a time: measured faster than several at once
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.connections, self.connections_lock = set(), threading.Lock()
+        super().__init__(address, DigitRequestHandler)
+
+    def process_request_thread(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(request)
+
+    def server_close(self):
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)  # wakes its thread, waiting for the next request
+                except OSError:
+                    pass  # closed meanwhile
+        super().server_close()
+
+    def handle_error(self, request, client_address):
+        logger.debug("A connection from {} broke off: {}", client_address, sys.exc_info()[1])
+
+    def answer(self, body):
+        """The JSON answer to an image's bytes; raises BadImage."""
+        if not body:
+            raise BadImage("the body is empty: send an image's bytes")
+        pixels = prepared_pixels(open_grayscale(io.BytesIO(body)), self.dataset)  # as read_user_image
+        with self.model_lock:
+            result = classify(self.model, normalised(pixels, self.dataset), self.device, self.dataset)
+        return {**result, "input": png_data_url(pixels)}
+
+
+ROUTES = {"/": "GET", "/predict": "POST"}  # nothing else is served: no file is ever read by its path
+
+
+class DigitRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a page or client reuses its connection
+    server_version = "mnist_recognition"
+    timeout = 30  # seconds a connection may stay silent, idle or in the middle of a body
+    disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart (delayed ACKs)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def do_PATCH(self):
+        self.route("PATCH")
+
+    def do_HEAD(self):
+        self.route("HEAD")
+
+    def route(self, method):
+        try:
+            self.answer_request(method)
+        except Exception:  # a bug must cost one answer, not the server
+            logger.exception("{} {} failed", method, self.path)
+            self.send_error_json(500, "the server failed on this request; its log says why")
+
+    def answer_request(self, method):
+        path = urllib.parse.urlsplit(self.path).path
+        if path not in ROUTES:
+            return self.send_error_json(404, f"nothing at {path}: the page is at / and answers come from POST /predict")
+        if method != ROUTES[path]:
+            return self.send_error_json(405, f"{path} takes {ROUTES[path]}, not {method}", Allow=ROUTES[path])
+        if path == "/":
+            return self.send(200, self.server.page, "text/html; charset=utf-8")
+        self.predict()
+
+    def predict(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return self.send_error_json(411, "send the image with a Content-Length header")
+        if not length.isdigit():
+            return self.send_error_json(400, f"Content-Length {length!r} is not a byte count")
+        if int(length) > MAX_BODY_BYTES:
+            return self.send_error_json(413, f"the image is over {MAX_BODY_BYTES // 2 ** 20} MB")
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            return self.send_error_json(408, f"the body did not arrive within {self.timeout} s")
+        if len(body) < int(length):
+            return self.send_error_json(400, "the body ended before its Content-Length")
+        try:
+            answer = self.server.answer(body)
+        except BadImage as error:
+            return self.send_error_json(error.status, str(error), body_read=True)
+        self.send(200, json.dumps(answer).encode(), "application/json")
+
+    def send_error_json(self, status, message, body_read=False, **headers):
+        """A 4xx or 5xx answer: one line of JSON, {"error": message}."""
+        if not body_read:
+            self.close_connection = True  # what is left of the request is unread: the connection cannot go on
+        self.send(status, json.dumps({"error": message}).encode(), "application/json", **headers)
+
+    def send(self, status, body, content_type, **headers):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        # The headers and the body in one write (end_headers would send the headers on their own).
+        self._headers_buffer.append(b"\r\n" + (body if self.command != "HEAD" else b""))
+        self.flush_headers()
+
+    def log_message(self, format, *args):
+        pass  # one line per request would drown the log; errors are logged where they happen
+
+
+def is_loopback(host):
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
+
+
+def start_server(args):
+    """The server, listening; its model is the checkpoint's, on the device asked for."""
+    device = pick_device(args.device)
+    model, payload = load_trained_model(args.checkpoint, device)
+    dataset = dataset_of(payload, args, args.checkpoint)
+    description = describe_model(args.checkpoint, payload, dataset)
+    try:
+        server = DigitServer((args.host, args.port), model, device, dataset, page_for(description, dataset))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise CliError(f"--port {args.port}: the port is already in use on {args.host}. Choose another "
+                           f"with --port, or stop what listens there.") from None
+        raise CliError(f"--host {args.host}: cannot listen there ({error.strerror or error}). Give an address "
+                       f"of this machine, such as 127.0.0.1.") from None
+    logger.info("Model {}", description)
+    if not is_loopback(args.host):
+        logger.warning("Listening on {}: other machines that reach this one can use the page too. "
+                       "--host 127.0.0.1 keeps it to this machine.", args.host)
+    return server
+
+
+def serve_command(args):
+    server = start_server(args)
+    host, port = server.server_address[:2]
+    logger.info("Open http://{}:{}/ to draw a digit or drop a photo; Ctrl-C stops the server",
+                f"[{host}]" if ":" in host else host, port)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # requests come in parallel, and each is a tiny forward pass
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("Stopped")
+    finally:
+        server.server_close()
+        torch.set_num_threads(threads)  # main() may run again in this process (the tests do)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -1537,7 +1925,8 @@ def main(argv=None):
     """Run one command; returns the process exit code (bad flags raise SystemExit(2) from argparse)."""
     args = parse_args(argv)
     configure_logging(is_main=int(os.environ.get("RANK", 0)) == 0)
-    handlers = {"train": train_command, "evaluate": evaluate_command, "predict": predict_command}
+    handlers = {"train": train_command, "evaluate": evaluate_command, "predict": predict_command,
+                "serve": serve_command}
     try:
         return handlers[args.command](args)
     except CliError as error:

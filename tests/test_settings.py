@@ -31,7 +31,7 @@ def test_help_lists_every_training_setting_with_its_default_and_each_recipes_val
     assert "evaluate" in text and "predict" in text
 
 
-@pytest.mark.parametrize("command", ["evaluate", "predict"])
+@pytest.mark.parametrize("command", ["evaluate", "predict", "serve"])
 def test_other_commands_have_help_with_their_settings(command, capsys):
     text = help_text(capsys, command)
     assert "--checkpoint" in text

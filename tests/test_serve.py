@@ -1,0 +1,360 @@
+"""serve: the page to draw a digit on, POST /predict and its answers to bad input, the command's
+own errors, and a real browser drawing digits with pointer actions as a person does."""
+import base64
+import http.client
+import io
+import json
+import random
+import re
+import shutil
+import signal
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+
+import mnist_recognition as app
+from conftest import draw_digit, real_dataset_folder, script_command
+from test_using_a_model import huge_png, paper_digit
+
+MNIST_DATA = app.DATASETS["mnist"]
+
+
+# --- a server in this process, on 127.0.0.1 ----------------------------------------------------
+
+def start_serving(checkpoint):
+    """A server for `checkpoint` on a free port of 127.0.0.1, answering from a thread."""
+    server = app.start_server(app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0",
+                                              "--device", "cpu"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_serving(server):
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def port(trained):
+    server = start_serving(trained[0] / "lenet5_mnist.pt")
+    yield server.server_address[1]
+    stop_serving(server)
+
+
+def request(port, method, path, body=None, headers=None):
+    """(status, headers, body) of one request."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def post_image(port, body):
+    status, _, answer = request(port, "POST", "/predict", body)
+    return status, json.loads(answer)
+
+
+def png_bytes(image, format="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def raw_request(port, text):
+    """Send `text` as it is and return the status line and what came back within 10 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(text.encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.decode().splitlines()[0], json.loads(body)
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+def test_the_page_is_served_with_everything_in_it(port):
+    status, headers, page = request(port, "GET", "/")
+    page = page.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert '<canvas id="canvas"' in page and 'id="answer"' in page and 'type="file"' in page
+    assert 'const CLASSES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];' in page
+    assert "LeNet-5 trained on MNIST, recipe original" in page
+    # Nothing from another host: no address, stylesheet, font or script file outside the page.
+    assert not re.search(r"(https?:|//[a-z]|<link|@import|url\(|src=\"[^\"])", page, re.IGNORECASE)
+
+
+# --- POST /predict: the same answer as predict --json ---------------------------------------------
+
+IMAGES = {
+    "canvas drawing": lambda: draw_digit(7, random.Random(5), size=280, ink=0, paper=255),
+    "photo (JPEG)": lambda: paper_digit(3, size=400, ink=(40, 40, 60), paper=(235, 230, 215), mode="RGB"),
+    "light on dark": lambda: draw_digit(2, random.Random(6), size=100, ink=230, paper=10),
+}
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+def test_post_predict_answers_as_predict_json_does(kind, port, trained, tmp_path, cli):
+    path = tmp_path / ("digit.jpg" if "JPEG" in kind else "digit.png")
+    IMAGES[kind]().save(path)
+    status, answer = post_image(port, path.read_bytes())
+    assert status == 200
+    [expected] = json.loads(cli("predict", path, "--json", "--device", "cpu",
+                                "--checkpoint", trained[0] / "lenet5_mnist.pt").stdout)
+    assert (answer["class"], answer["name"]) == (expected["class"], expected["name"])
+    np.testing.assert_allclose(answer["probabilities"], expected["probabilities"], rtol=0, atol=1e-6)
+    assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+    # The 28x28 input it shows is what the network saw.
+    assert answer["input"].startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(answer["input"].split(",", 1)[1]))) as seen:
+        shown = np.asarray(seen, dtype=np.float32) / 255
+    _, network_input = app.read_user_image(path, MNIST_DATA)
+    np.testing.assert_allclose(shown, app.display_pixels(network_input, MNIST_DATA), atol=1 / 255)
+
+
+def test_requests_at_the_same_time_get_the_answers_they_get_alone(port):
+    bodies = [png_bytes(draw_digit(digit, random.Random(digit), size=200, ink=0, paper=255)) for digit in range(10)]
+    alone = [post_image(port, body)[1]["probabilities"] for body in bodies]
+    together = [None] * 80
+
+    def client(first):
+        for index in range(first, 80, 8):
+            together[index] = post_image(port, bodies[index % 10])
+    threads = [threading.Thread(target=client, args=(first,)) for first in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(status == 200 for status, _ in together)
+    for index, (_, answer) in enumerate(together):
+        assert answer["probabilities"] == alone[index % 10]
+
+
+# --- bad input: a 4xx with one line of JSON, and the server goes on -------------------------------
+
+def truncated_png():
+    return png_bytes(draw_digit(4, random.Random(0), size=280, ink=0, paper=255))[:400]
+
+
+def too_many_pixels(tmp_path):
+    huge_png(tmp_path / "huge.png")
+    return (tmp_path / "huge.png").read_bytes()
+
+
+BAD_BODIES = {
+    "not an image": (lambda tmp_path: b"just some text", 400, "not an image"),
+    "empty": (lambda tmp_path: b"", 400, "empty"),
+    "truncated image": (lambda tmp_path: truncated_png(), 400, "cannot be read"),
+    "blank canvas": (lambda tmp_path: png_bytes(Image.new("RGB", (280, 280), "white")), 422, "looks blank"),
+    "too many pixels": (too_many_pixels, 413, "too large"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BODIES)
+def test_a_bad_body_gets_a_4xx_with_one_line_of_json_and_the_server_goes_on(case, port, tmp_path):
+    make_body, expected_status, reason = BAD_BODIES[case]
+    status, headers, body = request(port, "POST", "/predict", make_body(tmp_path))
+    assert status == expected_status and headers["Content-Type"] == "application/json"
+    assert b"\n" not in body and reason in json.loads(body)["error"]
+    assert post_image(port, png_bytes(draw_digit(1, random.Random(1), size=200, ink=0, paper=255)))[0] == 200
+
+
+@pytest.mark.parametrize("method, path, expected", [
+    ("GET", "/predict", 405), ("POST", "/", 405), ("PUT", "/predict", 405), ("DELETE", "/", 405),
+    ("GET", "/../../etc/passwd", 404), ("GET", "/mnist_recognition.py", 404), ("GET", "/tests/conftest.py", 404),
+    ("POST", "/predict/../../mnist_recognition.py", 404), ("GET", "/favicon.ico", 404),
+])
+def test_other_methods_and_paths_are_refused_and_no_file_is_served(method, path, expected, port):
+    status, headers, body = request(port, method, path, b"" if method in ("POST", "PUT") else None)
+    assert status == expected and "error" in json.loads(body)
+    if expected == 405:
+        assert headers["Allow"] in ("GET", "POST")
+    assert b"import" not in body and b"root:" not in body
+
+
+def test_a_body_over_10_mb_is_refused_before_it_is_read(port):
+    # Headers alone: a server that waited for the 20 MB would not answer before the deadline.
+    status_line, answer = raw_request(port, "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                            "Content-Length: 20000000\r\n\r\n")
+    assert status_line.split()[1] == "413" and "10 MB" in answer["error"]
+
+
+def test_a_missing_content_length_gets_411(port):
+    status_line, answer = raw_request(port, "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert status_line.split()[1] == "411" and "Content-Length" in answer["error"]
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def test_the_command_logs_the_address_and_the_model_and_stops_on_ctrl_c(trained, background):
+    job = background(script_command("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--port", 0,
+                                    "--device", "cpu"))
+    line = job.wait_for_line("Open http://")
+    port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+    assert request(port, "GET", "/")[0] == 200
+    job.send(signal.SIGINT)
+    code, log = job.finish()
+    assert code == 0, log
+    assert "LeNet-5 trained on MNIST, recipe original" in log and "% test accuracy" in log
+    assert "Traceback" not in log and "WARNING" not in log
+
+
+def test_a_port_in_use_is_refused_naming_port(trained, cli):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        result = cli("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--port", busy, "--device", "cpu")
+    assert result.code == 2
+    [error] = result.errors()
+    assert f"--port {busy}" in error and "in use" in error
+
+
+def test_an_address_of_another_machine_is_refused_naming_host(trained, cli):
+    # 192.0.2.1 is reserved for documentation: no machine has it, so it cannot be listened on.
+    result = cli("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--host", "192.0.2.1", "--port", 0,
+                 "--device", "cpu")
+    assert result.code == 2 and "--host 192.0.2.1" in result.errors()[0]
+
+
+@pytest.mark.parametrize("checkpoint", ["missing.pt", "not_a_model.pt"])
+def test_a_missing_or_bad_checkpoint_is_refused(checkpoint, tmp_path, cli):
+    (tmp_path / "not_a_model.pt").write_text("not a checkpoint")
+    result = cli("serve", "--checkpoint", tmp_path / checkpoint, "--port", 0, "--device", "cpu")
+    assert result.code == 2 and str(tmp_path / checkpoint) in result.errors()[0]
+
+
+def test_listening_beyond_this_machine_is_warned_about(trained, monkeypatch, cli):
+    assert app.is_loopback("127.0.0.1") and app.is_loopback("localhost") and app.is_loopback("::1")
+    assert not app.is_loopback("0.0.0.0") and not app.is_loopback("192.0.2.1")
+    # The test itself listens on 127.0.0.1 only: the check is made to answer as for another address.
+    monkeypatch.setattr(app, "is_loopback", lambda host: False)
+    monkeypatch.setattr(app.DigitServer, "serve_forever", lambda server: (_ for _ in ()).throw(KeyboardInterrupt))
+    threads = torch.get_num_threads()
+    result = cli("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--port", 0, "--device", "cpu")
+    assert result.code == 0 and "other machines that reach this one can use the page" in result.log
+    assert torch.get_num_threads() == threads  # the server's one thread is not left to what runs next
+
+
+# --- a real browser: drawing with pointer actions -------------------------------------------------
+
+# Digits as a person draws them on the 280x280 canvas: strokes of (x, y) points, about 200 px tall.
+def loop(centre_x, centre_y, radius_x, radius_y, start=0.0, turns=1.0, points=24):
+    angles = np.linspace(start, start + 2 * np.pi * turns, points)
+    return [(centre_x + radius_x * np.sin(angle), centre_y - radius_y * np.cos(angle)) for angle in angles]
+
+
+DIGIT_STROKES = {
+    0: [loop(140, 140, 62, 95)],
+    1: [[(150, 42), (144, 140), (138, 238)]],
+    2: [[(82, 92), (100, 58), (140, 42), (185, 55), (200, 95), (185, 140), (130, 190), (82, 236), (205, 236)]],
+    3: [[(85, 65), (125, 42), (175, 48), (195, 85), (175, 125), (130, 138), (180, 152), (200, 195), (175, 232),
+         (125, 242), (82, 222)]],
+    4: [[(150, 40), (110, 110), (78, 168), (215, 168)], [(172, 95), (172, 245)]],
+    5: [[(195, 45), (105, 45), (95, 130), (145, 118), (190, 140), (200, 190), (175, 232), (130, 242), (85, 225)]],
+    6: [[(185, 48), (135, 70), (100, 125), (90, 185), (115, 235), (165, 238), (195, 200), (180, 155), (135, 145),
+         (98, 170)]],
+    7: [[(75, 48), (205, 48), (160, 140), (120, 242)]],
+    8: [[(140, 138), (100, 110), (95, 70), (140, 42), (185, 70), (180, 110), (140, 138), (92, 175), (100, 225),
+         (140, 245), (182, 225), (188, 178), (140, 138)]],
+    9: [[(192, 92), (170, 52), (125, 45), (92, 75), (100, 118), (145, 130), (192, 95), (188, 165), (175, 245)]],
+}
+
+
+def draw(browser, strokes):
+    """Each stroke as a press, moves and a release of the mouse, in canvas pixels from its top left."""
+    canvas = browser.find_element(By.ID, "canvas")
+    for stroke in strokes:
+        (x, y), rest = stroke[0], stroke[1:]
+        actions = ActionChains(browser, duration=10)
+        actions.move_to_element_with_offset(canvas, round(x) - 140, round(y) - 140).click_and_hold()
+        for next_x, next_y in rest:
+            actions.move_by_offset(round(next_x) - round(x), round(next_y) - round(y))
+            x, y = next_x, next_y
+        actions.release().perform()
+
+
+def shown_answer(browser):
+    """The class the page shows once no answer is on its way (None for none or an error)."""
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+        "const a = document.getElementById('answer'); return !a.dataset.busy && a.textContent !== '';"))
+    shown = browser.find_element(By.ID, "answer").get_attribute("data-class")
+    return None if shown is None else int(shown)
+
+
+def canvas_png(browser):
+    data_url = browser.execute_script("return document.getElementById('canvas').toDataURL('image/png');")
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def open_page(browser, port):
+    browser.get(f"http://127.0.0.1:{port}/")
+    WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.readyState") == "complete")
+
+
+def test_a_drawn_digit_is_answered_as_post_predict_answers_the_canvas(port, browser, tmp_path):
+    open_page(browser, port)
+    for digit in (1, 7, 0, 4):  # one stroke, a corner, a loop, and two strokes
+        browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        assert browser.find_element(By.ID, "answer").get_attribute("data-class") is None
+        draw(browser, DIGIT_STROKES[digit])
+        shown = shown_answer(browser)
+        drawn = canvas_png(browser)
+        status, answer = post_image(port, drawn)
+        assert status == 200 and shown == answer["class"], digit
+        if digit == 0:  # the pen's width: after the preparation, about as much ink as MNIST's 0s (136)
+            ink = app.prepare_like_mnist(Image.open(io.BytesIO(drawn)).convert("L")).sum()
+            assert 0.6 * 136 < ink < 1.4 * 136
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+        assert [bar.find_element(By.TAG_NAME, "span").text for bar in bars] == [str(c) for c in range(10)]
+        WebDriverWait(browser, 10).until(lambda b: b.execute_script(
+            "return document.getElementById('seen').naturalWidth") == 28)
+    browser.save_screenshot(str(tmp_path / "page.png"))
+    with Image.open(tmp_path / "page.png") as screenshot:
+        colours = screenshot.convert("RGB").getcolors(maxcolors=1_000_000)
+    assert colours is not None and len(colours) > 50  # the drawing, the answer, bars and text: not blank
+
+
+def test_a_chosen_file_is_answered_and_a_bad_one_shows_its_error(port, browser, tmp_path):
+    open_page(browser, port)
+    photo = tmp_path / "photo.jpg"
+    paper_digit(5, size=400).convert("RGB").save(photo)
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    assert shown_answer(browser) == post_image(port, photo.read_bytes())[1]["class"]
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(text))
+    assert shown_answer(browser) is None
+    assert "not an image" in browser.find_element(By.ID, "answer").text
+
+
+@pytest.mark.real_data
+def test_digits_drawn_on_the_page_are_read_right_by_a_model_trained_on_real_mnist(browser, tmp_path, cli):
+    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
+    assert cli("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", tmp_path / "data",
+               "--out-dir", tmp_path / "out").code == 0
+    server = start_serving(tmp_path / "out" / "lenet5_mnist.pt")
+    try:
+        open_page(browser, server.server_address[1])
+        read = {}
+        for digit, strokes in DIGIT_STROKES.items():
+            browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            draw(browser, strokes)
+            read[digit] = shown_answer(browser)
+    finally:
+        stop_serving(server)
+    assert sum(read[digit] == digit for digit in read) >= 9, read
