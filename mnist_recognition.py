@@ -1597,22 +1597,22 @@ PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>LeNet-5: draw a digit</title>
 <style>
-body { font-family: sans-serif; max-width: 900px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+body { font-family: sans-serif; max-width: 1040px; margin: 1.5em auto; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } p { color: #444; }
-main { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; margin-top: 1em; }
+main { display: flex; flex-wrap: wrap; gap: 1.5em 2.5em; align-items: flex-start; margin-top: 1em; }
 canvas { width: 280px; height: 280px; border: 2px solid #444; border-radius: 8px; touch-action: none;
          cursor: crosshair; background: white; display: block; }
 body.dragging canvas { border-color: #1f77b4; border-style: dashed; }
 button { margin-top: 0.6em; font-size: 15px; padding: 0.3em 1em; }
 #answer { font-size: 84px; font-weight: bold; line-height: 1; min-height: 1em; margin-bottom: 0.2em; }
 #answer.error { font-size: 17px; font-weight: normal; color: #b00020; max-width: 20em; }
-.bar { display: grid; grid-template-columns: 7.5em 12em 3.5em; gap: 0.5em; align-items: center; font-size: 14px; }
+.bar { display: grid; grid-template-columns: 7em 11em 4.5em; gap: 0.5em; align-items: center; font-size: 14px; }
 .track { background: #eee; height: 12px; border-radius: 3px; overflow: hidden; }
 .fill { background: #9ab; height: 12px; }
 .bar.top { font-weight: bold; } .bar.top .fill { background: #1f77b4; }
 .value { text-align: right; }
 #seen { width: 168px; height: 168px; image-rendering: pixelated; background: black; display: block; }
-figcaption { font-size: 13px; color: #555; margin-top: 0.3em; }
+figure { margin: 0; } figcaption { font-size: 13px; color: #555; margin-top: 0.3em; }
 #model { font-size: 13px; color: #666; margin-top: 2em; }
 </style></head>
 <body>
