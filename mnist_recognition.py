@@ -73,7 +73,8 @@ FIGURE_INCHES, FIGURE_DPI = 6, 100  # every 4x4 figure is 600x600 pixels
 CHECKPOINT_FORMAT = 2  # written into every checkpoint and model file; --resume takes only this one
 
 # Every file a run writes into --out-dir, named here once.
-MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE = "lenet5_mnist.pt", "checkpoint.pt", "metrics.json", "report.html"
+MODEL_FILE, CHECKPOINT_FILE = "lenet5_mnist.pt", "checkpoint.pt"
+METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
 CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
 PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
 
@@ -81,6 +82,7 @@ PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
 def split_images_png(split):
     """test_images.png, or validation_images.png under --validation."""
     return f"{split}_images.png"
+
 
 COMMANDS = ("train", "evaluate", "predict", "serve")
 
