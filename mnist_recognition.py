@@ -1749,9 +1749,10 @@ class DigitServer(ThreadingHTTPServer):
     daemon_threads, block_on_close = False, True
 
     def __init__(self, address, model, device, dataset, page):
-        # The request threads share the model: forward passes under inference_mode change nothing in it.
         self.model, self.device, self.dataset, self.page = model, device, dataset, page.encode()
-        self.model_lock = threading.Lock()  # one forward pass at a time: measured faster than several at once
+        # The request threads share the model. A forward pass under inference_mode changes nothing
+        # in it, so the lock is not for safety: one pass at a time measured faster than several.
+        self.model_lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.connections, self.connections_lock = set(), threading.Lock()
         super().__init__(address, DigitRequestHandler)
