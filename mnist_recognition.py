@@ -9,6 +9,7 @@
     python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt
     python mnist_recognition.py predict my_digit.png --checkpoint outputs/lenet5_mnist.pt
     python mnist_recognition.py serve                 # a page to draw a digit on: http://127.0.0.1:8000/
+    python mnist_recognition.py export                # outputs/lenet5_mnist.onnx, checked with ONNX Runtime
     torchrun --standalone --nproc_per_node=2 mnist_recognition.py
 
 Measured with benchmarks/time_to_accuracy.py on a 2-core AMD EPYC (AVX-512), torch 2.14.1,
@@ -84,7 +85,7 @@ def split_images_png(split):
     return f"{split}_images.png"
 
 
-COMMANDS = ("train", "evaluate", "predict", "serve")
+COMMANDS = ("train", "evaluate", "predict", "serve", "export")
 
 
 class CliError(Exception):
@@ -199,12 +200,12 @@ SETTINGS = (
     Setting("eval_every", 1, "evaluate on the test split (or the validation split) after every N epochs; "
             "0: only after the last", non_negative_int),
     Setting("device", "auto", "where to compute; auto picks CUDA when it is available",
-            choices=("auto", "cpu", "cuda"), commands=COMMANDS),
+            choices=("auto", "cpu", "cuda"), commands=("train", "evaluate", "predict", "serve")),
     Setting("dataset", "mnist", "mnist (handwritten digits), fashion-mnist (Zalando's clothing) or kmnist "
-            "(Kuzushiji characters); evaluate and predict use the checkpoint's", choices=("mnist", "fashion-mnist", "kmnist"),
+            "(Kuzushiji characters); the commands that read a model use the checkpoint's", choices=("mnist", "fashion-mnist", "kmnist"),
             commands=COMMANDS, must_match=True),
     Setting("data_dir", Path("data"), "folder that holds (or receives) MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/",
-            Path, commands=TRAIN_AND_EVALUATE),
+            Path, commands=("train", "evaluate", "export")),
     Setting("out_dir", Path("outputs"), "folder for figures, metrics, the model and checkpoints", Path,
             commands=TRAIN_AND_EVALUATE),
     Setting("no_download", False, "never touch the network; the dataset's files must already be present",
@@ -284,13 +285,14 @@ def build_parser():
         prog="mnist_recognition.py", formatter_class=HelpFormatter,
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST (the default command). Other commands:\n"
                     "'evaluate' re-checks a trained model, 'predict' reads your own images, 'serve' opens a\n"
-                    "page to draw a digit on; see 'mnist_recognition.py COMMAND --help'.")
+                    "page to draw a digit on, 'export' writes an ONNX file; see 'mnist_recognition.py COMMAND --help'.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", formatter_class=HelpFormatter, help="train LeNet-5 (what runs when no command is given)",
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST; this runs when no command is given.\n"
-                    "Other commands: 'evaluate' re-checks a trained model, 'predict' reads your own images and\n"
-                    "'serve' opens a page to draw a digit on (mnist_recognition.py COMMAND --help).",
+                    "Other commands: 'evaluate' re-checks a trained model, 'predict' reads your own images,\n"
+                    "'serve' opens a page to draw a digit on and 'export' writes an ONNX file\n"
+                    "(mnist_recognition.py COMMAND --help).",
         epilog=recipes_epilog())
     evaluate = commands.add_parser("evaluate", formatter_class=HelpFormatter,
                                    help="measure a trained model's accuracy on its dataset's test set")
@@ -298,9 +300,17 @@ def build_parser():
                                   help="recognise digits (or clothes, with a Fashion-MNIST model) in your own images")
     serve = commands.add_parser("serve", formatter_class=HelpFormatter,
                                 help="a page to draw a digit or drop a photo on, and see what the network reads")
-    for name, command in (("train", train), ("evaluate", evaluate), ("predict", predict), ("serve", serve)):
+    export = commands.add_parser(
+        "export", formatter_class=HelpFormatter, help="write a trained model as one ONNX file, checked with ONNX Runtime",
+        description="Write a trained model as one self-contained ONNX file: input 'image' [N, 1, 28, 28], pixels\n"
+                    "0..1, light on dark (the dataset's normalisation is inside); outputs 'logits' and\n"
+                    "'probabilities' [N, 10]. Before it is written, ONNX Runtime runs it on the test images (or on\n"
+                    "random ones when they are not on disk) next to PyTorch; it is refused (exit code 1) unless\n"
+                    f"every answer is the same and no probability differs by more than {ONNX_TOLERANCE:.0e}.")
+    subcommands = (("train", train), ("evaluate", evaluate), ("predict", predict), ("serve", serve), ("export", export))
+    for name, command in subcommands:
         add_settings(command, name)
-    for command in (evaluate, predict, serve):
+    for command in (evaluate, predict, serve, export):
         command.add_argument("--checkpoint", type=Path, default=Path("outputs") / MODEL_FILE,
                              help=f"a model written by training ({MODEL_FILE} or {CHECKPOINT_FILE})")
     predict.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, GIF, ...)")
@@ -310,6 +320,9 @@ def build_parser():
     serve.add_argument("--host", default="127.0.0.1",
                        help="the address to listen on; 0.0.0.0 lets other machines reach the page")
     serve.add_argument("--port", type=port_number, default=8000, help="the port to listen on (0: any free one)")
+    export.add_argument("--out", type=Path, default=None,
+                        help="the ONNX file to write (default: the checkpoint's path with .onnx, "
+                             f"outputs/{Path(MODEL_FILE).with_suffix('.onnx')} for the default checkpoint)")
     return parser
 
 
@@ -319,7 +332,7 @@ def parse_args(argv=None):
         argv.insert(0, "train")  # plain `mnist_recognition.py [flags]` trains, as it always did
     parser = build_parser()
     args = resolve_settings(parser.parse_args(argv))
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     args.argv = argv  # for the resume command that an interrupted run prints
     return args
@@ -554,13 +567,18 @@ def check_split_files(data_dir, dataset, train):
         raise CliError(f"{labels}: {label_count} labels for the {image_count} images in {images.name}.")
 
 
-def load_split(data_dir, dataset, train, limit, device):
-    """One split as (images N x 1 x 28 x 28, normalised like the original pipeline; labels)."""
+def split_pixels(data_dir, dataset, train, limit):
+    """One split as (pixels N x 1 x 28 x 28 in 0..1, labels), on the CPU."""
     check_split_files(data_dir, dataset, train)
     split = dataset.source(str(data_dir), train=train, download=False)
-    pixels, labels = split.data[:limit], split.targets[:limit]
+    return split.data[:limit].float().div(255).unsqueeze(1), split.targets[:limit]
+
+
+def load_split(data_dir, dataset, train, limit, device):
+    """One split as (images N x 1 x 28 x 28, normalised like the original pipeline; labels)."""
+    pixels, labels = split_pixels(data_dir, dataset, train, limit)
     # The same arithmetic as ToTensor() then Normalize(), done once for the whole split.
-    images = pixels.float().div(255).sub(dataset.mean).div(dataset.std).unsqueeze(1)
+    images = pixels.sub(dataset.mean).div(dataset.std)
     return images.to(device).contiguous(memory_format=memory_format_for(device)), labels.to(device)
 
 
@@ -1482,6 +1500,15 @@ def centre_of_mass(pixels):
 
 
 PREPARE_USER_IMAGE = {"digit": prepare_like_mnist, "object": prepare_like_fashion_mnist}
+# The same, in one sentence for people who prepare images in other code (the ONNX file's metadata).
+PREPARATION = {
+    "digit": "Make the image grayscale, light digit on dark (invert a photo of dark ink on light paper), "
+             "crop it to the ink, scale it so that its longer side is 20 pixels, and place it in a 28x28 "
+             "field with its centre of mass at the centre; pixels 0..1.",
+    "object": "Make the image grayscale, light object on dark (invert a photo on a light background), "
+              "crop it to the object, scale it so that its longer side is 28 pixels, and centre it in a "
+              "28x28 field; pixels 0..1.",
+}
 
 
 def prepared_pixels(gray, dataset):
@@ -1921,6 +1948,104 @@ def serve_command(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# Taking a model elsewhere: one ONNX file, checked with ONNX Runtime before it is written
+# ----------------------------------------------------------------------------------------------
+
+ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that export accepts
+RANDOM_CHECK_IMAGES = 1000  # checked instead of the test set when its files are not on disk
+
+
+class PixelsToProbabilities(nn.Module):
+    """LeNet-5 with the dataset's normalisation inside: 0..1 pixels in, logits and probabilities out."""
+
+    def __init__(self, model, dataset):
+        super().__init__()
+        self.model, self.mean, self.std = model, dataset.mean, dataset.std
+
+    def forward(self, image):
+        logits = self.model((image - self.mean) / self.std)
+        return logits, F.softmax(logits, dim=1)
+
+
+def check_images(data_dir, dataset):
+    """(0..1 pixels, labels or None, what they are): the test split when its files are on disk,
+    else a fixed batch of random pixels."""
+    folder = raw_dir(data_dir, dataset)
+    if all((folder / f"t10k-{kind}-ubyte").is_file() for kind in ("images-idx3", "labels-idx1")):
+        pixels, labels = split_pixels(data_dir, dataset, False, None)
+        return pixels, labels, f"the {len(labels):,} test images in {folder}"
+    pixels = torch.rand(RANDOM_CHECK_IMAGES, 1, 28, 28, generator=generator_for(0))
+    return pixels, None, f"{RANDOM_CHECK_IMAGES} images of random pixels ({dataset.title}'s test files are not in {folder})"
+
+
+def onnx_metadata(payload, dataset, test_accuracy):
+    """What a user of the file needs to know, as ONNX metadata_props (text only)."""
+    config = payload.get("config", {})
+    return {
+        "dataset": json.dumps({"name": dataset.name, "title": dataset.title, "classes": list(dataset.classes)}),
+        "input": "image: float32 [N, 1, 28, 28], pixels 0..1, light on dark as in the dataset's files; "
+                 "the graph normalises them itself",
+        "outputs": "logits: float32 [N, 10]; probabilities: float32 [N, 10], their softmax",
+        "preparation": PREPARATION[dataset.user_images],
+        "test_accuracy": "unknown" if test_accuracy is None else f"{test_accuracy:.3f}",
+        "recipe": str(config.get("recipe", "unknown")),
+        "script_sha256": script_hash(),
+    }
+
+
+def onnx_bytes(model, dataset, metadata):
+    """The model as one self-contained ONNX file (weights inside), with a dynamic batch dimension."""
+    program = torch.onnx.export(
+        PixelsToProbabilities(model, dataset).eval(), (torch.rand(2, 1, 28, 28),), dynamo=True,
+        input_names=["image"], output_names=["logits", "probabilities"],
+        dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
+    graph = program.model_proto
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    return graph.SerializeToString()
+
+
+def compare_with_onnx_runtime(file_bytes, expected, pixels):
+    """(answers that differ, the largest difference in a probability) between ONNX Runtime
+    running the file and PyTorch's `expected` probabilities."""
+    import onnxruntime  # only export needs it
+
+    session = onnxruntime.InferenceSession(file_bytes, providers=["CPUExecutionProvider"])
+    probabilities = np.concatenate([
+        session.run(["probabilities"], {"image": batch.numpy()})[0]
+        for batch in pixels.split(EVAL_BATCH_SIZE)])
+    expected = expected.numpy()
+    return int((probabilities.argmax(1) != expected.argmax(1)).sum()), float(np.abs(probabilities - expected).max())
+
+
+def export_command(args):
+    out = args.out or args.checkpoint.with_suffix(".onnx")
+    prepare_out_dir(out.parent)
+    payload = load_checkpoint(args.checkpoint)
+    dataset = dataset_of(payload, args, args.checkpoint)
+    model = LeNet5().eval()  # on the CPU, in the plain memory format
+    model.load_state_dict(payload["model"])
+    pixels, labels, described = check_images(args.data_dir, dataset)
+    with torch.inference_mode():
+        expected = torch.cat([PixelsToProbabilities(model, dataset)(batch)[1] for batch in pixels.split(EVAL_BATCH_SIZE)])
+    test_accuracy = (100 * (expected.argmax(1) == labels).float().mean().item() if labels is not None
+                     else payload.get("eval_accuracy") if payload.get("eval_split") == "test" else None)
+    file_bytes = onnx_bytes(model, dataset, onnx_metadata(payload, dataset, test_accuracy))
+    differing, largest = compare_with_onnx_runtime(file_bytes, expected, pixels)
+    logger.info("ONNX Runtime against PyTorch on {}: {} answers differ, largest difference in a probability {:.2e}",
+                described, differing, largest)
+    if differing or not largest <= ONNX_TOLERANCE:
+        raise CliError(f"Export refused: ONNX Runtime and PyTorch disagree ({differing} answers differ, the "
+                       f"largest difference in a probability is {largest:.2e}, over {ONNX_TOLERANCE:.0e} is "
+                       f"refused). Nothing was written to {out}.", exit_code=1)
+    write_atomically(out, lambda file: file.write(file_bytes))
+    accuracy = "" if test_accuracy is None else f", {test_accuracy:.3f} % test accuracy"
+    logger.info("Wrote {} ({:,} bytes): input 'image' [N, 1, 28, 28] pixels 0..1, outputs 'logits' and "
+                "'probabilities' [N, 10]{}", out, len(file_bytes), accuracy)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -1929,7 +2054,7 @@ def main(argv=None):
     args = parse_args(argv)
     configure_logging(is_main=int(os.environ.get("RANK", 0)) == 0)
     handlers = {"train": train_command, "evaluate": evaluate_command, "predict": predict_command,
-                "serve": serve_command}
+                "serve": serve_command, "export": export_command}
     try:
         return handlers[args.command](args)
     except CliError as error:

@@ -254,6 +254,17 @@ def background():
 
 
 @pytest.fixture(scope="session")
+def fashion_trained(tmp_path_factory):
+    """A model trained on synthetic files laid out as Fashion-MNIST: (data_dir, out_dir)."""
+    data_dir = tmp_path_factory.mktemp("fashion") / "data"
+    write_synthetic_mnist(data_dir, folder="FashionMNIST")
+    out_dir = data_dir.parent / "out"
+    train_quietly("--dataset", "fashion-mnist", "--epochs", 2, "--batch-size", 32, "--no-download",
+                  "--device", "cpu", "--data-dir", data_dir, "--out-dir", out_dir)
+    return data_dir, out_dir
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, synthetic_data):
     """The end-to-end run: `python mnist_recognition.py` as a user starts it, on the synthetic
     data, 4 epochs. Returns (out_dir, the CompletedProcess)."""

@@ -108,19 +108,22 @@ CHECKPOINTS = {"malicious": malicious, "truncated": truncated, "foreign": foreig
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle case
+@pytest.mark.parametrize("command", ["predict", "export"])
 @pytest.mark.parametrize("case", CHECKPOINTS)
-def test_bad_checkpoints_are_refused_and_nothing_in_them_runs(case, trained, tmp_path, cli):
+def test_bad_checkpoints_are_refused_and_nothing_in_them_runs(case, command, trained, tmp_path, cli):
     checkpoint = tmp_path / "model.pt"
     if CHECKPOINTS[case] is not None:
         CHECKPOINTS[case](checkpoint, trained[0], tmp_path)
     digit = tmp_path / "digit.png"
     draw_digit(1, random.Random(0), size=100, ink=0, paper=255).save(digit)
-    result = cli("predict", digit, "--device", "cpu", "--checkpoint", checkpoint)
+    extra = [digit, "--device", "cpu"] if command == "predict" else ["--out", tmp_path / "model.onnx"]
+    result = cli(command, *extra, "--checkpoint", checkpoint)
     assert result.code == 2
     [error] = result.errors()
     assert str(checkpoint) in error
     assert result.stdout == ""
     assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "model.onnx").exists()
 
 
 # --- checkpoints of a run on another device ------------------------------------------------------

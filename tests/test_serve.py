@@ -21,7 +21,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 import mnist_recognition as app
-from conftest import draw_digit, real_dataset_folder, script_command, write_synthetic_mnist
+from conftest import draw_digit, real_dataset_folder, script_command
 from test_using_a_model import huge_png, paper_digit
 
 MNIST_DATA = app.DATASETS["mnist"]
@@ -144,11 +144,8 @@ def test_requests_at_the_same_time_get_the_answers_they_get_alone(port):
         assert answer["probabilities"] == alone[index % 10]
 
 
-def test_a_fashion_mnist_model_is_served_with_its_class_names(tmp_path, cli):
-    write_synthetic_mnist(tmp_path / "data", folder="FashionMNIST")
-    assert cli("--dataset", "fashion-mnist", "--epochs", 1, "--train-limit", 256, "--no-download", "--device", "cpu",
-               "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out").code == 0
-    server = start_serving(tmp_path / "out" / "lenet5_mnist.pt")
+def test_a_fashion_mnist_model_is_served_with_its_class_names(fashion_trained):
+    server = start_serving(fashion_trained[1] / "lenet5_mnist.pt")
     try:
         page = request(server.server_address[1], "GET", "/")[2].decode()
         status, answer = post_image(server.server_address[1], png_bytes(paper_digit(3, size=200)))

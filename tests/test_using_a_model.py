@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import mnist_recognition as app
-from conftest import QUICK, TEST_COUNT, draw_digit, write_synthetic_mnist
+from conftest import QUICK, TEST_COUNT, draw_digit
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -213,17 +213,6 @@ def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_
 
 
 # --- the checkpoint's dataset --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def fashion_trained(tmp_path_factory):
-    """A model trained on synthetic files laid out as Fashion-MNIST: (data_dir, out_dir)."""
-    data_dir = tmp_path_factory.mktemp("fashion") / "data"
-    write_synthetic_mnist(data_dir, folder="FashionMNIST")
-    out_dir = data_dir.parent / "out"
-    assert app.main(["--dataset", "fashion-mnist", "--epochs", "2", "--batch-size", "32", "--no-download",
-                     "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out_dir)]) == 0
-    return data_dir, out_dir
-
 
 def test_predict_names_the_classes_of_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
     _, out_dir = fashion_trained

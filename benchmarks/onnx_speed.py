@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Images per second on the CPU: the exported ONNX file in ONNX Runtime against the PyTorch model,
+at batch 1 and batch 1000, side by side in one run.
+
+    python benchmarks/onnx_speed.py --checkpoint outputs/lenet5_mnist.pt --onnx outputs/lenet5_mnist.onnx
+
+Both compute the same thing: 0..1 pixels in, normalised, LeNet-5, softmax. PyTorch runs the model
+as the script does on a CPU (channels-last, eval mode, inference_mode), with its default threads;
+ONNX Runtime with its defaults. Each round times every case once, in an order that rotates from
+round to round; the medians over rounds are printed, with the ratio ONNX Runtime / PyTorch.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mnist_recognition as app  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("outputs") / app.MODEL_FILE)
+    parser.add_argument("--onnx", type=Path, default=Path("outputs") / "lenet5_mnist.onnx",
+                        help="the file `mnist_recognition.py export` wrote from the same checkpoint")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--images", type=int, default=2000, help="images per case per round")
+    return parser.parse_args()
+
+
+def torch_runner(checkpoint):
+    model, payload = app.load_trained_model(checkpoint, torch.device("cpu"))
+    dataset = app.DATASETS[payload.get("config", {}).get("dataset", "mnist")]
+
+    def run(pixels):
+        with torch.inference_mode():
+            return torch.softmax(model((torch.from_numpy(pixels) - dataset.mean) / dataset.std), dim=1).numpy()
+    return run
+
+
+def onnx_runner(path):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda pixels: session.run(["probabilities"], {"image": pixels})[0]
+
+
+def images_per_second(run, batches):
+    started = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    return sum(len(batch) for batch in batches) / (time.perf_counter() - started)
+
+
+def main():
+    args = parse_args()
+    runners = {"pytorch": torch_runner(args.checkpoint), "onnxruntime": onnx_runner(args.onnx)}
+    rng = np.random.default_rng(0)
+    pixels = rng.random((args.images, 1, 28, 28), dtype=np.float32)
+    check = pixels[:1000]
+    difference = np.abs(runners["pytorch"](check) - runners["onnxruntime"](check)).max()
+    print(f"largest difference in a probability on 1000 random images: {difference:.2e}")
+    cases = [(name, batch) for batch in (1, 1000) for name in runners]
+    rates = {case: [] for case in cases}
+    for name, batch in cases:  # warm-up
+        images_per_second(runners[name], [pixels[:batch]] * 3)
+    for round_index in range(args.rounds):
+        order = cases[round_index % len(cases):] + cases[:round_index % len(cases)]
+        for name, batch in order:
+            batches = [pixels[start:start + batch] for start in range(0, args.images, batch)]
+            rates[(name, batch)].append(images_per_second(runners[name], batches))
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} threads, "
+          f"{app.cpu_name()}; medians of {args.rounds} rounds of {args.images} images")
+    print(f"{'batch':>6} {'pytorch img/s':>15} {'onnxruntime img/s':>18} {'ratio':>7}")
+    for batch in (1, 1000):
+        torch_rate = statistics.median(rates[("pytorch", batch)])
+        onnx_rate = statistics.median(rates[("onnxruntime", batch)])
+        print(f"{batch:>6} {torch_rate:>15,.0f} {onnx_rate:>18,.0f} {onnx_rate / torch_rate:>6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Taking a model elsewhere: export to ONNX, checked with ONNX Runtime."""
+import json
+import re
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import numpy_helper
+
+import mnist_recognition as app
+from conftest import REPO, TEST_COUNT
+
+MNIST_DATA = app.DATASETS["mnist"]
+
+
+def export(cli, checkpoint, out, data_dir):
+    return cli("export", "--checkpoint", checkpoint, "--out", out, "--data-dir", data_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, synthetic_data, tmp_path_factory):
+    """The trained fixture's model exported, checked on the synthetic test images: (path, log)."""
+    out = tmp_path_factory.mktemp("exported") / "digits.onnx"
+    code = app.main(["export", "--checkpoint", str(trained[0] / "lenet5_mnist.pt"), "--out", str(out),
+                     "--data-dir", str(synthetic_data)])
+    assert code == 0
+    return out
+
+
+def torch_probabilities(checkpoint, pixels):
+    """The PyTorch model's probabilities for 0..1 pixels, normalised here as training does."""
+    model, _ = app.load_trained_model(checkpoint, torch.device("cpu"))
+    with torch.inference_mode():
+        return torch.softmax(model((pixels - MNIST_DATA.mean) / MNIST_DATA.std), dim=1).numpy()
+
+
+def metadata(path):
+    return {prop.key: prop.value for prop in onnx.load(path).metadata_props}
+
+
+# --- the file --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_the_file_takes_any_batch_and_agrees_with_pytorch(batch, exported, trained):
+    pixels = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    logits, probabilities = session.run(["logits", "probabilities"], {"image": pixels.numpy()})
+    assert logits.shape == probabilities.shape == (batch, 10)
+    expected = torch_probabilities(trained[0] / "lenet5_mnist.pt", pixels)
+    assert (probabilities.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(probabilities - expected).max() <= 1e-5
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), probabilities, atol=1e-6)
+
+
+def test_the_graph_declares_a_dynamic_batch_of_28x28_pixels(exported):
+    graph = onnx.load(exported).graph
+    [image] = graph.input
+    dims = image.type.tensor_type.shape.dim
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # a name, not a fixed size
+    assert [dim.dim_value for dim in dims[1:]] == [1, 28, 28]
+    assert [output.name for output in graph.output] == ["logits", "probabilities"]
+
+
+def test_the_file_is_self_contained_and_valid(exported):
+    assert sorted(path.name for path in exported.parent.iterdir()) == ["digits.onnx"]  # no weights beside it
+    model = onnx.load(exported, load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    parameters = sum(numpy_helper.to_array(tensor).size for tensor in model.graph.initializer
+                     if tensor.data_location != onnx.TensorProto.EXTERNAL)
+    assert parameters >= 61_706  # every weight is inside (plus the normalisation's two constants, if kept apart)
+
+
+def test_the_metadata_says_how_to_use_the_model(exported, trained):
+    props = metadata(exported)
+    assert json.loads(props["dataset"]) == {"name": "mnist", "title": "MNIST", "classes": list("0123456789")}
+    recorded = json.loads((trained[0] / "metrics.json").read_text())
+    assert recorded["eval_images"] == TEST_COUNT  # so the export measured the same test images again
+    assert props["test_accuracy"] == f"{recorded['eval_accuracy']:.3f}"
+    assert props["recipe"] == "original"
+    assert props["script_sha256"] == app.script_hash()
+    assert "pixels 0..1" in props["input"] and "[N, 1, 28, 28]" in props["input"]
+    # The preparation is the README's sentence, word for word.
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert props["preparation"] in readme
+
+
+def test_the_export_logs_the_comparison_on_the_test_images(trained, synthetic_data, tmp_path, cli):
+    result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", synthetic_data)
+    assert result.code == 0
+    match = re.search(r"on the (\d+) test images in .*: 0 answers differ, largest difference in a probability "
+                      r"(\S+)", result.log)
+    assert match and int(match[1]) == TEST_COUNT and float(match[2]) <= 1e-5
+    assert f"Wrote {tmp_path / 'model.onnx'}" in result.log
+
+
+def test_without_test_files_random_images_are_checked(trained, tmp_path, cli):
+    result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", tmp_path / "no-data")
+    assert result.code == 0
+    assert f"on {app.RANDOM_CHECK_IMAGES} images of random pixels" in result.log
+    recorded = json.loads((trained[0] / "metrics.json").read_text())["eval_accuracy"]
+    assert metadata(tmp_path / "model.onnx")["test_accuracy"] == f"{recorded:.3f}"  # as training measured it
+
+
+def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path, cli):
+    data_dir, out_dir = fashion_trained
+    assert export(cli, out_dir / "lenet5_mnist.pt", tmp_path / "fashion.onnx", data_dir).code == 0
+    props = metadata(tmp_path / "fashion.onnx")
+    assert json.loads(props["dataset"])["classes"] == list(app.DATASETS["fashion-mnist"].classes)
+    assert props["preparation"] == app.PREPARATION["object"]
+    # The graph normalises with Fashion-MNIST's statistics, not MNIST's.
+    pixels = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    model, _ = app.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
+    fashion = app.DATASETS["fashion-mnist"]
+    with torch.inference_mode():
+        expected = torch.softmax(model((pixels - fashion.mean) / fashion.std), dim=1).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "fashion.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(["probabilities"], {"image": pixels.numpy()})[0] - expected).max() <= 1e-5
+
+
+def test_the_default_file_is_the_checkpoints_path_with_onnx(trained, synthetic_data, tmp_path, cli):
+    checkpoint = tmp_path / "my_model.pt"
+    checkpoint.write_bytes((trained[0] / "lenet5_mnist.pt").read_bytes())
+    assert cli("export", "--checkpoint", checkpoint, "--data-dir", synthetic_data).code == 0
+    assert (tmp_path / "my_model.onnx").is_file()
+
+
+# --- refusals ----------------------------------------------------------------------------------------
+
+def with_altered_bias(original):
+    """onnx_bytes, but the last layer's bias for class 3 raised by 5: a graph that disagrees with PyTorch."""
+    def altered(*args):
+        model = onnx.load_from_string(original(*args))
+        [bias] = [tensor for tensor in model.graph.initializer if list(tensor.dims) == [10]]
+        values = numpy_helper.to_array(bias).copy()
+        values[3] += 5
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+        return model.SerializeToString()
+    return altered
+
+
+def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
+        trained, synthetic_data, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(app, "onnx_bytes", with_altered_bias(app.onnx_bytes))
+    out = tmp_path / "model.onnx"
+    result = export(cli, trained[0] / "lenet5_mnist.pt", out, synthetic_data)
+    assert result.code == 1
+    [error] = result.errors()
+    assert "Export refused" in error and f"Nothing was written to {out}" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_difference_over_the_tolerance_is_refused(trained, synthetic_data, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(app, "ONNX_TOLERANCE", 0.0)
+    monkeypatch.setattr(app, "compare_with_onnx_runtime", lambda *args: (0, 3e-7))  # same answers, tiny difference
+    result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", synthetic_data)
+    assert result.code == 1 and "largest difference in a probability is 3.00e-07" in result.errors()[0]
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused(trained, synthetic_data, tmp_path, cli):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    result = export(cli, trained[0] / "lenet5_mnist.pt", blocker / "model.onnx", synthetic_data)
+    assert result.code == 2
+    [error] = result.errors()
+    assert "Cannot write into the output folder" in error
