@@ -148,6 +148,12 @@ def cli(capsys):
     return run
 
 
+def without(monkeypatch, package):
+    """Make importing `package` (or any of its modules) fail in this process, as if it were not installed."""
+    for name in [package, *(name for name in sys.modules if name.startswith(package + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def train_quietly(*args):
     """main(argv) for fixtures wider than one test, which cannot use capsys; asserts success."""
     assert app.main([str(arg) for arg in args]) == 0

@@ -10,7 +10,7 @@ import torch
 from torchvision.datasets import MNIST
 
 import mnist_recognition as app
-from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, write_synthetic_mnist
+from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, without, write_synthetic_mnist
 
 NO_DOWNLOAD = ("--no-download", "--device", "cpu")
 MNIST_DATA = app.DATASETS["mnist"]
@@ -25,6 +25,21 @@ def data_copy(tmp_path, synthetic_data):
     copy = tmp_path / "data"
     shutil.copytree(synthetic_data, copy)
     return copy
+
+
+def test_the_files_are_read_as_torchvision_reads_them(synthetic_data):
+    pixels, labels = app.read_split(synthetic_data, MNIST_DATA, train=True)
+    reference = MNIST(str(synthetic_data), train=True)
+    assert torch.equal(pixels, reference.data) and torch.equal(labels, reference.targets)
+    assert labels.dtype == reference.targets.dtype == torch.int64
+
+
+def test_training_and_evaluating_on_files_present_need_no_torchvision(synthetic_data, tmp_path, monkeypatch, cli):
+    """Importing torchvision takes longer than reading the files; it is needed only to check, extract or fetch them."""
+    without(monkeypatch, "torchvision")
+    flags = (*NO_DOWNLOAD, "--test-limit", 32, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    assert cli("--epochs", 1, "--train-limit", 64, *flags).code == 0
+    assert cli("evaluate", "--checkpoint", tmp_path / "lenet5_mnist.pt", *flags).code == 0
 
 
 def test_load_split_normalises_like_totensor_then_normalize(synthetic_data):
@@ -166,7 +181,10 @@ def test_every_dataset_entry_is_complete():
         assert 0 < dataset.mean < 1 and 0 < dataset.std < 1
         assert dataset.user_images in app.PREPARE_USER_IMAGE
         assert set(dataset.affine_limits) == {"degrees", "scale", "shear_degrees", "shift_pixels", "mirror"}
-        assert len(dataset.source.resources) == 4
+        torchvision_class = dataset.torchvision_class()
+        assert torchvision_class.__name__ == dataset.folder and len(torchvision_class.resources) == 4
+        if name != "mnist":  # torchvision names MNIST's classes "0 - zero" and so on
+            assert dataset.classes == tuple(torchvision_class.classes)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +192,7 @@ def synthetic_kin(tmp_path_factory):
     """Synthetic files for every dataset, each in its own torchvision folder under one data folder."""
     data_dir = tmp_path_factory.mktemp("kin") / "data"
     for dataset in app.DATASETS.values():
-        write_synthetic_mnist(data_dir, folder=dataset.source.__name__)
+        write_synthetic_mnist(data_dir, folder=dataset.folder)
     return data_dir
 
 
@@ -184,8 +202,8 @@ def test_missing_files_of_another_dataset_name_its_folder_and_files(name, tmp_pa
     result = cli("--dataset", name, *NO_DOWNLOAD, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
     assert result.code == 2
     [error] = result.errors()
-    assert dataset.title in error and str(tmp_path / "data" / dataset.source.__name__ / "raw") in error
-    assert all(archive in error for archive, _ in dataset.source.resources)
+    assert dataset.title in error and str(tmp_path / "data" / dataset.folder / "raw") in error
+    assert all(archive in error for archive, _ in dataset.torchvision_class().resources)
 
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "kmnist"])
@@ -193,7 +211,7 @@ def test_missing_files_of_another_dataset_name_its_folder_and_files(name, tmp_pa
 def test_damaged_files_of_another_dataset_are_named_and_left_alone(name, damage, synthetic_kin, tmp_path, cli):
     data_dir = tmp_path / "data"
     shutil.copytree(synthetic_kin, data_dir)
-    raw = data_dir / app.DATASETS[name].source.__name__ / "raw"
+    raw = data_dir / app.DATASETS[name].folder / "raw"
     file_name, what = damage(raw)
     before = fingerprint(raw)
     result = cli("--dataset", name, *NO_DOWNLOAD, "--data-dir", data_dir, "--out-dir", tmp_path / "out")
@@ -234,10 +252,10 @@ def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, s
 @pytest.mark.parametrize("name, shared_name", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
 def test_the_normalisation_is_the_mean_and_std_of_the_real_training_pixels(name, shared_name, tmp_path):
     dataset = app.DATASETS[name]
-    folder = real_dataset_folder(shared_name, dataset.source.__name__)
-    shutil.copytree(folder, tmp_path / dataset.source.__name__ / "raw")
+    folder = real_dataset_folder(shared_name, dataset.folder)
+    shutil.copytree(folder, tmp_path / dataset.folder / "raw")
     app.prepare_files(tmp_path, dataset, allow_download=False)
-    pixels = dataset.source(str(tmp_path), train=True).data.double().div(255)
+    pixels = dataset.torchvision_class()(str(tmp_path), train=True).data.double().div(255)
     assert (round(pixels.mean().item(), 4), round(pixels.std(unbiased=False).item(), 4)) == (dataset.mean, dataset.std)
 
 

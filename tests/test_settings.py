@@ -1,11 +1,13 @@
 """Settings and command line: one table makes the flags, the recorded config and the resume check."""
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import mnist_recognition as app
-from conftest import QUICK
+from conftest import QUICK, SCRIPT
 
 
 def help_text(capsys, *args):
@@ -77,7 +79,7 @@ def test_a_recipe_sets_its_settings_and_an_explicit_flag_wins():
 PROMISED = {
     "original": ["--epochs", "10", "--batch-size", "64", "--lr", "0.001", "--schedule", "constant",
                  "--adam-betas", "0.9,0.999", "--label-smoothing", "0.0", "--augment", "none"],
-    "fast": ["--epochs", "2", "--batch-size", "512", "--lr", "0.02", "--schedule", "onecycle", "--warmup", "0.35",
+    "fast": ["--epochs", "1", "--batch-size", "128", "--lr", "0.015", "--schedule", "onecycle", "--warmup", "0.35",
              "--adam-betas", "0.7,0.9", "--label-smoothing", "0.1", "--augment", "none"],
     "best": ["--epochs", "30", "--batch-size", "128", "--lr", "0.003", "--schedule", "onecycle", "--warmup", "0.25",
              "--adam-betas", "0.9,0.999", "--label-smoothing", "0.1", "--augment", "affine"],
@@ -162,3 +164,13 @@ def test_positive_number_types_refuse_zero_and_non_numbers():
         with pytest.raises(argparse.ArgumentTypeError):
             convert(text)
     assert app.positive_int("7") == 7 and app.positive_float("1e-3") == 1e-3
+
+
+def test_importing_the_script_leaves_out_what_only_some_commands_need():
+    """torchvision (fetching data), matplotlib (figures) and ONNX (export) are imported where they are used."""
+    probe = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
+             "print(sorted({name.split('.')[0] for name in sys.modules} & {'torchvision', 'matplotlib', 'onnx', "
+             "'onnxruntime', 'onnxscript'}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import mnist_recognition as app
-from conftest import QUICK, TEST_COUNT, draw_digit
+from conftest import QUICK, TEST_COUNT, draw_digit, without
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -129,6 +129,14 @@ def test_predict_recognises_generated_digits(trained, tmp_path, cli):
     # the development machine; its weights differ from one CPU model to another, hence the margin.
     # Chance is 3 of 30; a broken preparation (not inverted, not centred) falls near it.
     assert correct >= 12, answers
+
+
+def test_predict_without_a_figure_needs_no_matplotlib(trained, tmp_path, cli, monkeypatch):
+    """Importing matplotlib would slow every start; predict imports it only for --show."""
+    without(monkeypatch, "matplotlib")
+    paths = digit_files(tmp_path, digits=(2, 5))
+    result = cli("predict", *paths, "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt")
+    assert result.code == 0 and len(result.stdout.splitlines()) == 2
 
 
 def test_predict_prints_a_line_per_image_and_draws_a_figure(trained, tmp_path, cli):
