@@ -38,15 +38,17 @@ def phases(metrics, spawned, exited):
             "outputs": timeline["written"] - timeline["evaluated"], "exit": exited - timeline["written"]}
 
 
-def run_recipe(recipe, seed, data_dir):
-    """(training seconds, test accuracy, wall seconds, phases) of one whole run of the recipe."""
-    with tempfile.TemporaryDirectory() as out_dir:
+def run_recipe(recipe, seed, data_dir, keep_in=None):
+    """(training seconds, test accuracy, wall seconds, phases) of one whole run of the recipe; its
+    outputs are kept in keep_in/<recipe>-seed<seed>/ if keep_in is given."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = Path(keep_in) / f"{recipe}-seed{seed}" if keep_in else Path(scratch)
         spawned, started = time.time(), time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "mnist_recognition.py"), "--recipe", recipe, "--seed", str(seed),
-                        "--data-dir", data_dir, "--out-dir", out_dir, "--no-download"],
+                        "--data-dir", data_dir, "--out-dir", str(out_dir), "--no-download"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall_seconds, exited = time.perf_counter() - started, time.time()
-        metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
+        metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["eval_split"] == "test"
     return metrics["training_seconds"], metrics["eval_accuracy"], wall_seconds, phases(metrics, spawned, exited)
 
@@ -56,6 +58,7 @@ def main():
     parser.add_argument("--recipes", nargs="+", default=["original", "fast", "best"], help="recipes to time")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one round per seed")
     parser.add_argument("--data-dir", default=str(REPO / "data"), help="folder holding MNIST/raw/")
+    parser.add_argument("--keep-outputs", metavar="DIR", help="keep each run's outputs in DIR/<recipe>-seed<seed>/")
     args = parser.parse_args()
 
     rows = []
@@ -69,7 +72,7 @@ def main():
                 seconds, accuracy = run_original(1, seed, args.data_dir)
                 results[name] = (10 * seconds[0], accuracy, float("nan"), None)  # one epoch, scaled to its ten
             else:
-                results[name] = run_recipe(name, seed, args.data_dir)
+                results[name] = run_recipe(name, seed, args.data_dir, args.keep_outputs)
         dataloader_seconds = results["dataloader"][0]
         for name in ["dataloader", *args.recipes]:
             seconds, accuracy, wall_seconds, split = results[name]

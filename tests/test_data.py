@@ -180,7 +180,8 @@ def test_every_dataset_entry_is_complete():
         assert dataset.name == name and len(dataset.classes) == 10 == len(set(dataset.classes))
         assert 0 < dataset.mean < 1 and 0 < dataset.std < 1
         assert dataset.user_images in app.PREPARE_USER_IMAGE
-        assert set(dataset.affine_limits) == {"degrees", "scale", "shear_degrees", "shift_pixels", "mirror"}
+        assert set(dataset.augment_limits) == {"degrees", "scale", "shear_degrees", "shift_pixels", "mirror",
+                                               "elastic_sigma_pixels", "elastic_alpha_pixels", "thickness"}
         torchvision_class = dataset.torchvision_class()
         assert torchvision_class.__name__ == dataset.folder and len(torchvision_class.resources) == 4
         if name != "mnist":  # torchvision names MNIST's classes "0 - zero" and so on

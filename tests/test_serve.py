@@ -329,7 +329,7 @@ def test_a_drawn_digit_is_answered_as_post_predict_answers_the_canvas(port, brow
         status, answer = post_image(port, drawn)
         assert status == 200 and shown == answer["class"], digit
         if digit == 0:  # the pen's width: after the preparation, about as much ink as MNIST's 0s (136)
-            ink = app.prepare_like_mnist(Image.open(io.BytesIO(drawn)).convert("L")).sum()
+            ink = app.prepare_like_mnist(Image.open(io.BytesIO(drawn)).convert("L"), app.DATASETS["mnist"]).sum()
             assert 0.6 * 136 < ink < 1.4 * 136
         bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
         assert [bar.find_element(By.TAG_NAME, "span").text for bar in bars] == [str(c) for c in range(10)]

@@ -82,7 +82,7 @@ PROMISED = {
     "fast": ["--epochs", "1", "--batch-size", "128", "--lr", "0.015", "--schedule", "onecycle", "--warmup", "0.35",
              "--adam-betas", "0.7,0.9", "--label-smoothing", "0.1", "--augment", "none"],
     "best": ["--epochs", "30", "--batch-size", "128", "--lr", "0.003", "--schedule", "onecycle", "--warmup", "0.25",
-             "--adam-betas", "0.9,0.999", "--label-smoothing", "0.1", "--augment", "affine"],
+             "--adam-betas", "0.9,0.999", "--label-smoothing", "0.1", "--augment", "affine,elastic,thickness"],
 }
 
 

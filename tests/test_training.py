@@ -342,7 +342,7 @@ def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     moved, moved_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 1, 0)
     assert moved.shape == images.shape and torch.equal(moved_labels, labels[order])
-    matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.affine_limits)
+    matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.augment_limits)
     for position in (0, 17, 63):
         source = order[position]
         alone = app.augment(images[source:source + 1], matrices[position:position + 1])
@@ -350,13 +350,80 @@ def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data)
         assert not torch.equal(alone, images[source:source + 1])
 
 
+@pytest.mark.parametrize("given, kept", [("affine", "affine"), ("thickness,affine", "affine,thickness"),
+                                         ("elastic, thickness,affine", "affine,elastic,thickness"), ("none", "none")])
+def test_augment_takes_a_list_in_any_order(given, kept):
+    assert app.parse_args(["--augment", given]).augment == kept
+
+
+@pytest.mark.parametrize("augment", ["affine,elastic", "elastic,thickness", "affine,elastic,thickness"])
+def test_every_augmentation_changes_each_image_alone_and_keeps_its_label(augment, synthetic_data):
+    """The batch is what the augmentations do to each image on its own, with its own random numbers,
+    drawn for the batch in the order affine, elastic, thickness."""
+    images, labels = app.load_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    args = app.parse_args(["--augment", augment])
+    changed, changed_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 2, 5)
+    assert torch.equal(changed_labels, labels[order])
+    generator, names = app.generator_for(0, 2, 5), augment.split(",")
+    limits = MNIST_DATA.augment_limits
+    matrices = app.random_affine_matrices(64, generator, limits) if "affine" in names else torch.eye(2, 3).expand(64, 2, 3)
+    fields = app.random_displacements(64, generator, limits)
+    amounts = app.random_thickness(64, generator, limits) if "thickness" in names else torch.zeros(64)
+    for position in (0, 17, 63):
+        image = images[order[position]].unsqueeze(0)
+        alone = app.thickened(app.augment(image, matrices[position:position + 1], fields[position:position + 1]),
+                              amounts[position:position + 1])
+        torch.testing.assert_close(changed[position:position + 1], alone, rtol=0, atol=1e-5)
+        assert not torch.allclose(alone, image, atol=0.05)
+
+
+def test_clothes_get_no_handwriting_augmentations(synthetic_data):
+    """Fashion-MNIST's limits switch elastic and thickness off: with them its batches are, bit for bit,
+    those of affine alone, so its best recipe's numbers stay what they were."""
+    train_set = app.load_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
+    cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
+
+    def batch(augment):
+        args = app.parse_args(["--augment", augment, "--dataset", "fashion-mnist"])
+        return app.training_batch(train_set, order, args, cpu, 1, 3)[0]
+    assert torch.equal(batch("affine,elastic,thickness"), batch("affine"))
+
+
+def test_elastic_fields_are_smooth_and_as_strong_as_alpha_says():
+    limits = MNIST_DATA.augment_limits
+    fields = app.random_displacements(2000, torch.Generator().manual_seed(0), limits) * 14  # in pixels
+    assert fields.shape == (2000, 28, 28, 2)
+    assert abs(fields.mean()) < 0.01  # no drift
+    neighbours = (fields[:, 1:] - fields[:, :-1]).std()
+    assert neighbours < 0.2 * fields.std()  # smooth: a pixel moves almost as its neighbour does
+    stronger = app.random_displacements(2000, torch.Generator().manual_seed(0),
+                                        {**limits, "elastic_alpha_pixels": 2 * limits["elastic_alpha_pixels"]}) * 14
+    torch.testing.assert_close(stronger, 2 * fields)
+
+
+def test_thickness_moves_an_image_toward_its_dilation_or_erosion():
+    image = torch.full((1, 1, 28, 28), -0.4242)  # MNIST's background, normalised
+    image[0, 0, 8:20, 13:15] = 2.8215  # a vertical stroke two pixels wide
+    images = image.repeat(5, 1, 1, 1)
+    thick = app.thickened(images, torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0]))
+    inked = (thick > 0).sum(dim=(1, 2, 3)).tolist()
+    assert inked == [14 * 4, 14 * 4, 12 * 2, 12 * 2, 0]  # dilated: 4 wide, 14 tall; fully eroded: gone
+    assert thick.sum(dim=(1, 2, 3)).diff().lt(0).all()  # less ink at every step from wider to thinner
+    torch.testing.assert_close(thick[1], (images[0] + thick[0]) / 2)  # half way is the average
+    torch.testing.assert_close(thick[2], images[2])
+    amounts = app.random_thickness(10_000, torch.Generator().manual_seed(0), MNIST_DATA.augment_limits)
+    limit = MNIST_DATA.augment_limits["thickness"]
+    assert amounts.abs().max() <= limit and amounts.min() < -0.9 * limit and amounts.max() > 0.9 * limit
+
+
 def test_affine_matrices_stay_within_their_limits():
-    matrices = app.random_affine_matrices(10_000, torch.Generator().manual_seed(0), MNIST_DATA.affine_limits)
-    shift_limit = 2 / 28 * MNIST_DATA.affine_limits["shift_pixels"]
+    matrices = app.random_affine_matrices(10_000, torch.Generator().manual_seed(0), MNIST_DATA.augment_limits)
+    shift_limit = 2 / 28 * MNIST_DATA.augment_limits["shift_pixels"]
     assert matrices[:, :, 2].abs().max() <= shift_limit and matrices[:, :, 2].abs().max() > 0.9 * shift_limit
     determinant = torch.linalg.det(matrices[:, :, :2])  # 1 / scale**2: rotation and shear keep the area
     scale = 1 / determinant.sqrt()
-    limit = MNIST_DATA.affine_limits["scale"]
+    limit = MNIST_DATA.augment_limits["scale"]
     assert scale.min() >= 1 - limit - 1e-6 and scale.max() <= 1 + limit + 1e-6
     images = torch.rand(2, 1, 28, 28)
     identity = app.augment(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
@@ -378,7 +445,7 @@ def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_da
 
 def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(synthetic_data):
     train_set = app.load_split(synthetic_data, MNIST_DATA, True, 40, torch.device("cpu"))
-    args, order = app.parse_args(["--augment", "affine"]), torch.randperm(40)
+    args, order = app.parse_args(["--augment", "affine,elastic,thickness"]), torch.randperm(40)
     whole, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu")), 3, 7)
     for rank in (0, 1):
         share, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu"), rank=rank, world_size=2), 3, 7)
@@ -408,7 +475,7 @@ def interrupt_at(monkeypatch, epoch, batch):
 
 
 def test_resume_mid_epoch_with_augmentation_and_a_schedule_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
-    flags = (*QUICK, "--epochs", 3, "--augment", "affine", "--schedule", "onecycle", "--lr", "0.005",
+    flags = (*QUICK, "--epochs", 3, "--augment", "affine,elastic,thickness", "--schedule", "onecycle", "--lr", "0.005",
              "--label-smoothing", "0.1", "--adam-betas", "0.8,0.99", "--data-dir", synthetic_data)
     assert cli(*flags, "--out-dir", tmp_path / "whole").code == 0
     interrupt_at(monkeypatch, epoch=2, batch=11)
@@ -458,7 +525,7 @@ RECIPE_SETTINGS = {
     "fast": {"lr": 0.015, "schedule": "onecycle", "warmup": 0.35, "adam_betas": [0.7, 0.9], "label_smoothing": 0.1,
              "augment": "none"},
     "best": {"lr": 0.003, "schedule": "onecycle", "warmup": 0.25, "adam_betas": [0.9, 0.999], "label_smoothing": 0.1,
-             "augment": "affine"},
+             "augment": "affine,elastic,thickness"},
 }
 
 
@@ -488,10 +555,10 @@ def test_eval_every_n_epochs_and_always_after_the_last(every, evaluated, synthet
 
 def test_mirror_images_only_for_datasets_whose_classes_survive_them():
     for dataset in app.DATASETS.values():
-        matrices = app.random_affine_matrices(1000, torch.Generator().manual_seed(0), dataset.affine_limits)
+        matrices = app.random_affine_matrices(1000, torch.Generator().manual_seed(0), dataset.augment_limits)
         mirrored = (torch.linalg.det(matrices[:, :, :2]) < 0).float().mean().item()
-        assert (0.4 < mirrored < 0.6) if dataset.affine_limits["mirror"] else mirrored == 0
-    assert app.DATASETS["fashion-mnist"].affine_limits["mirror"] and not app.DATASETS["mnist"].affine_limits["mirror"]
+        assert (0.4 < mirrored < 0.6) if dataset.augment_limits["mirror"] else mirrored == 0
+    assert app.DATASETS["fashion-mnist"].augment_limits["mirror"] and not app.DATASETS["mnist"].augment_limits["mirror"]
 
 
 # --- CUDA: only where there is a GPU -------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Using a trained model: evaluate a checkpoint, and read handwriting from image files."""
+import dataclasses
 import json
 import random
+import shutil
 import re
 import struct
 import zlib
@@ -8,10 +10,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 import mnist_recognition as app
-from conftest import QUICK, TEST_COUNT, draw_digit, without
+from conftest import QUICK, TEST_COUNT, draw_digit, real_dataset_folder, without
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -98,8 +100,101 @@ def test_preprocessing_is_pixel_for_pixel_the_same_wherever_and_however_the_digi
 def test_preprocessing_an_already_prepared_digit_changes_it_little_pixel_for_pixel(tmp_path):
     paper_digit(8, size=300).save(tmp_path / "digit.png")
     once = network_pixels(tmp_path / "digit.png")
-    twice = app.prepare_like_mnist(Image.fromarray((once * 255).round().astype(np.uint8)))
+    twice = app.prepare_like_mnist(Image.fromarray((once * 255).round().astype(np.uint8)), MNIST_DATA)
     assert mean_difference(once, twice) < 0.01  # a shift of one pixel costs 0.03 to 0.08
+
+
+def test_light_falling_unevenly_across_a_photo_is_taken_away_with_the_paper(tmp_path):
+    """Paper lit from one side (a gradient of 120 levels across it) gives the digit of evenly lit
+    paper, not a grey box around it."""
+    digit = np.asarray(paper_digit(3, size=200), dtype=np.float32)
+    even = off_centre(Image.fromarray(digit.astype(np.uint8)), canvas=(400, 300), at=(120, 50))
+    page = np.asarray(even, dtype=np.float32) - np.linspace(0, 120, 400)[None, :]  # darker toward the right
+    uneven = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8))
+    prepared_even, prepared_uneven = app.prepare_like_mnist(even, MNIST_DATA), app.prepare_like_mnist(uneven, MNIST_DATA)
+    assert mean_difference(prepared_even, prepared_uneven) < 0.02
+    assert prepared_uneven[:, :4].max() < 0.05 and prepared_uneven[:, -4:].max() < 0.05  # no paper left at the sides
+
+
+# --- stroke width ------------------------------------------------------------------------------------
+
+def pen_digit(pen_width, size=280):
+    """A 4 drawn with a round pen of one width, dark on white, about 200 px tall (as on the page)."""
+    image = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(image)
+    for stroke in ([(170, 40), (60, 170), (210, 170)], [(170, 40), (170, 240)]):
+        draw.line(stroke, fill=0, width=pen_width, joint="curve")
+        for x, y in stroke:
+            draw.ellipse((x - pen_width / 2, y - pen_width / 2, x + pen_width / 2, y + pen_width / 2), fill=0)
+    return image
+
+
+def width_at_20_px(gray):
+    return app.stroke_width(np.asarray(app.resized(app.foreground(gray), 20), dtype=np.float32))
+
+
+def test_stroke_width_of_a_bar_is_its_width():
+    for width in (2, 3, 5):
+        bar = np.zeros((110, 20), dtype=np.float32)
+        bar[5:105, 5:5 + width] = 1  # 100 pixels long: its ends add little to the outline
+        assert app.stroke_width(bar) == pytest.approx(width, rel=0.06)
+
+
+WITHOUT_STROKE_WIDTHS = dataclasses.replace(MNIST_DATA, stroke_widths=None)  # the preparation before it
+
+
+def test_strokes_as_wide_as_mnists_are_left_exactly_as_they_were():
+    """A 28-px pen on the page's 280-px canvas makes MNIST-like strokes: the preparation is the old one."""
+    drawn = pen_digit(28)
+    low, _, high = MNIST_DATA.stroke_widths
+    assert low <= width_at_20_px(drawn) <= high
+    assert np.array_equal(app.prepare_like_mnist(drawn, MNIST_DATA), app.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS))
+
+
+@pytest.mark.parametrize("pen_width", [4, 70])
+def test_much_thinner_or_wider_strokes_are_brought_to_mnists_width(pen_width):
+    drawn = pen_digit(pen_width)
+    low, _, high = MNIST_DATA.stroke_widths
+    before = width_at_20_px(drawn)
+    assert before < low if pen_width < 28 else before > high
+    prepared = app.prepare_like_mnist(drawn, MNIST_DATA)
+    after = app.stroke_width(prepared)
+    nearer_end = low if pen_width < 28 else high  # as little change as brings it among MNIST's widths
+    assert abs(after - nearer_end) < 0.3 < abs(before - nearer_end)
+    old = app.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS)
+    mnist_like = app.prepare_like_mnist(pen_digit(28), MNIST_DATA)
+    assert abs(prepared.sum() - mnist_like.sum()) < abs(old.sum() - mnist_like.sum())  # ink nearer MNIST's
+    ink_rows, ink_cols = np.nonzero(prepared > 0.2)
+    assert max(np.ptp(ink_rows), np.ptp(ink_cols)) + 1 in (20, 21)  # still 20 pixels on its longer side
+    assert abs(centre_of_mass(prepared)[0] - 13.5) <= 1 and abs(centre_of_mass(prepared)[1] - 13.5) <= 1
+
+
+def test_a_dataset_without_known_stroke_widths_keeps_every_stroke():
+    drawn = pen_digit(70)
+    kmnist = app.DATASETS["kmnist"]
+    assert kmnist.stroke_widths is None
+    assert np.array_equal(app.prepare_like_mnist(drawn, kmnist), app.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS))
+
+
+@pytest.mark.real_data
+def test_mnists_stroke_widths_and_its_photographed_digits(tmp_path):
+    """The widths in the DATASETS table are MNIST's own, and MNIST's test digits photographed (enlarged,
+    dark on light, blurred) come out of the preparation as before, but for its own rare extremes."""
+    folder = real_dataset_folder("mnist", "MNIST")
+    shutil.copytree(folder, tmp_path / "MNIST" / "raw")
+    app.prepare_files(tmp_path, MNIST_DATA, allow_download=False)
+    train_images, _ = app.read_split(tmp_path, MNIST_DATA, train=True)
+    chosen = np.random.default_rng(0).choice(len(train_images), 10_000, replace=False)
+    widths = [width_at_20_px(Image.fromarray(255 - train_images[i].numpy())) for i in chosen]
+    assert tuple(np.percentile(widths, [1, 50, 99]).round(2)) == MNIST_DATA.stroke_widths
+    test_images, _ = app.read_split(tmp_path, MNIST_DATA, train=False)
+    unchanged = 0
+    for image in test_images[:300]:
+        large = Image.fromarray(image.numpy()).resize((280, 280), Image.Resampling.BICUBIC)
+        photo = Image.eval(large.filter(ImageFilter.GaussianBlur(2)), lambda value: 255 - value)
+        unchanged += np.array_equal(app.prepare_like_mnist(photo, MNIST_DATA),
+                                    app.prepare_like_mnist(photo, WITHOUT_STROKE_WIDTHS))
+    assert unchanged >= 290  # 297 of 300 when measured; MNIST's own 1st and 99th percentiles lie outside
 
 
 # --- predict -------------------------------------------------------------------------------------
@@ -271,5 +366,5 @@ def test_a_clothing_photo_is_prepared_as_fashion_mnist_was_made(tmp_path):
     assert 13 <= cols.max() - cols.min() + 1 <= 15  # the shorter side keeps the aspect ratio
     assert abs((cols.min() + cols.max()) / 2 - 13.5) <= 1  # centred
     assert pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1].min() > 0.5  # light object on dark
-    digit_input = app.prepare_like_mnist(Image.open(tmp_path / "coat.png").convert("L"))
+    digit_input = app.prepare_like_mnist(Image.open(tmp_path / "coat.png").convert("L"), MNIST_DATA)
     assert np.ptp(np.nonzero(digit_input > 0.5)[0]) + 1 <= 21  # MNIST's own way would leave it 20 pixels tall
