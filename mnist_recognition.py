@@ -1579,16 +1579,17 @@ def background_light(pixels):
     """The background's level at every pixel: a plane fitted to the border's pixels, so that light
     falling unevenly across a photo is taken away too; pixels of the border more than 30 levels from
     its median (ink that touches the edge) are left out of the fit. A flat border gives its median."""
-    rows, cols = np.indices(pixels.shape)
-    on_border = np.zeros(pixels.shape, dtype=bool)
-    on_border[[0, -1]], on_border[:, [0, -1]] = True, True
-    level = np.median(pixels[on_border])
-    fitted = on_border & (np.abs(pixels - level) <= 30)
-    if np.ptp(pixels[fitted]) == 0:
+    height, width = pixels.shape
+    rows = np.concatenate([np.zeros(width), np.full(width, height - 1), np.arange(height), np.arange(height)])
+    cols = np.concatenate([np.arange(width), np.arange(width), np.zeros(height), np.full(height, width - 1)])
+    border = pixels[rows.astype(int), cols.astype(int)]
+    level = np.median(border)
+    near = np.abs(border - level) <= 30
+    if np.ptp(border[near]) == 0:
         return level  # flat: nothing to fit
-    design = np.stack([np.ones(fitted.sum()), rows[fitted], cols[fitted]], axis=1)
-    (constant, per_row, per_col), *_ = np.linalg.lstsq(design, pixels[fitted], rcond=None)
-    return constant + per_row * rows + per_col * cols
+    design = np.stack([np.ones(near.sum()), rows[near], cols[near]], axis=1)
+    (constant, per_row, per_col), *_ = np.linalg.lstsq(design, border[near], rcond=None)
+    return (constant + per_row * np.arange(height)[:, None] + per_col * np.arange(width)).astype(np.float32)
 
 
 def cropped(ink):
