@@ -307,7 +307,8 @@ def build_parser():
         prog="mnist_recognition.py", formatter_class=HelpFormatter,
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST (the default command). Other commands:\n"
                     "'evaluate' re-checks a trained model, 'predict' reads your own images, 'serve' opens a\n"
-                    "page to draw a digit on, 'export' writes an ONNX file; see 'mnist_recognition.py COMMAND --help'.")
+                    "page to draw a digit on, 'export' writes an ONNX file; see\n"
+                    "'mnist_recognition.py COMMAND --help'.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
         "train", formatter_class=HelpFormatter, help="train LeNet-5 (what runs when no command is given)",
@@ -323,14 +324,15 @@ def build_parser():
     serve = commands.add_parser("serve", formatter_class=HelpFormatter,
                                 help="a page to draw a digit or drop a photo on, and see what the network reads")
     export = commands.add_parser(
-        "export", formatter_class=HelpFormatter, help="write a trained model as one ONNX file, checked with ONNX Runtime",
+        "export", formatter_class=HelpFormatter,
+        help="write a trained model as one ONNX file, checked with ONNX Runtime",
         description="Write a trained model as one self-contained ONNX file: input 'image' [N, 1, 28, 28], pixels\n"
                     "0..1, light on dark (the dataset's normalisation is inside); outputs 'logits' and\n"
                     "'probabilities' [N, 10]. Before it is written, ONNX Runtime runs it on the test images (or on\n"
                     "random ones when they are not on disk) next to PyTorch; it is refused (exit code 1) unless\n"
                     f"every answer is the same and no probability differs by more than {ONNX_TOLERANCE:.0e}.")
-    subcommands = (("train", train), ("evaluate", evaluate), ("predict", predict), ("serve", serve), ("export", export))
-    for name, command in subcommands:
+    subcommands = {"train": train, "evaluate": evaluate, "predict": predict, "serve": serve, "export": export}
+    for name, command in subcommands.items():
         add_settings(command, name)
     for command in (evaluate, predict, serve, export):
         command.add_argument("--checkpoint", type=Path, default=Path("outputs") / MODEL_FILE,
@@ -2153,7 +2155,8 @@ def check_images(data_dir, dataset):
         pixels, labels = split_pixels(data_dir, dataset, False, None)
         return pixels, labels, f"the {len(labels):,} test images in {folder}"
     pixels = torch.rand(RANDOM_CHECK_IMAGES, 1, 28, 28, generator=generator_for(0))
-    return pixels, None, f"{RANDOM_CHECK_IMAGES} images of random pixels ({dataset.title}'s test files are not in {folder})"
+    return pixels, None, (f"{RANDOM_CHECK_IMAGES} images of random pixels "
+                          f"({dataset.title}'s test files are not in {folder})")
 
 
 def onnx_metadata(payload, dataset, test_accuracy):
@@ -2205,7 +2208,8 @@ def export_command(args):
     model.load_state_dict(payload["model"])
     pixels, labels, described = check_images(args.data_dir, dataset)
     with torch.inference_mode():
-        expected = torch.cat([PixelsToProbabilities(model, dataset)(batch)[1] for batch in pixels.split(EVAL_BATCH_SIZE)])
+        pytorch = PixelsToProbabilities(model, dataset)
+        expected = torch.cat([pytorch(batch)[1] for batch in pixels.split(EVAL_BATCH_SIZE)])
     test_accuracy = (100 * (expected.argmax(1) == labels).float().mean().item() if labels is not None
                      else payload.get("eval_accuracy") if payload.get("eval_split") == "test" else None)
     file_bytes = onnx_bytes(model, dataset, onnx_metadata(payload, dataset, test_accuracy))
