@@ -1363,6 +1363,8 @@ def plot_training_curves(progress, split, path):
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for axis in (loss_axis, accuracy_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # one epoch (the fast recipe) from its start: alone, its point gets an axis of fractions
+            axis.set_xlim(0, 1.1)
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     figure.tight_layout()

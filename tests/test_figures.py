@@ -49,6 +49,25 @@ def test_a_grid_of_fewer_images_leaves_the_other_places_empty(tmp_path, monkeypa
     assert [len(axis.get_images()) for axis in figure.axes] == [1] * 3 + [0] * 13
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
+    progress = app.Progress(shuffle_state=None)
+    for epoch in range(1, epochs + 1):
+        progress.logged_losses.append((epoch - 0.5, 1.0 / epoch))
+        progress.history.append({"epoch": epoch, "loss": 1.0 / epoch, "train_accuracy": 90 + epoch, "seconds": 1.0,
+                                 "eval_loss": 0.5 / epoch, "eval_accuracy": 95 + epoch, "eval_seconds": 0.1})
+    app.plot_training_curves(progress, "test", tmp_path / "curves.png")
+    [figure] = saved
+    figure.canvas.draw()
+    for axis in figure.axes:
+        ticks = [tick for tick in axis.get_xticks() if axis.get_xlim()[0] <= tick <= axis.get_xlim()[1]]
+        assert all(float(tick).is_integer() for tick in ticks) and epochs in ticks
+        if epochs == 1:
+            assert axis.get_xlim()[0] == 0
+
+
 def test_display_pixels_undoes_the_normalisation():
     pixels = torch.rand(28, 28)
     for dataset in app.DATASETS.values():
