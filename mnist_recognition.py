@@ -1487,7 +1487,8 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
     plot_training_curves(progress, split, out_dir / CURVES_PNG)
     write_report(out_dir, f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
-                 f"{len(progress.history)} epochs ({training_seconds:.1f} s of training)",
+                 f"{len(progress.history)} epoch{'s' * (len(progress.history) != 1)} "
+                 f"({training_seconds:.1f} s of training)",
                  report_sections(config, environment(runtime), evaluation, dataset, progress.history),
                  training_figures(split))
     timeline["written"] = time.time()

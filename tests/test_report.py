@@ -26,7 +26,7 @@ def test_the_report_holds_the_accuracy_settings_environment_and_every_figure(tra
     page = (out_dir / "report.html").read_text()
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert f"{metrics['eval_accuracy']:.2f} % test accuracy</title>" in page
-    assert f"{metrics['eval_accuracy']:.3f} % of 300 test images right" in page
+    assert f"{metrics['eval_accuracy']:.3f} % of 300 test images right after 4 epochs (" in page
     settings = dict(table(page, "Settings"))
     assert settings["recipe"] == "original" and settings["batch_size"] == "32" and settings["adam_betas"] == "0.9,0.999"
     environment = dict(table(page, "Environment"))
@@ -90,3 +90,9 @@ def test_evaluate_in_the_training_folder_embeds_only_its_own_figures(trained, sy
     assert result.code == 0
     page = (tmp_path / "outputs" / "report.html").read_text()
     assert page.count("<img ") == 3 and "training_curves.png" not in page
+
+
+def test_a_one_epoch_report_says_epoch(synthetic_data, tmp_path, cli):
+    assert cli("--epochs", 1, "--train-limit", 64, "--test-limit", 32, "--no-download", "--device", "cpu",
+               "--data-dir", synthetic_data, "--out-dir", tmp_path).code == 0
+    assert " test images right after 1 epoch (" in (tmp_path / "report.html").read_text()
