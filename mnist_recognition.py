@@ -1091,9 +1091,9 @@ def log_setup(args, runtime, model, train_set, eval_set):
     logger.info("Device: {}{}", runtime.device,
                 f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else "")
     logger.info("LeNet-5 with {:,} parameters", parameter_count(model))
-    logger.info("{} training and {} {} images of {}; {} epochs, batch {}, Adam lr {}", len(train_set[1]),
+    logger.info("{} training and {} {} images of {}; {} epoch{}, batch {}, Adam lr {}", len(train_set[1]),
                 len(eval_set[1]), evaluation_split(args), DATASETS[args.dataset].title, args.epochs,
-                args.batch_size, args.lr)
+                "s" * (args.epochs != 1), args.batch_size, args.lr)
     recipe_settings = ("schedule", "warmup", "adam_betas", "label_smoothing", "augment")
     logger.info("Recipe {}: {}", args.recipe,
                 ", ".join(f"{name} {as_text(getattr(args, name))}" for name in recipe_settings))
