@@ -491,8 +491,8 @@ class Dataset:
     user_images: str  # how predict prepares a photo: "digit" (as MNIST was made) or "object" (as Fashion-MNIST)
     augment_limits: dict  # what --augment may do to an image without changing its class
     # Its training images' stroke widths (stroke_width() of each, prepared by predict's preparation):
-    # the 1st percentile, the median and the 99th percentile. predict brings strokes outside that range
-    # to the median; None: left as they are.
+    # the 1st and the 99th percentile. predict brings strokes outside that range to its nearer end;
+    # None: left as they are.
     stroke_widths: tuple = None
 
     def torchvision_class(self):
@@ -510,7 +510,7 @@ DIGIT_AUGMENT_LIMITS = {"degrees": 10, "scale": 0.1, "shear_degrees": 10, "shift
 
 DATASETS = {dataset.name: dataset for dataset in (
     Dataset("mnist", "MNIST", "MNIST", tuple("0123456789"), 0.1307, 0.3081, "digit", DIGIT_AUGMENT_LIMITS,
-            (1.07, 1.96, 3.61)),
+            (1.07, 3.61)),
     Dataset("fashion-mnist", "Fashion-MNIST", "FashionMNIST", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530, "object",
             # Clothes are not drawn by hand: no elastic distortion, no change of thickness.
@@ -1004,12 +1004,15 @@ def thickened(images, amounts):
 
 def augmented(images, names, generator, count, share, limits):
     """The images of `share` (a slice of a global batch of `count`) with the augmentations `names`:
-    every random number is drawn for the whole global batch, in AUGMENTATIONS' order."""
+    every random number is drawn for the whole global batch, in AUGMENTATIONS' order. An
+    augmentation whose limit is 0 would change nothing: it is neither drawn nor applied."""
+    elastic = "elastic" in names and limits["elastic_alpha_pixels"] > 0
+    thickness = "thickness" in names and limits["thickness"] > 0
     matrices = (random_affine_matrices(count, generator, limits) if "affine" in names
                 else torch.eye(2, 3).expand(count, 2, 3))
-    displacements = random_displacements(count, generator, limits) if "elastic" in names else None
-    amounts = random_thickness(count, generator, limits) if "thickness" in names else None
-    if "affine" in names or "elastic" in names:
+    displacements = random_displacements(count, generator, limits) if elastic else None
+    amounts = random_thickness(count, generator, limits) if thickness else None
+    if "affine" in names or elastic:
         images = augment(images, matrices[share], None if displacements is None else displacements[share])
     return images if amounts is None else thickened(images, amounts[share])
 
@@ -1626,12 +1629,12 @@ def stroke_width(pixels):
 
 def with_strokes_like(ink, widths):
     """Cropped ink whose strokes, measured at the 20-px size, are as wide as the dataset's usually
-    are (widths: its 1st percentile, median and 99th percentile), unchanged. Other ink is eroded
+    are (widths: its 1st and 99th percentile), unchanged. Other ink is eroded
     (or dilated) step by step with a 3x3 grey-scale filter at four times that size, each step
     about half a pixel at 20 px, and the step whose width comes nearest the range's nearer end is
     kept: as little change as brings it among the dataset's own. Erosion stops before it takes
     away more than half of the ink: strokes would break."""
-    low, _, high = widths
+    low, high = widths
     width = stroke_width(np.asarray(resized(ink, 20), dtype=np.float32))
     if low <= width <= high:
         return ink
@@ -1639,7 +1642,7 @@ def with_strokes_like(ink, widths):
     step = ImageFilter.MinFilter(3) if width > high else ImageFilter.MaxFilter(3)
     large = resized(ink, 80)
     area = np.count_nonzero(np.asarray(large) > 127)
-    best, best_distance = large, abs(width - target)
+    best, best_distance = None, abs(width - target)
     for _ in range(MAX_STROKE_STEPS):
         large = large.filter(step)
         if np.count_nonzero(np.asarray(large) > 127) < area / 2:
@@ -1650,7 +1653,7 @@ def with_strokes_like(ink, widths):
         if distance >= best_distance:
             break
         best, best_distance = large, distance
-    return ink if best_distance == abs(width - target) else cropped(np.asarray(best, dtype=np.float32))
+    return ink if best is None else cropped(np.asarray(best, dtype=np.float32))
 
 
 def prepare_like_mnist(gray, dataset):
@@ -2154,7 +2157,7 @@ def check_images(data_dir, dataset):
     """(0..1 pixels, labels or None, what they are): the test split when its files are on disk,
     else a fixed batch of random pixels."""
     folder = raw_dir(data_dir, dataset)
-    if all((folder / f"t10k-{kind}-ubyte").is_file() for kind in ("images-idx3", "labels-idx1")):
+    if all((folder / name).is_file() for name in IDX_FILES if name.startswith("t10k")):
         pixels, labels = split_pixels(data_dir, dataset, False, None)
         return pixels, labels, f"the {len(labels):,} test images in {folder}"
     pixels = torch.rand(RANDOM_CHECK_IMAGES, 1, 28, 28, generator=generator_for(0))

@@ -146,7 +146,7 @@ WITHOUT_STROKE_WIDTHS = dataclasses.replace(MNIST_DATA, stroke_widths=None)  # t
 def test_strokes_as_wide_as_mnists_are_left_exactly_as_they_were():
     """A 28-px pen on the page's 280-px canvas makes MNIST-like strokes: the preparation is the old one."""
     drawn = pen_digit(28)
-    low, _, high = MNIST_DATA.stroke_widths
+    low, high = MNIST_DATA.stroke_widths
     assert low <= width_at_20_px(drawn) <= high
     assert np.array_equal(app.prepare_like_mnist(drawn, MNIST_DATA), app.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS))
 
@@ -154,7 +154,7 @@ def test_strokes_as_wide_as_mnists_are_left_exactly_as_they_were():
 @pytest.mark.parametrize("pen_width", [4, 70])
 def test_much_thinner_or_wider_strokes_are_brought_to_mnists_width(pen_width):
     drawn = pen_digit(pen_width)
-    low, _, high = MNIST_DATA.stroke_widths
+    low, high = MNIST_DATA.stroke_widths
     before = width_at_20_px(drawn)
     assert before < low if pen_width < 28 else before > high
     prepared = app.prepare_like_mnist(drawn, MNIST_DATA)
@@ -186,7 +186,7 @@ def test_mnists_stroke_widths_and_its_photographed_digits(tmp_path):
     train_images, _ = app.read_split(tmp_path, MNIST_DATA, train=True)
     chosen = np.random.default_rng(0).choice(len(train_images), 10_000, replace=False)
     widths = [width_at_20_px(Image.fromarray(255 - train_images[i].numpy())) for i in chosen]
-    assert tuple(np.percentile(widths, [1, 50, 99]).round(2)) == MNIST_DATA.stroke_widths
+    assert tuple(np.percentile(widths, [1, 99]).round(2)) == MNIST_DATA.stroke_widths
     test_images, _ = app.read_split(tmp_path, MNIST_DATA, train=False)
     unchanged = 0
     for image in test_images[:300]:
