@@ -116,7 +116,7 @@ def test_light_falling_unevenly_across_a_photo_is_taken_away_with_the_paper(tmp_
     assert prepared_uneven[:, :4].max() < 0.05 and prepared_uneven[:, -4:].max() < 0.05  # no paper left at the sides
 
 
-def test_the_grain_of_a_photo_is_taken_away_with_the_paper():
+def test_the_grain_of_a_photo_is_taken_away_with_the_paper(monkeypatch):
     """Grey paper with a camera's noise all over the page (its specks far from the digit) gives the
     digit of clean paper at its full 20 pixels, not a smaller one in a grey box."""
     digit = np.asarray(paper_digit(3, size=200), dtype=np.float32) / 255
@@ -130,7 +130,9 @@ def test_the_grain_of_a_photo_is_taken_away_with_the_paper():
     assert max(np.ptp(ink_rows), np.ptp(ink_cols)) + 1 in (20, 21)
     assert np.corrcoef(prepared_clean.ravel(), prepared_noisy.ravel())[0, 1] > 0.99  # the same digit, a little dimmer
     assert prepared_noisy[prepared_clean == 0].max() < 0.05  # and no grey box of paper around it
-    assert app.grain(np.zeros((50, 40), dtype=np.float32)) == 0  # clean paper: nothing more is taken away
+    monkeypatch.setattr(app, "GRAIN_FLOOR", 0)  # clean paper has no grain: its digit is as it was without the step
+    assert np.array_equal(app.prepare_like_mnist(Image.fromarray((clean * 255).astype(np.uint8)), MNIST_DATA),
+                          prepared_clean)
 
 
 # --- stroke width ------------------------------------------------------------------------------------
