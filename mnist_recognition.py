@@ -1342,8 +1342,17 @@ def plot_confusion_matrix(evaluation, path, dataset):
     save_figure(figure, path)
 
 
-def plot_training_curves(progress, split, path):
-    """Loss and accuracy against epochs: every log line's loss, and each epoch's train and evaluation values."""
+def training_measured_on(args):
+    """What the train loss and accuracy were measured on, where it is not the plain images and loss
+    that evaluation uses ('' otherwise): why they may sit far from the evaluation's."""
+    conditions = (["augmented images"] if args.augment != "none" else []) + (
+        [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else [])
+    return ", ".join(conditions)
+
+
+def plot_training_curves(progress, split, path, measured_on=""):
+    """Loss and accuracy against epochs: every log line's loss, and each epoch's train and evaluation
+    values; `measured_on` says under the titles what the train values were measured on."""
     from matplotlib.ticker import MaxNLocator
 
     epochs = [summary["epoch"] for summary in progress.history]
@@ -1364,6 +1373,9 @@ def plot_training_curves(progress, split, path):
                        [summary["eval_accuracy"] for summary in evaluated], "s-", color="tab:orange",
                        label=f"{split} accuracy")
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    if measured_on:
+        for axis in (loss_axis, accuracy_axis):
+            axis.set_title(f"{axis.get_title()}\n(train: {measured_on})", fontsize=9)
     for axis in (loss_axis, accuracy_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(epochs) == 1:  # one epoch (the fast recipe) from its start: alone, its point gets an axis of fractions
@@ -1487,7 +1499,7 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
     plot_samples(eval_set, args.seed + 1, f"{split.capitalize()} images (true label)", out_dir / split_images_png(split),
                  dataset)
     write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, dataset)
-    plot_training_curves(progress, split, out_dir / CURVES_PNG)
+    plot_training_curves(progress, split, out_dir / CURVES_PNG, training_measured_on(args))
     write_report(out_dir, f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy",
                  f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
                  f"{len(progress.history)} epoch{'s' * (len(progress.history) != 1)} "

@@ -68,6 +68,26 @@ def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, mon
             assert axis.get_xlim()[0] == 0
 
 
+@pytest.mark.parametrize("flags, measured_on", [
+    ([], ""),
+    (["--recipe", "best"], "augmented images, label smoothing 0.1"),
+    (["--label-smoothing", "0.2"], "label smoothing 0.2"),
+])
+def test_the_curves_say_what_the_train_values_were_measured_on(flags, measured_on, tmp_path, monkeypatch):
+    """Augmented images and a smoothed loss put the train curves far from the test curves (a train
+    loss five times the test loss in best): the titles say why."""
+    assert app.training_measured_on(app.parse_args(flags)) == measured_on
+    saved = []
+    monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
+    progress = app.Progress(shuffle_state=None)
+    progress.history.append({"epoch": 1, "loss": 0.5, "train_accuracy": 90, "seconds": 1.0,
+                             "eval_loss": 0.1, "eval_accuracy": 99, "eval_seconds": 0.1})
+    app.plot_training_curves(progress, "test", tmp_path / "curves.png", measured_on)
+    [figure] = saved
+    note = f"\n(train: {measured_on})" if measured_on else ""
+    assert [axis.get_title() for axis in figure.axes] == [f"Loss{note}", f"Accuracy{note}"]
+
+
 def test_display_pixels_undoes_the_normalisation():
     pixels = torch.rand(28, 28)
     for dataset in app.DATASETS.values():
