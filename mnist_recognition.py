@@ -1612,8 +1612,8 @@ def background_light(pixels):
     border = pixels[rows.astype(int), cols.astype(int)]
     level = np.median(border)
     near = np.abs(border - level) <= PAPER_SPREAD
-    if np.ptp(border[near]) == 0:
-        return level  # flat: nothing to fit
+    if not near.any() or np.ptp(border[near]) == 0:
+        return level  # flat, or no paper that the median stands for (a border of two halves): nothing to fit
     design = np.stack([np.ones(near.sum()), rows[near], cols[near]], axis=1)
     (constant, per_row, per_col), *_ = np.linalg.lstsq(design, border[near], rcond=None)
     return (constant + per_row * np.arange(height)[:, None] + per_col * np.arange(width)).astype(np.float32)
@@ -1630,7 +1630,8 @@ def grain(above_paper):
     drawing or render."""
     border = border_of(above_paper)
     deviations = np.abs(border - np.median(border))
-    return 1.4826 * np.median(deviations[deviations <= PAPER_SPREAD])
+    paper = deviations[deviations <= PAPER_SPREAD]
+    return 1.4826 * np.median(paper) if paper.size else 0.0
 
 
 def cropped(ink):

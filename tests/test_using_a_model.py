@@ -135,6 +135,18 @@ def test_the_grain_of_a_photo_is_taken_away_with_the_paper(monkeypatch):
                           prepared_clean)
 
 
+def test_a_border_of_two_halves_is_prepared_without_an_error():
+    """A page whose border is half black and half white (a sheet on a dark desk, cut in the middle)
+    has no paper level that its median stands for: the preparation takes the median and goes on,
+    where it used to answer with numpy's words about a zero-size array."""
+    page = np.zeros((120, 120), dtype=np.uint8)
+    page[:, 60:] = 255
+    page[30:90, 20:30] = 160  # a stroke on the dark half
+    for image in (page, page.T):
+        pixels = app.prepared_pixels(Image.fromarray(image), MNIST_DATA)
+        assert pixels.shape == (28, 28) and np.isfinite(pixels).all() and pixels.max() > 0.9
+
+
 # --- stroke width ------------------------------------------------------------------------------------
 
 def pen_digit(pen_width, size=280):
