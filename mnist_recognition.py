@@ -1607,9 +1607,10 @@ def background_light(pixels):
     """The background's level at every pixel: a plane fitted to the border's paper, so that light
     falling unevenly across a photo is taken away too. A flat border gives its median."""
     height, width = pixels.shape
+    border = border_of(pixels)
+    # Each border pixel's row and column, in border_of's order: top, bottom, left, right.
     rows = np.concatenate([np.zeros(width), np.full(width, height - 1), np.arange(height), np.arange(height)])
     cols = np.concatenate([np.arange(width), np.arange(width), np.zeros(height), np.full(height, width - 1)])
-    border = pixels[rows.astype(int), cols.astype(int)]
     level = np.median(border)
     near = np.abs(border - level) <= PAPER_SPREAD
     if not near.any() or np.ptp(border[near]) == 0:
