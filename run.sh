@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up ./venv from requirements.txt, then train (bash run.sh [flags]) or test (bash run.sh test [pytest args]).
+# Set up ./venv from requirements.txt, then train (bash run.sh [flags]), test (bash run.sh test [pytest args])
+# or check the format and lint (bash run.sh lint).
 # PYTHON names the interpreter that makes the venv (default python3; it must be 3.11 or newer).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,5 +45,9 @@ fi
 if [ "${1:-}" = "test" ]; then
     shift
     exec venv/bin/python -m pytest "$@"
+fi
+if [ "${1:-}" = "lint" ]; then
+    venv/bin/ruff check .
+    exec venv/bin/ruff format --check .
 fi
 exec venv/bin/python mnist_recognition.py "$@"

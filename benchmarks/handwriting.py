@@ -4,7 +4,7 @@
     python benchmarks/handwriting.py --checkpoints outputs/lenet5_mnist.pt [more.pt ...]
 
 Every image is made here from scratch, encoded as a file would be (PNG or JPEG), and read through
-predict's own code path (`read_user_image`: open, grayscale, foreground, stroke width, 20-px box,
+predict's own code path (`companions.prepare.read_image`: open, grayscale, foreground, stroke width, 20-px box,
 centre of mass, normalisation); the model then answers for all of them at once. Each kind is read
 four times, side by side: with the preparation as it was before issue 18 ("before": the border's
 median as the background level, strokes as they are), with the background's light fitted as a
@@ -24,7 +24,6 @@ handled too ("now", the current preparation). The kinds:
 The MNIST digits are a fixed random choice (seed 0) from the test set in <data-dir>/MNIST/raw/.
 """
 import argparse
-import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -35,6 +34,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
+from companions import prepare  # noqa: E402
+from companions.serve import describe_model  # noqa: E402
 
 FONTS = ["/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf", "/usr/share/fonts/truetype/fifthhorseman/dkg.ttf",
          "/usr/share/fonts/truetype/femkeklaver/femkeklaver.ttf", "/usr/share/fonts/truetype/breip/Breip.ttf",
@@ -137,7 +138,7 @@ def encoded(image, image_format):
 
 def kinds_of_images(data_dir, count):
     """{kind: (list of encoded image files, labels)}."""
-    images, labels = app.read_split(data_dir, app.DATASETS["mnist"], train=False)
+    images, labels = app.raw_split(data_dir, app.DATASETS["mnist"], train=False)
     chosen = np.random.default_rng(0).choice(len(labels), count, replace=False)
     digits, truths = [images[i].numpy() for i in chosen], [int(labels[i]) for i in chosen]
     rng = np.random.default_rng(1)
@@ -157,31 +158,18 @@ def kinds_of_images(data_dir, count):
 
 # --- reading them --------------------------------------------------------------------------------
 
-def border_median(pixels):
-    """The background level as the preparation took it before issue 18: one number, the border's median."""
-    return np.median(app.border_of(pixels))
+# The preparation's steps of issue 18, added one by one, left to right: (column, its steps).
+STEPS = [
+    ("before", prepare.Steps(light="median", grain_floor=0, match_strokes=False)),
+    ("+ light", prepare.Steps(light="plane", grain_floor=0, match_strokes=False)),
+    ("+ grain", prepare.Steps(light="plane", grain_floor=prepare.GRAIN_FLOOR, match_strokes=False)),
+    ("now", prepare.STEPS),
+]
 
 
-# The preparation's steps of issue 18, added one by one, left to right: (column, what it changes).
-STEPS = [("before", {"background_light": border_median, "GRAIN_FLOOR": 0, "stroke_widths": None}),
-         ("+ light", {"background_light": app.background_light}),
-         ("+ grain", {"GRAIN_FLOOR": app.GRAIN_FLOOR}),
-         ("now", {"stroke_widths": app.DATASETS["mnist"].stroke_widths})]
-
-
-def preparations():
-    """For each column in turn, the MNIST dataset to read with, once the script's steps are set as
-    they were then (at the end, they are the script's own again)."""
-    settings = {}
-    for column, changes in STEPS:
-        settings.update(changes)
-        app.background_light, app.GRAIN_FLOOR = settings["background_light"], settings["GRAIN_FLOOR"]
-        yield column, dataclasses.replace(app.DATASETS["mnist"], stroke_widths=settings["stroke_widths"])
-
-
-def read_right(model, files, labels, dataset):
+def read_right(model, files, labels, dataset, steps):
     """For each file, whether the model reads it right, each read through predict's own code path."""
-    inputs = torch.stack([app.read_user_image(io.BytesIO(file), dataset)[1] for file in files])
+    inputs = torch.stack([prepare.read_image(io.BytesIO(file), dataset, steps)[1] for file in files])
     with torch.inference_mode():
         answers = torch.cat([model(batch).argmax(1) for batch in inputs.split(app.EVAL_BATCH_SIZE)])
     return answers == torch.tensor(labels)
@@ -204,10 +192,10 @@ def main():
     right_now = {kind: [] for kind in kinds}  # per kind, each model's answers with today's preparation
     for checkpoint in args.checkpoints:
         model, payload = app.load_trained_model(checkpoint, torch.device("cpu"))
-        print(f"\n{app.describe_model(checkpoint, payload, mnist)}")
+        print(f"\n{describe_model(checkpoint, payload, mnist)}")
         print(f"{'kind':<32} {'images':>6}" + "".join(f" {column:>8}" for column, _ in STEPS))
         for kind, (files, labels) in kinds.items():
-            rights = [read_right(model, files, labels, dataset) for _, dataset in preparations()]
+            rights = [read_right(model, files, labels, mnist, steps) for _, steps in STEPS]
             right_now[kind].append(rights[-1])
             print(f"{kind:<32} {len(files):>6}" + "".join(f" {percent(right):>7.1f}%" for right in rights), flush=True)
     if len(args.checkpoints) > 1:

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
+from companions.report import cpu_name  # noqa: E402
 
 
 def parse_args():
@@ -73,7 +74,7 @@ def main():
             batches = [pixels[start:start + batch] for start in range(0, args.images, batch)]
             rates[(name, batch)].append(images_per_second(runners[name], batches))
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} threads, "
-          f"{app.cpu_name()}; medians of {args.rounds} rounds of {args.images} images")
+          f"{cpu_name()}; medians of {args.rounds} rounds of {args.images} images")
     print(f"{'batch':>6} {'pytorch img/s':>15} {'onnxruntime img/s':>18} {'ratio':>7}")
     for batch in (1, 1000):
         torch_rate = statistics.median(rates[("pytorch", batch)])

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,27 @@ def draw_digit(digit, rng, size=28, ink=255, paper=0, mode="L"):
     y = (size - (bottom - top)) / 2 - top + rng.uniform(-0.08, 0.08) * size
     draw.text((x, y), str(digit), fill=ink, font=font, stroke_width=max(1, size // 28))
     return image.rotate(rng.uniform(-12, 12), fillcolor=paper)
+
+
+def paper_digit(digit, seed=0, size=300, **kwargs):
+    """A dark digit on light paper, like a photo or scan of handwriting."""
+    return draw_digit(digit, random.Random(seed), size=size, ink=kwargs.pop("ink", 0),
+                      paper=kwargs.pop("paper", 255), **kwargs)
+
+
+def off_centre(image, canvas=(640, 480), at=(60, 150), paper=255):
+    page = Image.new(image.mode, canvas, paper)
+    page.paste(image, at)
+    return page
+
+
+def huge_png(path):
+    """A valid PNG whose header claims 100000 x 100000 pixels: a decompression bomb."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
 
 
 def write_idx_images(path, images):

@@ -10,6 +10,7 @@ import torch
 from torchvision.datasets import MNIST
 
 import mnist_recognition as app
+from companions import prepare
 from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, without, write_synthetic_mnist
 
 NO_DOWNLOAD = ("--no-download", "--device", "cpu")
@@ -28,7 +29,7 @@ def data_copy(tmp_path, synthetic_data):
 
 
 def test_the_files_are_read_as_torchvision_reads_them(synthetic_data):
-    pixels, labels = app.read_split(synthetic_data, MNIST_DATA, train=True)
+    pixels, labels = app.raw_split(synthetic_data, MNIST_DATA, train=True)
     reference = MNIST(str(synthetic_data), train=True)
     assert torch.equal(pixels, reference.data) and torch.equal(labels, reference.targets)
     assert labels.dtype == reference.targets.dtype == torch.int64
@@ -44,7 +45,7 @@ def test_training_and_evaluating_on_files_present_need_no_torchvision(synthetic_
 
 def test_load_split_normalises_like_totensor_then_normalize(synthetic_data):
     from torchvision import datasets, transforms
-    images, labels = app.load_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
+    images, labels = app.normalised_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert images.shape == (TRAIN_COUNT, 1, 28, 28) and labels.shape == (TRAIN_COUNT,)
     reference = datasets.MNIST(str(synthetic_data), train=True, transform=transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]))
@@ -55,8 +56,8 @@ def test_load_split_normalises_like_totensor_then_normalize(synthetic_data):
 
 
 def test_limits_take_the_first_samples(synthetic_data):
-    images, labels = app.load_split(synthetic_data, MNIST_DATA, False, 50, torch.device("cpu"))
-    full_images, full_labels = app.load_split(synthetic_data, MNIST_DATA, False, None, torch.device("cpu"))
+    images, labels = app.normalised_split(synthetic_data, MNIST_DATA, False, 50, torch.device("cpu"))
+    full_images, full_labels = app.normalised_split(synthetic_data, MNIST_DATA, False, None, torch.device("cpu"))
     assert len(labels) == 50 and torch.equal(images, full_images[:50]) and torch.equal(labels, full_labels[:50])
     assert len(full_labels) == TEST_COUNT
 
@@ -179,7 +180,7 @@ def test_every_dataset_entry_is_complete():
     for name, dataset in app.DATASETS.items():
         assert dataset.name == name and len(dataset.classes) == 10 == len(set(dataset.classes))
         assert 0 < dataset.mean < 1 and 0 < dataset.std < 1
-        assert dataset.user_images in app.PREPARE_USER_IMAGE
+        assert dataset.image_kind in prepare.PREPARE_BY_KIND
         assert set(dataset.augment_limits) == {"degrees", "scale", "shear_degrees", "shift_pixels", "mirror",
                                                "elastic_sigma_pixels", "elastic_alpha_pixels", "thickness"}
         torchvision_class = dataset.torchvision_class()
@@ -244,8 +245,8 @@ def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, s
     assert torch.load(tmp_path / "lenet5_mnist.pt", weights_only=True)["config"]["dataset"] == name
     page = (tmp_path / "report.html").read_text()
     assert f"LeNet-5 on {dataset.title}" in page and f"<td>{dataset.classes[3]}</td>" in page
-    images, _ = app.load_split(synthetic_kin, dataset, False, 5, torch.device("cpu"))
-    pixels = MNIST_DATA.std * app.load_split(synthetic_kin, MNIST_DATA, False, 5, torch.device("cpu"))[0] + MNIST_DATA.mean
+    images, _ = app.normalised_split(synthetic_kin, dataset, False, 5, torch.device("cpu"))
+    pixels = MNIST_DATA.std * app.normalised_split(synthetic_kin, MNIST_DATA, False, 5, torch.device("cpu"))[0] + MNIST_DATA.mean
     torch.testing.assert_close(images * dataset.std + dataset.mean, pixels)  # its own normalisation, undone
 
 

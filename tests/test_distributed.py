@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mnist_recognition as app
+from companions import report
 from conftest import assert_same_weights, run_process, torchrun_command, train_quietly
 
 # Ten steps of a global batch of 63: shares of 32 and 31, so the uneven split is tested too.
@@ -103,4 +104,4 @@ def test_more_processes_than_gpus_is_refused_saying_what_to_run(monkeypatch):
 
 def test_the_cpu_needs_no_gpu_settings():
     assert app.pick_device("cpu", local_rank=3) == torch.device("cpu")
-    assert app.precision_settings(torch.device("cpu")) == {"dtype": "float32"}
+    assert report.precision_settings(torch.device("cpu")) == {"dtype": "float32"}

@@ -1,6 +1,9 @@
 """Taking a model elsewhere: export to ONNX, checked with ONNX Runtime."""
+import importlib.util
 import json
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -8,8 +11,11 @@ import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
+from PIL import Image, ImageDraw
 
 import mnist_recognition as app
+from companions import export as onnx_export
+from companions import prepare, report
 from conftest import REPO, TEST_COUNT
 
 MNIST_DATA = app.DATASETS["mnist"]
@@ -80,11 +86,11 @@ def test_the_metadata_says_how_to_use_the_model(exported, trained):
     assert recorded["eval_images"] == TEST_COUNT  # so the export measured the same test images again
     assert props["test_accuracy"] == f"{recorded['eval_accuracy']:.3f}"
     assert props["recipe"] == "original"
-    assert props["script_sha256"] == app.script_hash()
+    assert props["script_sha256"] == report.source_hash()
     assert "pixels 0..1" in props["input"] and "[N, 1, 28, 28]" in props["input"]
-    # The preparation is the README's sentence, word for word.
-    readme = " ".join((REPO / "README.md").read_text().split())
-    assert props["preparation"] in readme
+    # The preparation is the sentence in docs/export.md, word for word.
+    page = " ".join((REPO / "docs" / "export.md").read_text().split())
+    assert props["preparation"] in page
 
 
 def test_the_export_logs_the_comparison_on_the_test_images(trained, synthetic_data, tmp_path, cli):
@@ -99,7 +105,7 @@ def test_the_export_logs_the_comparison_on_the_test_images(trained, synthetic_da
 def test_without_test_files_random_images_are_checked(trained, tmp_path, cli):
     result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", tmp_path / "no-data")
     assert result.code == 0
-    assert f"on {app.RANDOM_CHECK_IMAGES} images of random pixels" in result.log
+    assert f"on {onnx_export.RANDOM_CHECK_IMAGES} images of random pixels" in result.log
     recorded = json.loads((trained[0] / "metrics.json").read_text())["eval_accuracy"]
     assert metadata(tmp_path / "model.onnx")["test_accuracy"] == f"{recorded:.3f}"  # as training measured it
 
@@ -109,7 +115,7 @@ def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path
     assert export(cli, out_dir / "lenet5_mnist.pt", tmp_path / "fashion.onnx", data_dir).code == 0
     props = metadata(tmp_path / "fashion.onnx")
     assert json.loads(props["dataset"])["classes"] == list(app.DATASETS["fashion-mnist"].classes)
-    assert props["preparation"] == app.PREPARATION["object"]
+    assert props["preparation"] == prepare.describe(app.DATASETS["fashion-mnist"])
     # The graph normalises with Fashion-MNIST's statistics, not MNIST's.
     pixels = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     model, _ = app.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
@@ -143,7 +149,7 @@ def with_altered_bias(original):
 
 def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
         trained, synthetic_data, tmp_path, cli, monkeypatch):
-    monkeypatch.setattr(app, "onnx_bytes", with_altered_bias(app.onnx_bytes))
+    monkeypatch.setattr(onnx_export, "onnx_bytes", with_altered_bias(onnx_export.onnx_bytes))
     out = tmp_path / "model.onnx"
     result = export(cli, trained[0] / "lenet5_mnist.pt", out, synthetic_data)
     assert result.code == 1
@@ -154,7 +160,7 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
 
 def test_a_difference_over_the_tolerance_is_refused(trained, synthetic_data, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(app, "ONNX_TOLERANCE", 0.0)
-    monkeypatch.setattr(app, "compare_with_onnx_runtime", lambda *args: (0, 3e-7))  # same answers, tiny difference
+    monkeypatch.setattr(onnx_export, "compare_with_onnx_runtime", lambda *args: (0, 3e-7))  # same answers, tiny difference
     result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", synthetic_data)
     assert result.code == 1 and "largest difference in a probability is 3.00e-07" in result.errors()[0]
     assert not (tmp_path / "model.onnx").exists()
@@ -167,3 +173,53 @@ def test_an_output_folder_that_cannot_be_written_is_refused(trained, synthetic_d
     assert result.code == 2
     [error] = result.errors()
     assert "Cannot write into the output folder" in error
+
+
+# --- the standalone example (examples/onnx_predict.py) ----------------------------------------------
+
+def test_the_onnx_example_reads_photos_as_predict_does(exported, trained, tmp_path, cli):
+    """The README's way to use the file without torch gives predict's answers on the same photos."""
+    import random
+
+    from conftest import draw_digit
+
+    example = load_example()
+    paths = []
+    for digit in range(10):
+        photo = draw_digit(digit, random.Random(digit), size=240, ink=30, paper=225)  # dark ink on light paper
+        paths.append(tmp_path / f"photo_{digit}.jpg")
+        photo.save(paths[-1], quality=90)
+    result = cli("predict", *paths, "--json", "--checkpoint", trained[0] / "lenet5_mnist.pt")
+    assert result.code == 0
+    predicted = {Path(entry["file"]).name: entry for entry in json.loads(result.stdout)}
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    for path in paths:
+        name, _ = example.read(session, path)
+        assert name == predicted[path.name]["name"], path.name
+        # The two preparations see the same digit: on clean paper predict's extra steps have little to do.
+        seen_by_predict = prepare.prepared_pixels(prepare.open_grayscale(path), MNIST_DATA)
+        assert np.corrcoef(example.prepare(path).ravel(), seen_by_predict.ravel())[0, 1] > 0.9, path.name
+    assert sum(predicted[f"photo_{digit}.jpg"]["name"] == str(digit) for digit in range(10)) >= 6  # most, by a small model
+
+
+def test_the_onnx_example_runs_as_its_docstring_says(exported, tmp_path):
+    from conftest import run_process
+
+    photo = tmp_path / "seven.png"
+    Image.fromarray(255 - np.asarray(draw_seven())).save(photo)
+    result = run_process([sys.executable, str(REPO / "examples" / "onnx_predict.py"), str(exported), str(photo)])
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"{re.escape(str(photo))}: \d \d+\.\d%\n", result.stdout)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("onnx_predict", REPO / "examples" / "onnx_predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def draw_seven():
+    image = Image.new("L", (200, 200), 0)
+    ImageDraw.Draw(image).line([(40, 40), (160, 40), (90, 170)], fill=255, width=18)
+    return image

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import mnist_recognition as app
+from companions import report
 from conftest import SCRIPT
 
 MNIST_DATA = app.DATASETS["mnist"]
@@ -58,7 +59,7 @@ def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, mon
         progress.logged_losses.append((epoch - 0.5, 1.0 / epoch))
         progress.history.append({"epoch": epoch, "loss": 1.0 / epoch, "train_accuracy": 90 + epoch, "seconds": 1.0,
                                  "eval_loss": 0.5 / epoch, "eval_accuracy": 95 + epoch, "eval_seconds": 0.1})
-    app.plot_training_curves(progress, "test", tmp_path / "curves.png")
+    report.plot_training_curves(progress, "test", tmp_path / "curves.png")
     [figure] = saved
     figure.canvas.draw()
     for axis in figure.axes:
@@ -76,13 +77,13 @@ def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, mon
 def test_the_curves_say_what_the_train_values_were_measured_on(flags, measured_on, tmp_path, monkeypatch):
     """Augmented images and a smoothed loss put the train curves far from the test curves (a train
     loss five times the test loss in best): the titles say why."""
-    assert app.training_measured_on(app.parse_args(flags)) == measured_on
+    assert report.training_measured_on(app.parse_args(flags)) == measured_on
     saved = []
     monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
     progress = app.Progress(shuffle_state=None)
     progress.history.append({"epoch": 1, "loss": 0.5, "train_accuracy": 90, "seconds": 1.0,
                              "eval_loss": 0.1, "eval_accuracy": 99, "eval_seconds": 0.1})
-    app.plot_training_curves(progress, "test", tmp_path / "curves.png", measured_on)
+    report.plot_training_curves(progress, "test", tmp_path / "curves.png", measured_on)
     [figure] = saved
     note = f"\n(train: {measured_on})" if measured_on else ""
     assert [axis.get_title() for axis in figure.axes] == [f"Loss{note}", f"Accuracy{note}"]
@@ -141,7 +142,7 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
     drawn = {}
     monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, dataset, colors, title_size: drawn.update(
         titles=titles, heading=heading, count=len(images)))
-    app.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png", MNIST_DATA)
+    report.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png", MNIST_DATA)
     assert drawn["titles"] == ["pred 4\n(true 9) 97.0 %", "pred 7\n(true 1) 55.0 %"] and drawn["count"] == 2
     assert drawn["heading"] == "The 2 most confident mistakes of 2 on test images"
 

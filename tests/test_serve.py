@@ -21,8 +21,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 import mnist_recognition as app
-from conftest import draw_digit, real_dataset_folder, script_command
-from test_using_a_model import huge_png, paper_digit
+from companions import prepare, serve
+from conftest import draw_digit, huge_png, paper_digit, real_dataset_folder, script_command
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -31,7 +31,7 @@ MNIST_DATA = app.DATASETS["mnist"]
 
 def start_serving(checkpoint):
     """A server for `checkpoint` on a free port of 127.0.0.1, answering from a thread."""
-    server = app.start_server(app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0",
+    server = serve.start_server(app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0",
                                               "--device", "cpu"]))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -122,7 +122,7 @@ def test_post_predict_answers_as_predict_json_does(kind, port, trained, tmp_path
     assert answer["input"].startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(answer["input"].split(",", 1)[1]))) as seen:
         shown = np.asarray(seen, dtype=np.float32) / 255
-    _, network_input = app.read_user_image(path, MNIST_DATA)
+    _, network_input = prepare.read_image(path, MNIST_DATA)
     np.testing.assert_allclose(shown, app.display_pixels(network_input, MNIST_DATA), atol=1 / 255)
 
 
@@ -251,11 +251,11 @@ def test_a_missing_or_bad_checkpoint_is_refused(checkpoint, tmp_path, cli):
 
 
 def test_listening_beyond_this_machine_is_warned_about(trained, monkeypatch, cli):
-    assert app.is_loopback("127.0.0.1") and app.is_loopback("localhost") and app.is_loopback("::1")
-    assert not app.is_loopback("0.0.0.0") and not app.is_loopback("192.0.2.1")
+    assert serve.is_loopback("127.0.0.1") and serve.is_loopback("localhost") and serve.is_loopback("::1")
+    assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("192.0.2.1")
     # The test itself listens on 127.0.0.1 only: the check is made to answer as for another address.
-    monkeypatch.setattr(app, "is_loopback", lambda host: False)
-    monkeypatch.setattr(app.DigitServer, "serve_forever", lambda server: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(serve, "is_loopback", lambda host: False)
+    monkeypatch.setattr(serve.DigitServer, "serve_forever", lambda server: (_ for _ in ()).throw(KeyboardInterrupt))
     threads = torch.get_num_threads()
     result = cli("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--port", 0, "--device", "cpu")
     assert result.code == 0 and "other machines that reach this one can use the page" in result.log
@@ -329,7 +329,7 @@ def test_a_drawn_digit_is_answered_as_post_predict_answers_the_canvas(port, brow
         status, answer = post_image(port, drawn)
         assert status == 200 and shown == answer["class"], digit
         if digit == 0:  # the pen's width: after the preparation, about as much ink as MNIST's 0s (136)
-            ink = app.prepare_like_mnist(Image.open(io.BytesIO(drawn)).convert("L"), app.DATASETS["mnist"]).sum()
+            ink = prepare.prepare_like_mnist(Image.open(io.BytesIO(drawn)).convert("L"), app.DATASETS["mnist"]).sum()
             assert 0.6 * 136 < ink < 1.4 * 136
         bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
         assert [bar.find_element(By.TAG_NAME, "span").text for bar in bars] == [str(c) for c in range(10)]

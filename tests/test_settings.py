@@ -174,3 +174,12 @@ def test_importing_the_script_leaves_out_what_only_some_commands_need():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_importing_the_script_loads_only_the_command_line_of_its_companions():
+    """predict, serve, export, evaluate and the report are imported by the command that runs them."""
+    probe = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
+             "print(sorted(name for name in sys.modules if name.startswith('companions')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['companions', 'companions.command_line']"

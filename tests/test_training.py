@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import mnist_recognition as app
+from companions import report
 from conftest import (QUICK, SCRIPT, TEST_COUNT, assert_same_weights, paused_command, train_quietly,
                       trained_weights)
 
@@ -99,8 +100,12 @@ def test_the_timeline_of_a_run_in_its_own_process_is_in_order(trained):
 
 
 def test_metrics_record_a_hash_of_the_code_that_made_them(trained):
+    """Of every source file a run may use: the script, then the companions' Python files and pages."""
+    package = SCRIPT.parent / "companions"
+    sources = [SCRIPT, *sorted(package.glob("*.py")), *sorted(package.glob("*.html"))]
     metrics = json.loads((trained[0] / "metrics.json").read_text())
-    assert metrics["script_sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:12]
+    assert metrics["script_sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    assert len(sources) >= 10
 
 
 def test_a_run_logs_what_the_original_did(trained):
@@ -337,7 +342,7 @@ def test_cosine_warms_up_linearly_from_zero_then_anneals_to_zero():
 
 
 def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data):
-    images, labels = app.load_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
+    images, labels = app.normalised_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
     args = app.parse_args(["--augment", "affine"])
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     moved, moved_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 1, 0)
@@ -345,7 +350,7 @@ def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data)
     matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.augment_limits)
     for position in (0, 17, 63):
         source = order[position]
-        alone = app.augment(images[source:source + 1], matrices[position:position + 1])
+        alone = app.resampled(images[source:source + 1], matrices[position:position + 1])
         torch.testing.assert_close(moved[position:position + 1], alone)
         assert not torch.equal(alone, images[source:source + 1])
 
@@ -360,7 +365,7 @@ def test_augment_takes_a_list_in_any_order(given, kept):
 def test_every_augmentation_changes_each_image_alone_and_keeps_its_label(augment, synthetic_data):
     """The batch is what the augmentations do to each image on its own, with its own random numbers,
     drawn for the batch in the order affine, elastic, thickness."""
-    images, labels = app.load_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
+    images, labels = app.normalised_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     args = app.parse_args(["--augment", augment])
     changed, changed_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 2, 5)
@@ -372,7 +377,7 @@ def test_every_augmentation_changes_each_image_alone_and_keeps_its_label(augment
     amounts = app.random_thickness(64, generator, limits) if "thickness" in names else torch.zeros(64)
     for position in (0, 17, 63):
         image = images[order[position]].unsqueeze(0)
-        alone = app.thickened(app.augment(image, matrices[position:position + 1], fields[position:position + 1]),
+        alone = app.thickened(app.resampled(image, matrices[position:position + 1], fields[position:position + 1]),
                               amounts[position:position + 1])
         torch.testing.assert_close(changed[position:position + 1], alone, rtol=0, atol=1e-5)
         assert not torch.allclose(alone, image, atol=0.05)
@@ -381,7 +386,7 @@ def test_every_augmentation_changes_each_image_alone_and_keeps_its_label(augment
 def test_clothes_get_no_handwriting_augmentations(synthetic_data):
     """Fashion-MNIST's limits switch elastic and thickness off: with them its batches are, bit for bit,
     those of affine alone, so its best recipe's numbers stay what they were."""
-    train_set = app.load_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
+    train_set = app.normalised_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
     cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
 
     def batch(augment):
@@ -426,12 +431,12 @@ def test_affine_matrices_stay_within_their_limits():
     limit = MNIST_DATA.augment_limits["scale"]
     assert scale.min() >= 1 - limit - 1e-6 and scale.max() <= 1 + limit + 1e-6
     images = torch.rand(2, 1, 28, 28)
-    identity = app.augment(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
+    identity = app.resampled(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
     torch.testing.assert_close(identity, images)
 
 
 def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_data):
-    train_set = app.load_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
+    train_set = app.normalised_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
     cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
 
     def batch(seed, epoch, index):
@@ -444,7 +449,7 @@ def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_da
 
 
 def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(synthetic_data):
-    train_set = app.load_split(synthetic_data, MNIST_DATA, True, 40, torch.device("cpu"))
+    train_set = app.normalised_split(synthetic_data, MNIST_DATA, True, 40, torch.device("cpu"))
     args, order = app.parse_args(["--augment", "affine,elastic,thickness"]), torch.randperm(40)
     whole, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu")), 3, 7)
     for rank in (0, 1):
@@ -509,7 +514,7 @@ def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path,
     assert 'alt="validation_images.png"' in page and " test " not in re.sub(r"<img [^>]*>", "", page)
     train_set, held_out = app.load_data(app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data),
                                                           "--device", "cpu"]), app.Runtime(torch.device("cpu")))
-    everything = app.load_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
+    everything = app.normalised_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert torch.equal(held_out[0], everything[0][-200:]) and torch.equal(train_set[1], everything[1][:-200])
 
 

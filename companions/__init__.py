@@ -1,0 +1,10 @@
+"""What sits beside mnist_recognition.py, one file per job, each imported only by the command that needs it:
+
+command_line.py   the flags, made from the script's SETTINGS table, and their help
+prepare.py        a photo, scan or drawing turned into the network's 28x28 input
+predict.py        predict: read your own images
+serve.py          serve: a page to draw on (page.html), and POST /predict
+evaluate.py       evaluate: re-check a trained model on its test set
+export.py         export: one ONNX file, checked with ONNX Runtime
+report.py         the figures that explain a run, report.html (report_page.html) and metrics.json
+"""

@@ -1,0 +1,260 @@
+"""The command line: argparse made from the SETTINGS table of mnist_recognition.py, each flag's
+type, and the help that shows every default and each recipe's value.
+
+Nothing here runs at import but definitions, so that mnist_recognition.py can import the types
+for its table while it is itself still being imported.
+"""
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import mnist_recognition as trainer
+
+AUGMENTATIONS = ("affine", "elastic", "thickness")  # in the order they are drawn and applied
+
+# ----------------------------------------------------------------------------------------------
+# What each flag accepts
+# ----------------------------------------------------------------------------------------------
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def port_number(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return value
+
+
+def fraction(text):
+    """A number in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def augmentation_list(text):
+    """none, or some of AUGMENTATIONS joined by commas; given back in AUGMENTATIONS' order, so
+    that one set of augmentations has one spelling in metrics.json and checkpoints."""
+    names = {name.strip() for name in text.split(",")}
+    if names == {"none"}:
+        return "none"
+    if not names <= set(AUGMENTATIONS):
+        raise argparse.ArgumentTypeError(
+            f"must be none, or some of {', '.join(AUGMENTATIONS)} joined by commas (affine,elastic), got {text}"
+        )
+    return ",".join(name for name in AUGMENTATIONS if name in names)
+
+
+def adam_betas(text):
+    """Two numbers in [0, 1), written B1,B2."""
+    try:
+        betas = tuple(fraction(part) for part in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        betas = ()
+    if len(betas) != 2:
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) written B1,B2, got {text}")
+    return betas
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting, declared once: argparse, metrics.json, the checkpoint's config and the
+    --resume check are all made from the table below."""
+
+    name: str
+    default: object  # the original recipe's value; RECIPES may give another
+    help: str
+    type: object = None  # what argparse converts the value with; None for an on/off flag
+    choices: tuple = None
+    commands: tuple = ("train",)  # the commands that take it
+    must_match: bool = False  # --resume refuses another value: it shapes the run's numbers
+    recorded: bool = True  # written into metrics.json and checkpoints
+
+    @property
+    def flag(self):
+        return flag_for(self.name)
+
+
+def flag_for(name):
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------------------------
+# argparse, made from the table
+# ----------------------------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each flag's default, except where it would only say None or False; keep the line
+    breaks of descriptions and epilogues as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def as_text(value):
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def help_with_defaults(setting):
+    """The setting's help, then its default and what each recipe sets it to."""
+    by_recipe = [
+        f"{recipe}: {as_text(values[setting.name])}"
+        for recipe, values in trainer.RECIPES.items()
+        if setting.name in values
+    ]
+    if (setting.default is None or setting.default is False) and not by_recipe:
+        return setting.help
+    return f"{setting.help} (default: {'; '.join([as_text(setting.default)] + by_recipe)})"
+
+
+def add_settings(parser, command):
+    """Add the settings this command takes. Those it does not get on the command line stay unset
+    here and are filled in by resolve_settings, from the recipe or the table."""
+    for setting in trainer.SETTINGS:
+        if command not in setting.commands:
+            continue
+        if setting.type is None and setting.choices is None:
+            parser.add_argument(setting.flag, action="store_true", default=argparse.SUPPRESS, help=setting.help)
+        else:
+            parser.add_argument(
+                setting.flag,
+                type=setting.type,
+                choices=setting.choices,
+                default=argparse.SUPPRESS,
+                help=help_with_defaults(setting),
+            )
+
+
+def resolve_settings(args):
+    """Fill every setting not given on the command line: from the recipe, else from the table."""
+    recipe = trainer.RECIPES[getattr(args, "recipe", "original")]
+    args.given = {setting.name for setting in trainer.SETTINGS if hasattr(args, setting.name)}  # on the command line
+    for setting in trainer.SETTINGS:
+        if args.command in setting.commands and not hasattr(args, setting.name):
+            setattr(args, setting.name, recipe.get(setting.name, setting.default))
+    return args
+
+
+def recipes_epilog():
+    lines = ["recipes (a flag given explicitly wins over its recipe's value):"]
+    for name, values in trainer.RECIPES.items():
+        flags = " ".join(f"{flag_for(key)} {as_text(value)}" for key, value in values.items())
+        lines.append(f"  {name:<8} {flags or 'the original design: every default above'}")
+    return "\n".join(lines)
+
+
+OTHER_COMMANDS = (
+    "'evaluate' re-checks a trained model, 'predict' reads your own images, 'serve' opens a\n"
+    "page to draw a digit on, 'export' writes an ONNX file"
+)
+
+
+def export_description():
+    return (
+        "Write a trained model as one self-contained ONNX file: input 'image' [N, 1, 28, 28], pixels\n"
+        "0..1, light on dark (the dataset's normalisation is inside); outputs 'logits' and\n"
+        "'probabilities' [N, 10]. Before it is written, ONNX Runtime runs it on the test images (or on\n"
+        "random ones when they are not on disk) next to PyTorch; it is refused (exit code 1) unless\n"
+        f"every answer is the same and no probability differs by more than {trainer.ONNX_TOLERANCE:.0e}."
+    )
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mnist_recognition.py",
+        formatter_class=HelpFormatter,
+        description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST (the default command). Other commands:\n"
+        f"{OTHER_COMMANDS}; see\n'mnist_recognition.py COMMAND --help'.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, **kwargs):
+        command = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+        add_settings(command, name)
+        if name != "train":
+            command.add_argument(
+                "--checkpoint",
+                type=Path,
+                default=Path("outputs") / trainer.MODEL_FILE,
+                help=f"a model written by training ({trainer.MODEL_FILE} or {trainer.CHECKPOINT_FILE})",
+            )
+        return command
+
+    add(
+        "train",
+        help="train LeNet-5 (what runs when no command is given)",
+        epilog=recipes_epilog(),
+        description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST; this runs when no command is given.\n"
+        "Other commands: 'evaluate' re-checks a trained model, 'predict' reads your own images,\n"
+        "'serve' opens a page to draw a digit on and 'export' writes an ONNX file\n"
+        "(mnist_recognition.py COMMAND --help).",
+    )
+    add("evaluate", help="measure a trained model's accuracy on its dataset's test set")
+    predict = add("predict", help="recognise digits (or clothes, with a Fashion-MNIST model) in your own images")
+    predict.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, GIF, ...)")
+    predict.add_argument("--json", action="store_true", help="print the results as one JSON document")
+    predict.add_argument(
+        "--show",
+        type=Path,
+        default=None,
+        help="write a figure of each input, what the network sees, and its probabilities",
+    )
+    serve = add("serve", help="a page to draw a digit or drop a photo on, and see what the network reads")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 lets other machines reach the page"
+    )
+    serve.add_argument("--port", type=port_number, default=8000, help="the port to listen on (0: any free one)")
+    export = add(
+        "export",
+        help="write a trained model as one ONNX file, checked with ONNX Runtime",
+        description=export_description(),
+    )
+    export.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the ONNX file to write (default: the checkpoint's path with .onnx, "
+        f"outputs/{Path(trainer.MODEL_FILE).with_suffix('.onnx')} for the default checkpoint)",
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in trainer.COMMANDS:
+        argv.insert(0, "train")  # plain `mnist_recognition.py [flags]` trains, as it always did
+    parser = build_parser()
+    args = resolve_settings(parser.parse_args(argv))
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    args.argv = argv  # for the resume command that an interrupted run prints
+    return args

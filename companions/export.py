@@ -1,0 +1,136 @@
+"""export: a trained model as one self-contained ONNX file, checked with ONNX Runtime before it is written.
+
+    python mnist_recognition.py export --checkpoint outputs/lenet5_mnist.pt   # -> outputs/lenet5_mnist.onnx
+
+The file takes 0..1 pixels (the dataset's normalisation is inside the graph) and gives logits and
+probabilities; its metadata says how to prepare an image (docs/export.md).
+"""
+
+import json
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from loguru import logger
+
+import mnist_recognition as trainer
+from companions import prepare, report
+
+RANDOM_CHECK_IMAGES = 1000  # checked instead of the test set when its files are not on disk
+
+
+class PixelsToProbabilities(nn.Module):
+    """LeNet-5 with the dataset's normalisation inside: 0..1 pixels in, logits and probabilities out."""
+
+    def __init__(self, model, dataset):
+        super().__init__()
+        self.model, self.mean, self.std = model, dataset.mean, dataset.std
+
+    def forward(self, image):
+        logits = self.model((image - self.mean) / self.std)
+        return logits, F.softmax(logits, dim=1)
+
+
+def check_images(data_dir, dataset):
+    """(0..1 pixels, labels or None, what they are): the test split when its files are on disk,
+    else a fixed batch of random pixels."""
+    folder = trainer.raw_dir(data_dir, dataset)
+    if trainer.has_files(data_dir, dataset, trainer.TEST_FILES):
+        pixels, labels = trainer.pixel_split(data_dir, dataset, False, None)
+        return pixels, labels, f"the {len(labels):,} test images in {folder}"
+    pixels = torch.rand(RANDOM_CHECK_IMAGES, 1, 28, 28, generator=trainer.generator_for(0))
+    return (
+        pixels,
+        None,
+        f"{RANDOM_CHECK_IMAGES} images of random pixels ({dataset.title}'s test files are not in {folder})",
+    )
+
+
+def onnx_metadata(payload, dataset, test_accuracy):
+    """What a user of the file needs to know, as ONNX metadata_props (text only)."""
+    config = payload.get("config", {})
+    return {
+        "dataset": json.dumps({"name": dataset.name, "title": dataset.title, "classes": list(dataset.classes)}),
+        "input": "image: float32 [N, 1, 28, 28], pixels 0..1, light on dark as in the dataset's files; "
+        "the graph normalises them itself",
+        "outputs": "logits: float32 [N, 10]; probabilities: float32 [N, 10], their softmax",
+        "preparation": prepare.describe(dataset),
+        "test_accuracy": "unknown" if test_accuracy is None else f"{test_accuracy:.3f}",
+        "recipe": str(config.get("recipe", "unknown")),
+        "script_sha256": report.source_hash(),
+    }
+
+
+def onnx_bytes(model, dataset, metadata):
+    """The model as one self-contained ONNX file (weights inside), with a dynamic batch dimension."""
+    program = torch.onnx.export(
+        PixelsToProbabilities(model, dataset).eval(),
+        (torch.rand(2, 1, 28, 28),),
+        dynamo=True,
+        input_names=["image"],
+        output_names=["logits", "probabilities"],
+        dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
+    graph = program.model_proto
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    return graph.SerializeToString()
+
+
+def compare_with_onnx_runtime(file_bytes, expected, pixels):
+    """(answers that differ, the largest difference in a probability) between ONNX Runtime
+    running the file and PyTorch's `expected` probabilities."""
+    import onnxruntime  # only the check needs it
+
+    session = onnxruntime.InferenceSession(file_bytes, providers=["CPUExecutionProvider"])
+    probabilities = np.concatenate(
+        [session.run(["probabilities"], {"image": batch.numpy()})[0] for batch in pixels.split(trainer.EVAL_BATCH_SIZE)]
+    )
+    expected = expected.numpy()
+    return int((probabilities.argmax(1) != expected.argmax(1)).sum()), float(np.abs(probabilities - expected).max())
+
+
+def command(args):
+    """Export, check, then write; exit code 1 (and no file) where ONNX Runtime disagrees."""
+    out = args.out or args.checkpoint.with_suffix(".onnx")
+    trainer.prepare_out_dir(out.parent)
+    model, payload, dataset = trainer.trained_model(args, torch.device("cpu"))
+    model = model.to(memory_format=torch.contiguous_format)  # the plain layout, as the file stores it
+    pixels, labels, described = check_images(args.data_dir, dataset)
+    with torch.inference_mode():
+        pytorch = PixelsToProbabilities(model, dataset)
+        expected = torch.cat([pytorch(batch)[1] for batch in pixels.split(trainer.EVAL_BATCH_SIZE)])
+    test_accuracy = (
+        100 * (expected.argmax(1) == labels).float().mean().item()
+        if labels is not None
+        else payload.get("eval_accuracy")
+        if payload.get("eval_split") == "test"
+        else None
+    )
+    file_bytes = onnx_bytes(model, dataset, onnx_metadata(payload, dataset, test_accuracy))
+    differing, largest = compare_with_onnx_runtime(file_bytes, expected, pixels)
+    logger.info(
+        "ONNX Runtime against PyTorch on {}: {} answers differ, largest difference in a probability {:.2e}",
+        described,
+        differing,
+        largest,
+    )
+    if differing or not largest <= trainer.ONNX_TOLERANCE:
+        raise trainer.CliError(
+            f"Export refused: ONNX Runtime and PyTorch disagree ({differing} answers differ, the "
+            f"largest difference in a probability is {largest:.2e}, over {trainer.ONNX_TOLERANCE:.0e} is "
+            f"refused). Nothing was written to {out}.",
+            exit_code=1,
+        )
+    trainer.write_atomically(out, lambda file: file.write(file_bytes))
+    accuracy = "" if test_accuracy is None else f", {test_accuracy:.3f} % test accuracy"
+    logger.info(
+        "Wrote {} ({:,} bytes): input 'image' [N, 1, 28, 28] pixels 0..1, outputs 'logits' and "
+        "'probabilities' [N, 10]{}",
+        out,
+        len(file_bytes),
+        accuracy,
+    )
+    return 0

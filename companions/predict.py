@@ -1,0 +1,79 @@
+"""predict: read your own images with a trained model.
+
+python mnist_recognition.py predict my_digit.jpg another.png --checkpoint outputs/lenet5_mnist.pt
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from loguru import logger
+
+import mnist_recognition as trainer
+from companions.prepare import ImageError, read_image
+
+
+def classify(model, network_input, device, dataset):
+    """The model's answer for one prepared input: class, name, probability and all probabilities."""
+    with torch.inference_mode():
+        probabilities = F.softmax(model(network_input.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
+    best = int(np.argmax(probabilities))
+    return {
+        "class": best,
+        "name": dataset.classes[best],
+        "probability": probabilities[best],
+        "probabilities": probabilities,
+    }
+
+
+def describe_prediction(result, classes):
+    """'my_digit.jpg: 7 (99.7 %), then 3 (0.2 %), 9 (0.0 %)'"""
+    ranked = np.argsort(result["probabilities"])[::-1]
+    others = ", ".join(f"{classes[c]} ({100 * result['probabilities'][c]:.1f} %)" for c in ranked[1:3])
+    return f"{result['file']}: {result['name']} ({100 * result['probability']:.1f} %), then {others}"
+
+
+def plot_inputs(inputs, results, path, dataset):
+    """One row per input: the image, what the network sees, and its ten probabilities."""
+    figure = trainer.new_figure(9, 2.6 * len(results))
+    axes = figure.subplots(len(results), 3, squeeze=False)
+    for row, ((gray, network_input), result) in zip(axes, zip(inputs, results)):
+        row[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
+        row[0].set_title(Path(result["file"]).name, fontsize=9)
+        row[1].imshow(trainer.display_pixels(network_input, dataset), cmap="gray", vmin=0, vmax=1)
+        row[1].set_title("network input (28x28)", fontsize=9)
+        for axis in row[:2]:
+            axis.axis("off")
+        bars = row[2].bar(range(10), result["probabilities"], color="lightgray")
+        bars[result["class"]].set_color("tab:blue")
+        row[2].set(xticks=range(10), ylim=(0, 1), title=f"predicted {result['name']}")
+        row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if trainer.has_long_names(dataset) else 0)
+    figure.tight_layout()
+    trainer.save_figure(figure, path)
+
+
+def command(args):
+    """Read each image, print the model's answers; exit code 1 if any image could not be read."""
+    device = trainer.pick_device(args.device)
+    model, _, dataset = trainer.trained_model(args, device)
+    inputs, results, failures = [], [], 0
+    for path in args.images:
+        try:
+            gray, network_input = read_image(path, dataset)
+        except ImageError as error:
+            logger.error("{}: {}.", path, error)
+            failures += 1
+            continue
+        inputs.append((gray, network_input))
+        results.append({"file": str(path), **classify(model, network_input, device, dataset)})
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(describe_prediction(result, dataset.classes))
+    if args.show and results:
+        plot_inputs(inputs, results, args.show, dataset)
+        logger.info("Wrote {}", args.show)
+    return 1 if failures else 0

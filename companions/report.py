@@ -1,0 +1,307 @@
+"""The figures that explain a run, and report.html: one self-contained page with every number and figure.
+
+Training writes all of them after its model file; evaluate writes the evaluation's figures and a
+report of its own. The page's layout is report_page.html beside this file.
+"""
+
+import base64
+import hashlib
+import html
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+from string import Template
+
+import numpy as np
+import torch
+
+import mnist_recognition as trainer
+from mnist_recognition import CONFUSION_PNG, CURVES_PNG, MISTAKES_PNG, PREDICTIONS_PNG, TRAIN_IMAGES_PNG
+
+PAGE_FILE = Path(__file__).with_name("report_page.html")
+FIGURE_CAPTIONS = {
+    CURVES_PNG: "Loss (log scale) and accuracy against epochs. The thin line is the training loss of every log "
+    "interval; the points are each epoch's means.",
+    CONFUSION_PNG: "True class against predicted class. Each cell holds a count and is coloured by its share of the "
+    "true class; each class's accuracy stands at the right of its row.",
+    MISTAKES_PNG: "The wrong answers the model gave with the highest confidence.",
+    PREDICTIONS_PNG: "16 random evaluation images with the model's answer; wrong answers are red.",
+    TRAIN_IMAGES_PNG: "16 random training images with their labels.",
+    trainer.split_images_png("test"): "16 random test images with their labels.",
+    trainer.split_images_png("validation"): "16 random validation images (held out from the training split) "
+    "with their labels.",
+}
+EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
+
+
+def training_figures(split):
+    """The six figures of a training run, in the report's order."""
+    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, trainer.split_images_png(split))
+
+
+def write_training_report(out_dir, args, runtime, model, progress, evaluation, timeline, eval_set):
+    """A training run's figures, report.html, and last metrics.json, which times the rest."""
+    config, split, dataset = trainer.training_config(args), evaluation.split, trainer.DATASETS[args.dataset]
+    training_seconds = sum(summary["seconds"] for summary in progress.history)
+    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, dataset)
+    plot_training_curves(progress, split, out_dir / CURVES_PNG, training_measured_on(args))
+    title = f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy"
+    headline = (
+        f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
+        f"{trainer.plural(len(progress.history), 'epoch')} ({training_seconds:.1f} s of training)"
+    )
+    sections = report_sections(config, environment(runtime), evaluation, dataset, progress.history)
+    write_report(out_dir, title, headline, sections, training_figures(split))
+    timeline["written"] = time.time()
+    metrics = {
+        "config": config,
+        "versions": {"torch": torch.__version__, "torchvision": importlib.metadata.version("torchvision")},
+        "script_sha256": source_hash(),
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "backend": runtime.backend,
+        "precision": precision_settings(runtime.device),
+        "parameters": trainer.parameter_count(model),
+        "epochs": progress.history,
+        "eval_split": split,
+        "eval_accuracy": evaluation.accuracy,
+        "eval_images": len(evaluation.labels),
+        "classes": list(dataset.classes),
+        "class_accuracy": evaluation.class_accuracy(),
+        "confusion_matrix": evaluation.confusion_matrix().tolist(),
+        "training_seconds": training_seconds,
+        "total_seconds": timeline["written"] - timeline["main"],  # from the start of training to here
+        "timeline": timeline,
+    }
+    metrics_json = json.dumps(metrics, indent=2).encode()
+    trainer.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(metrics_json))
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures of an evaluation: which classes it confuses, and its worst mistakes
+# ----------------------------------------------------------------------------------------------
+
+
+def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset):
+    plot_confusion_matrix(evaluation, out_dir / CONFUSION_PNG, dataset)
+    plot_mistakes(eval_set, evaluation, out_dir / MISTAKES_PNG, dataset)
+    trainer.plot_predictions(eval_set, evaluation, seed, out_dir / PREDICTIONS_PNG, dataset)
+
+
+def plot_mistakes(eval_set, evaluation, path, dataset):
+    """The 16 wrong answers given with the highest confidence."""
+    worst = evaluation.worst_mistakes()
+    titles = [
+        trainer.grid_title(
+            evaluation.predicted[i].item(),
+            evaluation.labels[i].item(),
+            dataset.classes,
+            evaluation.confidence[i].item(),
+        )
+        for i in worst
+    ]
+    wrong = int((evaluation.predicted != evaluation.labels).sum())
+    heading = f"The {len(worst)} most confident mistakes of {wrong} on {evaluation.split} images"
+    trainer.plot_digit_grid(eval_set[0][worst], titles, heading, path, dataset, ["red"] * len(worst), title_size=9)
+
+
+def plot_confusion_matrix(evaluation, path, dataset):
+    """True against predicted class, coloured by each row's share, the count in every cell."""
+    counts = evaluation.confusion_matrix().numpy()
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    figure = trainer.new_figure(7, 6)
+    axis = figure.subplots()
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for true_class in range(10):
+        for predicted in range(10):
+            color = "white" if shares[true_class, predicted] > 0.5 else "black"
+            axis.text(
+                predicted, true_class, counts[true_class, predicted], ha="center", va="center", fontsize=8, color=color
+            )
+    for true_class, accuracy in enumerate(evaluation.class_accuracy()):
+        axis.text(10, true_class, f"{accuracy:.1f} %", ha="left", va="center", fontsize=8)
+    title = f"Confusion matrix on {len(evaluation.labels)} {evaluation.split} images (accuracy per class at right)"
+    axis.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class", title=title)
+    long_names = trainer.has_long_names(dataset)
+    axis.set_xticklabels(dataset.classes, rotation=45 if long_names else 0, ha="right" if long_names else "center")
+    axis.set_yticklabels(dataset.classes)
+    axis.title.set_fontsize(10)
+    figure.colorbar(image, ax=axis, fraction=0.04, pad=0.12, label="share of the true class")
+    figure.tight_layout()
+    trainer.save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure of a training run: how it learned
+# ----------------------------------------------------------------------------------------------
+
+
+def training_measured_on(args):
+    """What the train loss and accuracy were measured on, where it is not the plain images and loss
+    that evaluation uses ('' otherwise): why they may sit far from the evaluation's."""
+    conditions = (["augmented images"] if args.augment != "none" else []) + (
+        [f"label smoothing {args.label_smoothing:g}"] if args.label_smoothing else []
+    )
+    return ", ".join(conditions)
+
+
+def plot_training_curves(progress, split, path, measured_on=""):
+    """Loss and accuracy against epochs: every log line's loss, and each epoch's train and evaluation
+    values; `measured_on` says under the titles what the train values were measured on."""
+    from matplotlib.ticker import MaxNLocator
+
+    history = progress.history
+    epochs = [summary["epoch"] for summary in history]
+    evaluated = [summary for summary in history if summary["eval_loss"] is not None]
+    evaluated_epochs = [summary["epoch"] for summary in evaluated]
+    figure = trainer.new_figure(10, 4)
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
+    if progress.logged_losses:
+        at, losses = zip(*progress.logged_losses)
+        loss_axis.plot(at, losses, linewidth=0.8, color="tab:blue", alpha=0.5, label="train loss (log lines)")
+    loss_axis.plot(epochs, [s["loss"] for s in history], "o", color="tab:blue", label="train loss (epoch)")
+    loss_axis.plot(
+        evaluated_epochs, [s["eval_loss"] for s in evaluated], "s", color="tab:orange", label=f"{split} loss"
+    )
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="Loss")
+    accuracy_axis.plot(epochs, [s["train_accuracy"] for s in history], "o-", color="tab:blue", label="train accuracy")
+    accuracy_axis.plot(
+        evaluated_epochs, [s["eval_accuracy"] for s in evaluated], "s-", color="tab:orange", label=f"{split} accuracy"
+    )
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        if measured_on:
+            axis.set_title(f"{axis.get_title()}\n(train: {measured_on})", fontsize=9)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # one epoch (the fast recipe) from its start: alone, its point gets an axis of fractions
+            axis.set_xlim(0, 1.1)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    trainer.save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The page
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(out_dir, title, headline, sections, figure_names):
+    """report.html: `sections` are (heading, HTML) pairs; the figures named are embedded, so the
+    page needs nothing outside itself."""
+    page = Template(PAGE_FILE.read_text(encoding="utf-8")).substitute(
+        title=html.escape(title),
+        headline=html.escape(headline),
+        sections="".join(
+            f"<section><h2>{html.escape(heading)}</h2>{content}</section>" for heading, content in sections
+        ),
+        figures="".join(embedded_figure(out_dir / name, FIGURE_CAPTIONS[name]) for name in figure_names),
+    )
+    trainer.write_atomically(out_dir / trainer.REPORT_FILE, lambda file: file.write(page.encode()))
+
+
+def report_sections(settings, environment_values, evaluation, dataset, history=()):
+    """(heading, HTML table) pairs: the settings, the environment, the epochs, the classes."""
+    sections = [
+        ("Settings", html_table(("setting", "value"), [(name, trainer.as_text(v)) for name, v in settings.items()])),
+        ("Environment", html_table(("what", "value"), environment_values.items())),
+    ]
+    if history:
+        sections.append(("Per epoch", epochs_table(history, evaluation.split)))
+    rows = [
+        (index, name, int(count), f"{accuracy:.2f}")
+        for index, (name, count, accuracy) in enumerate(
+            zip(dataset.classes, evaluation.confusion_matrix().sum(1), evaluation.class_accuracy())
+        )
+    ]
+    sections.append(("Accuracy per class", html_table(("class", "name", "images", "accuracy %"), rows)))
+    return sections
+
+
+def epochs_table(history, split):
+    columns = {
+        "epoch": ("epoch", "{}"),
+        "loss": ("loss", "{:.4f}"),
+        "train_accuracy": ("train accuracy", "{:.2f}"),
+        "eval_loss": (f"{split} loss", "{:.4f}"),
+        "eval_accuracy": (f"{split} accuracy", "{:.2f}"),
+        "seconds": ("seconds", "{:.1f}"),
+    }
+    rows = [
+        ["" if summary[key] is None else form.format(summary[key]) for key, (_, form) in columns.items()]
+        for summary in history
+    ]
+    return html_table([heading for heading, _ in columns.values()], rows)
+
+
+def html_table(header, rows):
+    def cells(row, tag):
+        return "".join(f"<{tag}>{html.escape(str(cell))}</{tag}>" for cell in row)
+
+    return (
+        f"<table><tr>{cells(header, 'th')}</tr>" + "".join(f"<tr>{cells(row, 'td')}</tr>" for row in rows) + "</table>"
+    )
+
+
+def embedded_figure(path, caption):
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def cpu_name():
+    """The CPU's model name as Linux reports it (platform.processor() is empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(runtime):
+    device_name = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else cpu_name()
+    return {
+        "torch": torch.__version__,
+        "torchvision": importlib.metadata.version("torchvision"),
+        "python": platform.python_version(),
+        "device": f"{runtime.device} ({device_name})",
+        "CPU threads": torch.get_num_threads(),
+        "world size": runtime.world_size,
+        "script sha256": source_hash(),
+    }
+
+
+def precision_settings(device):
+    """What metrics.json records about the arithmetic of a run on `device`."""
+    settings = {"dtype": "float32"}
+    if device.type == "cuda":
+        settings.update(
+            {
+                "gpu": torch.cuda.get_device_name(device),
+                "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version(),
+                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            }
+        )
+    return settings
+
+
+def source_hash():
+    """A short hash of the program's source (mnist_recognition.py and this package's files), so that
+    a result can be traced to the code that made it."""
+    package = Path(__file__).resolve().parent
+    files = [Path(trainer.__file__), *sorted(package.glob("*.py")), *sorted(package.glob("*.html"))]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]

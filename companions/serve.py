@@ -1,0 +1,243 @@
+"""serve: a page to draw a digit or drop a photo on, and the model's answer to it.
+
+    python mnist_recognition.py serve --checkpoint outputs/lenet5_mnist.pt   # then open http://127.0.0.1:8000/
+
+GET / is the page (page.html beside this file); POST /predict takes an image's bytes and answers
+with predict's JSON plus the network's 28x28 input. Nothing else is served: no file is ever read
+by its path. The HTTP contract is in docs/serve.md.
+"""
+
+import base64
+import contextlib
+import errno
+import html
+import io
+import ipaddress
+import json
+import socket
+import sys
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import torch
+from loguru import logger
+from PIL import Image
+
+import mnist_recognition as trainer
+from companions.predict import classify
+from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
+
+PAGE_FILE = Path(__file__).with_name("page.html")
+MAX_BODY_BYTES = 10 * 1024 * 1024  # larger uploads are refused (413) before they are read
+ROUTES = {"/": "GET", "/predict": "POST"}
+# What each of the preparation's errors means to a client.
+STATUS_OF = {UnreadableImage: 400, ImageTooLarge: 413, NoInk: 422}
+
+
+class EmptyBody(UnreadableImage):
+    """A request without an image in it."""
+
+
+def describe_model(checkpoint, payload, dataset):
+    """'outputs/lenet5_mnist.pt: LeNet-5 trained on MNIST, recipe fast, 99.16 % test accuracy'"""
+    recipe = payload.get("config", {}).get("recipe", "unknown")
+    accuracy = (
+        f", {payload['eval_accuracy']:.2f} % {payload['eval_split']} accuracy" if "eval_accuracy" in payload else ""
+    )
+    return f"{checkpoint}: LeNet-5 trained on {dataset.title}, recipe {recipe}{accuracy}"
+
+
+def page_for(model_description, dataset):
+    """The page, with the model's class names and a line about the model."""
+    return (
+        PAGE_FILE.read_text(encoding="utf-8")
+        .replace("__CLASSES__", json.dumps(list(dataset.classes)))
+        .replace("__MODEL__", html.escape(model_description))
+    )
+
+
+def png_data_url(pixels):
+    """28x28 0..1 pixels as a PNG data URL."""
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class DigitServer(ThreadingHTTPServer):
+    """Serves the page and answers POST /predict with the model's reading of the image sent."""
+
+    # server_close closes every open connection, then waits for its thread: a thread still alive
+    # when the interpreter ends can make torch abort the process ("terminate called ...").
+    daemon_threads, block_on_close = False, True
+
+    def __init__(self, address, model, device, dataset, page):
+        self.model, self.device, self.dataset, self.page = model, device, dataset, page.encode()
+        # The request threads share the model. A forward pass under inference_mode changes nothing
+        # in it, so the lock is not for safety: one pass at a time is faster than several.
+        self.model_lock = threading.Lock()
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.connections, self.connections_lock = set(), threading.Lock()
+        super().__init__(address, DigitRequestHandler)
+
+    def process_request_thread(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(request)
+
+    def server_close(self):
+        with self.connections_lock:
+            for connection in self.connections:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    connection.shutdown(socket.SHUT_RDWR)  # wakes its thread, waiting for the next request
+        super().server_close()
+
+    def handle_error(self, request, client_address):
+        logger.debug("A connection from {} broke off: {}", client_address, sys.exc_info()[1])
+
+    def prediction_for(self, body):
+        """The JSON-ready prediction for an image's bytes; raises the preparation's ImageError."""
+        if not body:
+            raise EmptyBody("the body is empty: send an image's bytes")
+        pixels = prepared_pixels(open_grayscale(io.BytesIO(body)), self.dataset)
+        with self.model_lock:
+            result = classify(self.model, normalised(pixels, self.dataset), self.device, self.dataset)
+        return {**result, "input": png_data_url(pixels)}
+
+
+class DigitRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a page or client reuses its connection
+    server_version = "mnist_recognition"
+    timeout = 30  # seconds a connection may stay silent, idle or in the middle of a body
+    disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart (delayed ACKs)
+
+    def route(self):
+        """Every method comes here (self.command names it), so that each gets a JSON answer."""
+        try:
+            self.dispatch(self.command)
+        except Exception:  # a bug must cost one answer, not the server
+            logger.exception("{} {} failed", self.command, self.path)
+            self.send_error_json(500, "the server failed on this request; its log says why")
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = route
+
+    def dispatch(self, method):
+        path = urllib.parse.urlsplit(self.path).path
+        if path not in ROUTES:
+            return self.send_error_json(404, f"nothing at {path}: the page is at / and answers come from POST /predict")
+        if method != ROUTES[path]:
+            return self.send_error_json(405, f"{path} takes {ROUTES[path]}, not {method}", Allow=ROUTES[path])
+        if path == "/":
+            return self.send(200, self.server.page, "text/html; charset=utf-8")
+        self.predict()
+
+    def predict(self):
+        body = self.read_body()
+        if body is None:
+            return  # answered already
+        try:
+            prediction = self.server.prediction_for(body)
+        except tuple(STATUS_OF) as error:
+            status = next(code for kind, code in STATUS_OF.items() if isinstance(error, kind))
+            return self.send_error_json(status, str(error), body_read=True)
+        self.send(200, json.dumps(prediction).encode(), "application/json")
+
+    def read_body(self):
+        """The request's body, or None once an error has been answered."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return self.send_error_json(411, "send the image with a Content-Length header")
+        if not length.isdigit():
+            return self.send_error_json(400, f"Content-Length {length!r} is not a byte count")
+        if int(length) > MAX_BODY_BYTES:
+            return self.send_error_json(413, f"the image is over {MAX_BODY_BYTES // 2**20} MB")
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            return self.send_error_json(408, f"the body did not arrive within {self.timeout} s")
+        if len(body) < int(length):
+            return self.send_error_json(400, "the body ended before its Content-Length")
+        return body
+
+    def send_error_json(self, status, message, body_read=False, **headers):
+        """A 4xx or 5xx answer: one line of JSON, {"error": message}."""
+        if not body_read:
+            self.close_connection = True  # what is left of the request is unread: the connection cannot go on
+        self.send(status, json.dumps({"error": message}).encode(), "application/json", **headers)
+
+    def send(self, status, body, content_type, **headers):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        # The headers and the body in one write (end_headers would send the headers on their own).
+        self._headers_buffer.append(b"\r\n" + (body if self.command != "HEAD" else b""))
+        self.flush_headers()
+
+    def log_message(self, format, *args):
+        pass  # one line per request would drown the log; errors are logged where they happen
+
+
+def is_loopback(host):
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
+
+
+def start_server(args):
+    """The server, listening; its model is the checkpoint's, on the device asked for."""
+    device = trainer.pick_device(args.device)
+    model, payload, dataset = trainer.trained_model(args, device)
+    description = describe_model(args.checkpoint, payload, dataset)
+    try:
+        server = DigitServer((args.host, args.port), model, device, dataset, page_for(description, dataset))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise trainer.CliError(
+                f"--port {args.port}: the port is already in use on {args.host}. Choose another "
+                f"with --port, or stop what listens there."
+            ) from None
+        raise trainer.CliError(
+            f"--host {args.host}: cannot listen there ({error.strerror or error}). Give an address "
+            f"of this machine, such as 127.0.0.1."
+        ) from None
+    logger.info("Model {}", description)
+    if not is_loopback(args.host):
+        logger.warning(
+            "Listening on {}: other machines that reach this one can use the page too. "
+            "--host 127.0.0.1 keeps it to this machine.",
+            args.host,
+        )
+    return server
+
+
+def command(args):
+    """Serve until Ctrl-C."""
+    server = start_server(args)
+    host, port = server.server_address[:2]
+    logger.info(
+        "Open http://{}:{}/ to draw a digit or drop a photo; Ctrl-C stops the server",
+        f"[{host}]" if ":" in host else host,
+        port,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # requests come in parallel, and each is a tiny forward pass
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        logger.info("Stopped")
+    finally:
+        server.server_close()
+        torch.set_num_threads(threads)  # main() may run again in this process (the tests do)
+    return 0

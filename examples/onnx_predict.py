@@ -1,0 +1,53 @@
+"""Read photos of digits with the ONNX file that `mnist_recognition.py export` wrote: no torch, no
+script, only `pip install onnxruntime numpy pillow`.
+
+    python examples/onnx_predict.py outputs/lenet5_mnist.onnx my_digit.jpg [more.jpg ...]
+    # my_digit.jpg: 7 99.7%
+
+Its preparation is a simpler form of predict's (docs/export.md says what it leaves out): dark ink
+on light paper, made light on dark; the paper's level (the image's median) taken away; cropped to
+the ink; its longer side 20 pixels, its centre of mass at the centre of a 28x28 field.
+"""
+
+import json
+import sys
+
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+
+def prepare(path):
+    """The image in `path` as the file's input: [1, 1, 28, 28], pixels 0..1, light on dark."""
+    ink = 255 - np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    ink = np.clip(ink - np.median(ink), 0, None)
+    rows, cols = np.nonzero(ink > 0.2 * ink.max())
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] / ink.max()
+    scale = 20 / max(ink.shape)
+    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
+    digit = Image.fromarray((ink * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    weights = np.asarray(digit, dtype=np.float32)
+    row_centre, col_centre = (np.indices(weights.shape) * weights).sum(axis=(1, 2)) / weights.sum()
+    field = Image.new("L", (28, 28))
+    field.paste(digit, (round(13.5 - col_centre), round(13.5 - row_centre)))
+    return np.asarray(field, dtype=np.float32)[None, None] / 255
+
+
+def read(session, path):
+    """(class name, probability) of the digit in `path`."""
+    classes = json.loads(session.get_modelmeta().custom_metadata_map["dataset"])["classes"]
+    probabilities = session.run(["probabilities"], {"image": prepare(path)})[0][0]
+    return classes[int(probabilities.argmax())], float(probabilities.max())
+
+
+def main(onnx_file, *images):
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    for path in images:
+        name, probability = read(session, path)
+        print(f"{path}: {name} {probability:.1%}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit("usage: python examples/onnx_predict.py MODEL.onnx IMAGE [IMAGE ...]")
+    main(*sys.argv[1:])
