@@ -7,6 +7,7 @@ Only the training epochs are timed (not start-up, data loading or evaluation).
 
     python benchmarks/compare_pipeline.py --pairs 3
 """
+
 import argparse
 import json
 import statistics
@@ -34,10 +35,16 @@ def train_original(epochs, seed, data_dir):
         def __init__(self):
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-                nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.AvgPool2d(2))
+                nn.Conv2d(1, 6, kernel_size=5, padding=2),
+                nn.ReLU(),
+                nn.AvgPool2d(2),
+                nn.Conv2d(6, 16, kernel_size=5),
+                nn.ReLU(),
+                nn.AvgPool2d(2),
+            )
             self.classifier = nn.Sequential(
-                nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+                nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10)
+            )
 
         def forward(self, x):
             return self.classifier(torch.flatten(self.features(x), 1))
@@ -68,8 +75,10 @@ def train_original(epochs, seed, data_dir):
             total += labels.size(0)
             correct += (predicted == labels).sum().item()
             if i % 200 == 0:
-                logger.info(f"[Epoch {epoch + 1}, Batch {i}] loss: {running_loss / 200:.3f} "
-                            f"accuracy: {100 * correct / total:.2f} %")
+                logger.info(
+                    f"[Epoch {epoch + 1}, Batch {i}] loss: {running_loss / 200:.3f} "
+                    f"accuracy: {100 * correct / total:.2f} %"
+                )
                 running_loss, correct, total = 0.0, 0, 0
         seconds.append(time.perf_counter() - started)
     correct = 0
@@ -81,18 +90,37 @@ def train_original(epochs, seed, data_dir):
 
 
 def run_original(epochs, seed, data_dir):
-    output = subprocess.run([sys.executable, __file__, "--worker", "--epochs", str(epochs),
-                             "--seed", str(seed), "--data-dir", data_dir],
-                            check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, __file__, "--worker", "--epochs", str(epochs), "--seed", str(seed), "--data-dir", data_dir],
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ).stdout
     result = json.loads(output.strip().splitlines()[-1])
     return result["seconds"], result["accuracy"]
 
 
 def run_program(epochs, seed, data_dir):
     with tempfile.TemporaryDirectory() as out_dir:
-        subprocess.run([sys.executable, str(REPO / "mnist_recognition.py"), "--epochs", str(epochs),
-                        "--seed", str(seed), "--data-dir", data_dir, "--out-dir", out_dir,
-                        "--no-download"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "mnist_recognition.py"),
+                "--epochs",
+                str(epochs),
+                "--seed",
+                str(seed),
+                "--data-dir",
+                data_dir,
+                "--out-dir",
+                out_dir,
+                "--no-download",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         metrics = json.loads((Path(out_dir) / "metrics.json").read_text())
     return [epoch["seconds"] for epoch in metrics["epochs"]], metrics["eval_accuracy"]
 
@@ -120,8 +148,10 @@ def main():
             per_epoch[name].append(statistics.median(seconds))
             print(f"{pair + 1:>4}  {name:<10} {per_epoch[name][-1]:>8.2f}  {accuracy:>10.2f}", flush=True)
     ratios = [o / p for o, p in zip(per_epoch["dataloader"], per_epoch["program"])]
-    print(f"median s/epoch: dataloader {statistics.median(per_epoch['dataloader']):.2f}, "
-          f"program {statistics.median(per_epoch['program']):.2f}")
+    print(
+        f"median s/epoch: dataloader {statistics.median(per_epoch['dataloader']):.2f}, "
+        f"program {statistics.median(per_epoch['program']):.2f}"
+    )
     print(f"speed-up per pair: {', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")
 
 

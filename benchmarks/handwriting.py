@@ -23,6 +23,7 @@ handled too ("now", the current preparation). The kinds:
 
 The MNIST digits are a fixed random choice (seed 0) from the test set in <data-dir>/MNIST/raw/.
 """
+
 import argparse
 import io
 import sys
@@ -37,14 +38,19 @@ import mnist_recognition as app  # noqa: E402
 from companions import prepare  # noqa: E402
 from companions.serve import describe_model  # noqa: E402
 
-FONTS = ["/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf", "/usr/share/fonts/truetype/fifthhorseman/dkg.ttf",
-         "/usr/share/fonts/truetype/femkeklaver/femkeklaver.ttf", "/usr/share/fonts/truetype/breip/Breip.ttf",
-         "/usr/share/fonts/truetype/rufscript/Rufscript010.ttf",
-         "/usr/share/fonts/opentype/dancingscript/DancingScript-Regular.otf"]
+FONTS = [
+    "/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf",
+    "/usr/share/fonts/truetype/fifthhorseman/dkg.ttf",
+    "/usr/share/fonts/truetype/femkeklaver/femkeklaver.ttf",
+    "/usr/share/fonts/truetype/breip/Breip.ttf",
+    "/usr/share/fonts/truetype/rufscript/Rufscript010.ttf",
+    "/usr/share/fonts/opentype/dancingscript/DancingScript-Regular.otf",
+]
 PENS = {"drawn, thin pen (10 px)": 10, "drawn, MNIST-like pen (28 px)": 28, "drawn, heavy pen (56 px)": 56}
 
 
 # --- making the images ---------------------------------------------------------------------------
+
 
 def thinned(binary):
     """The skeleton of a binary image, one pixel wide (Zhang and Suen's thinning, 1984)."""
@@ -93,8 +99,11 @@ def on_paper(ink, rng, page_margin):
     page_width, page_height = width + left + rng.integers(10, page_margin), height + top + rng.integers(10, page_margin)
     paper, ink_level = rng.uniform(170, 235), rng.uniform(30, 90)
     page = np.full((page_height, page_width), paper, dtype=np.float32)
-    page[top:top + height, left:left + width] -= (paper - ink_level) * ink
-    light = rng.uniform(-25, 25) * np.linspace(-1, 1, page_width)[None, :] + rng.uniform(-15, 15) * np.linspace(-1, 1, page_height)[:, None]
+    page[top : top + height, left : left + width] -= (paper - ink_level) * ink
+    light = (
+        rng.uniform(-25, 25) * np.linspace(-1, 1, page_width)[None, :]
+        + rng.uniform(-15, 15) * np.linspace(-1, 1, page_height)[:, None]
+    )
     return page + light
 
 
@@ -104,7 +113,9 @@ def photographed(digit, rng):
     large = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
     large = large.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR)
     page = on_paper(np.asarray(large, dtype=np.float32) / 255, rng, page_margin=160)
-    photo = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.5)))
+    photo = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).filter(
+        ImageFilter.GaussianBlur(rng.uniform(0.5, 2.5))
+    )
     noisy = np.asarray(photo, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), size=page.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), "JPEG"
 
@@ -151,7 +162,9 @@ def kinds_of_images(data_dir, count):
     if fonts:
         per_font = max(1, count // (10 * len(fonts)))
         font_labels = [digit for _ in fonts for digit in range(10) for _ in range(per_font)]
-        font_files = [encoded(*in_font(path, digit, rng)) for path in fonts for digit in range(10) for _ in range(per_font)]
+        font_files = [
+            encoded(*in_font(path, digit, rng)) for path in fonts for digit in range(10) for _ in range(per_font)
+        ]
         kinds[f"fonts ({len(fonts)})"] = (font_files, font_labels)
     return kinds
 

@@ -9,6 +9,7 @@ as the script does on a CPU (channels-last, eval mode, inference_mode), with its
 ONNX Runtime with its defaults. Each round times every case once, in an order that rotates from
 round to round; the medians over rounds are printed, with the ratio ONNX Runtime / PyTorch.
 """
+
 import argparse
 import statistics
 import sys
@@ -27,8 +28,12 @@ from companions.report import cpu_name  # noqa: E402
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=Path("outputs") / app.MODEL_FILE)
-    parser.add_argument("--onnx", type=Path, default=Path("outputs") / "lenet5_mnist.onnx",
-                        help="the file `mnist_recognition.py export` wrote from the same checkpoint")
+    parser.add_argument(
+        "--onnx",
+        type=Path,
+        default=Path("outputs") / "lenet5_mnist.onnx",
+        help="the file `mnist_recognition.py export` wrote from the same checkpoint",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=2000, help="images per case per round")
     return parser.parse_args()
@@ -41,6 +46,7 @@ def torch_runner(checkpoint):
     def run(pixels):
         with torch.inference_mode():
             return torch.softmax(model((torch.from_numpy(pixels) - dataset.mean) / dataset.std), dim=1).numpy()
+
     return run
 
 
@@ -69,12 +75,14 @@ def main():
     for name, batch in cases:  # warm-up
         images_per_second(runners[name], [pixels[:batch]] * 3)
     for round_index in range(args.rounds):
-        order = cases[round_index % len(cases):] + cases[:round_index % len(cases)]
+        order = cases[round_index % len(cases) :] + cases[: round_index % len(cases)]
         for name, batch in order:
-            batches = [pixels[start:start + batch] for start in range(0, args.images, batch)]
+            batches = [pixels[start : start + batch] for start in range(0, args.images, batch)]
             rates[(name, batch)].append(images_per_second(runners[name], batches))
-    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} threads, "
-          f"{cpu_name()}; medians of {args.rounds} rounds of {args.images} images")
+    print(
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} threads, "
+        f"{cpu_name()}; medians of {args.rounds} rounds of {args.images} images"
+    )
     print(f"{'batch':>6} {'pytorch img/s':>15} {'onnxruntime img/s':>18} {'ratio':>7}")
     for batch in (1, 1000):
         torch_rate = statistics.median(rates[("pytorch", batch)])

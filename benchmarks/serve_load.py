@@ -10,6 +10,7 @@ canvas). It prints good answers per second, the p50 and p99 latency of all reque
 
     python benchmarks/serve_load.py --checkpoint outputs/lenet5_mnist.pt --clients 8 --requests 10000
 """
+
 import argparse
 import http.client
 import io
@@ -36,8 +37,13 @@ def drawing(digit, rng):
     top, bottom = rng.randint(30, 60), rng.randint(220, 250)
     left, right = rng.randint(70, 100), rng.randint(180, 210)
     shapes = {
-        0: [(left, (top + bottom) / 2), ((left + right) / 2, top), (right, (top + bottom) / 2),
-            ((left + right) / 2, bottom), (left, (top + bottom) / 2)],
+        0: [
+            (left, (top + bottom) / 2),
+            ((left + right) / 2, top),
+            (right, (top + bottom) / 2),
+            ((left + right) / 2, bottom),
+            (left, (top + bottom) / 2),
+        ],
         1: [((left + right) / 2 + 8, top), ((left + right) / 2 - 8, bottom)],
         7: [(left, top), (right, top), ((left + right) / 2, bottom)],
     }
@@ -84,9 +90,24 @@ def resident_mb(pid):
 
 
 def start_server(checkpoint):
-    process = subprocess.Popen([sys.executable, str(REPO / "mnist_recognition.py"), "serve", "--checkpoint",
-                                str(checkpoint), "--host", "127.0.0.1", "--port", "0", "--device", "cpu"],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "mnist_recognition.py"),
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     for line in process.stderr:
         if match := re.search(r"http://127\.0\.0\.1:(\d+)/", line):
@@ -135,8 +156,9 @@ def client(port, requests, mix, results, deadline):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=REPO / "outputs" / "lenet5_mnist.pt",
-                        help="the model to serve")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=REPO / "outputs" / "lenet5_mnist.pt", help="the model to serve"
+    )
     parser.add_argument("--clients", type=int, default=8, help="clients at the same time")
     parser.add_argument("--requests", type=int, default=10_000, help="requests in all")
     parser.add_argument("--max-seconds", type=float, default=300, help="stop after this long whatever is left")
@@ -151,8 +173,9 @@ def main():
         requests, results = {"left": args.requests, "lock": threading.Lock()}, []
         started = time.perf_counter()
         deadline = time.monotonic() + args.max_seconds
-        threads = [threading.Thread(target=client, args=(port, requests, mix, results, deadline))
-                   for _ in range(args.clients)]
+        threads = [
+            threading.Thread(target=client, args=(port, requests, mix, results, deadline)) for _ in range(args.clients)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -167,15 +190,21 @@ def main():
     good = sum(1 for kind, status, expected, _ in results if status == 200)
     as_expected = sum(1 for kind, status, expected, _ in results if status == expected)
     errors = sum(1 for kind, status, expected, _ in results if status is None or status >= 500)
-    print(f"{len(results)} requests from {args.clients} clients in {elapsed:.1f} s "
-          f"({sum(r[0] == 'drawing' for r in results)} drawings, {sum(r[0] == 'photo' for r in results)} photos, "
-          f"{sum(r[0] == 'bad' for r in results)} bad bodies)")
+    print(
+        f"{len(results)} requests from {args.clients} clients in {elapsed:.1f} s "
+        f"({sum(r[0] == 'drawing' for r in results)} drawings, {sum(r[0] == 'photo' for r in results)} photos, "
+        f"{sum(r[0] == 'bad' for r in results)} bad bodies)"
+    )
     print(f"good answers per second: {good / elapsed:.0f} ({good} answers of 200)")
-    print(f"latency: p50 {1000 * statistics.median(latencies):.1f} ms, "
-          f"p99 {1000 * latencies[int(0.99 * (len(latencies) - 1))]:.1f} ms")
+    print(
+        f"latency: p50 {1000 * statistics.median(latencies):.1f} ms, "
+        f"p99 {1000 * latencies[int(0.99 * (len(latencies) - 1))]:.1f} ms"
+    )
     print(f"answers with the expected status: {as_expected} of {len(results)}; errors (5xx or dropped): {errors}")
-    print(f"server memory: {memory_before:.1f} MB before, {memory_after:.1f} MB after "
-          f"({memory_after - memory_before:+.1f} MB)")
+    print(
+        f"server memory: {memory_before:.1f} MB before, {memory_after:.1f} MB after "
+        f"({memory_after - memory_before:+.1f} MB)"
+    )
 
 
 if __name__ == "__main__":

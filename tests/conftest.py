@@ -10,6 +10,7 @@ A test that needs the real data or Chromium skips, saying why, where they are mi
 REQUIRE_ALL_TESTS=1 in the environment (CI sets it) it fails instead, so that CI cannot go green
 by skipping them.
 """
+
 import os
 import queue
 import random
@@ -52,8 +53,9 @@ def draw_digit(digit, rng, size=28, ink=255, paper=0, mode="L"):
 
 def paper_digit(digit, seed=0, size=300, **kwargs):
     """A dark digit on light paper, like a photo or scan of handwriting."""
-    return draw_digit(digit, random.Random(seed), size=size, ink=kwargs.pop("ink", 0),
-                      paper=kwargs.pop("paper", 255), **kwargs)
+    return draw_digit(
+        digit, random.Random(seed), size=size, ink=kwargs.pop("ink", 0), paper=kwargs.pop("paper", 255), **kwargs
+    )
 
 
 def off_centre(image, canvas=(640, 480), at=(60, 150), paper=255):
@@ -104,6 +106,7 @@ def synthetic_data(tmp_path_factory):
 
 # --- what a test needs from the machine: skipped where it is missing, unless CI requires it -------
 
+
 def skip_unless_required(reason):
     """Skip the calling test, saying why; under REQUIRE_ALL_TESTS=1 fail it instead."""
     if os.environ.get("REQUIRE_ALL_TESTS") == "1":
@@ -113,8 +116,12 @@ def skip_unless_required(reason):
 
 # The four files of a dataset in MNIST's format, written out here rather than taken from the
 # script, so that a wrong name there cannot hide.
-DATASET_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte")
+DATASET_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def real_dataset_folder(shared_name, torchvision_folder):
@@ -137,9 +144,18 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1100,900"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1100,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(60)
@@ -148,6 +164,7 @@ def browser(tmp_path):
 
 
 # --- the command line, in-process ----------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -162,11 +179,13 @@ class Result:
 @pytest.fixture
 def cli(capsys):
     """Run main(argv) in this process; returns its exit code, log and standard output."""
+
     def run(*args):
         capsys.readouterr()
         code = app.main([str(arg) for arg in args])
         out, err = capsys.readouterr()
         return Result(code, err, out)
+
     return run
 
 
@@ -191,10 +210,11 @@ def assert_same_weights(first_out_dir, second_out_dir, atol=0.0):
     first, second = trained_weights(first_out_dir), trained_weights(second_out_dir)
     assert first.keys() == second.keys()
     for name, tensor in second.items():
-        torch.testing.assert_close(first[name], tensor, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(first[name], tensor, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # --- the command line as a process ---------------------------------------------------------------
+
 
 def script_command(*args):
     return [sys.executable, str(SCRIPT), *map(str, args)]
@@ -206,8 +226,15 @@ def paused_command(epoch, batch, *args):
 
 
 def torchrun_command(*args, processes=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            str(SCRIPT), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        str(SCRIPT),
+        *map(str, args),
+    ]
 
 
 def run_process(command, timeout=120):
@@ -220,8 +247,14 @@ class Background:
     waiting for a line fails at its deadline even when the process prints nothing."""
 
     def __init__(self, command):
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         self.lines, self.log = queue.Queue(), []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -287,8 +320,21 @@ def fashion_trained(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("fashion") / "data"
     write_synthetic_mnist(data_dir, folder="FashionMNIST")
     out_dir = data_dir.parent / "out"
-    train_quietly("--dataset", "fashion-mnist", "--epochs", 2, "--batch-size", 32, "--no-download",
-                  "--device", "cpu", "--data-dir", data_dir, "--out-dir", out_dir)
+    train_quietly(
+        "--dataset",
+        "fashion-mnist",
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--data-dir",
+        data_dir,
+        "--out-dir",
+        out_dir,
+    )
     return data_dir, out_dir
 
 

@@ -6,6 +6,7 @@ After batch BATCH of epoch EPOCH (both counted from 1) it prints "paused at epoc
 stderr and waits for a line on stdin. The signal tests send their real signal while it waits
 there, so the moment the signal lands is certain instead of a race with the clock.
 """
+
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def pause_after(epoch, batch):
         if (progress.epoch + 1, index + 1) == (epoch, batch):
             print(f"paused at epoch {epoch}, batch {batch}", file=sys.stderr, flush=True)
             sys.stdin.readline()  # a signal handled meanwhile runs here; the read then goes on
+
     app.Progress.record_batch = record_then_wait
 
 

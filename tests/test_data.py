@@ -1,4 +1,5 @@
 """Data: offline use, clear errors for missing or damaged files, and the user's files left alone."""
+
 import gzip
 import hashlib
 import json
@@ -7,11 +8,11 @@ import struct
 
 import pytest
 import torch
+from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, without, write_synthetic_mnist
 from torchvision.datasets import MNIST
 
 import mnist_recognition as app
 from companions import prepare
-from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, without, write_synthetic_mnist
 
 NO_DOWNLOAD = ("--no-download", "--device", "cpu")
 MNIST_DATA = app.DATASETS["mnist"]
@@ -45,10 +46,14 @@ def test_training_and_evaluating_on_files_present_need_no_torchvision(synthetic_
 
 def test_load_split_normalises_like_totensor_then_normalize(synthetic_data):
     from torchvision import datasets, transforms
+
     images, labels = app.normalised_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert images.shape == (TRAIN_COUNT, 1, 28, 28) and labels.shape == (TRAIN_COUNT,)
-    reference = datasets.MNIST(str(synthetic_data), train=True, transform=transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]))
+    reference = datasets.MNIST(
+        str(synthetic_data),
+        train=True,
+        transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]),
+    )
     for index in (0, 17, TRAIN_COUNT - 1):
         image, label = reference[index]
         torch.testing.assert_close(images[index], image, rtol=0, atol=1e-6)
@@ -130,7 +135,7 @@ def damage_label_count(raw):
     path = raw / "t10k-labels-idx1-ubyte"
     data = path.read_bytes()
     count = struct.unpack(">I", data[4:8])[0] - 10
-    path.write_bytes(data[:4] + struct.pack(">I", count) + data[8:8 + count])
+    path.write_bytes(data[:4] + struct.pack(">I", count) + data[8 : 8 + count])
     return "t10k-labels-idx1-ubyte", "labels for the"
 
 
@@ -139,8 +144,7 @@ def damage_empty(raw):
     return "train-labels-idx1-ubyte", "too short"
 
 
-@pytest.mark.parametrize("damage", [damage_magic, damage_image_size, damage_truncate, damage_label_count,
-                                    damage_empty])
+@pytest.mark.parametrize("damage", [damage_magic, damage_image_size, damage_truncate, damage_label_count, damage_empty])
 def test_damaged_files_are_named_and_left_as_they_were(data_copy, tmp_path, damage, cli):
     raw = data_copy / "MNIST" / "raw"
     file_name, what = damage(raw)
@@ -174,6 +178,7 @@ def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path, cli):
 
 # --- other datasets in MNIST's format ------------------------------------------------------------
 
+
 def test_every_dataset_entry_is_complete():
     [choices] = [setting.choices for setting in app.SETTINGS if setting.name == "dataset"]
     assert choices == tuple(app.DATASETS)
@@ -181,8 +186,16 @@ def test_every_dataset_entry_is_complete():
         assert dataset.name == name and len(dataset.classes) == 10 == len(set(dataset.classes))
         assert 0 < dataset.mean < 1 and 0 < dataset.std < 1
         assert dataset.image_kind in prepare.PREPARE_BY_KIND
-        assert set(dataset.augment_limits) == {"degrees", "scale", "shear_degrees", "shift_pixels", "mirror",
-                                               "elastic_sigma_pixels", "elastic_alpha_pixels", "thickness"}
+        assert set(dataset.augment_limits) == {
+            "degrees",
+            "scale",
+            "shear_degrees",
+            "shift_pixels",
+            "mirror",
+            "elastic_sigma_pixels",
+            "elastic_alpha_pixels",
+            "thickness",
+        }
         torchvision_class = dataset.torchvision_class()
         assert torchvision_class.__name__ == dataset.folder and len(torchvision_class.resources) == 4
         if name != "mnist":  # torchvision names MNIST's classes "0 - zero" and so on
@@ -228,16 +241,31 @@ def test_a_fashion_gz_with_the_wrong_md5_is_reported(synthetic_kin, tmp_path, cl
     raw.mkdir(parents=True)
     with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as archive:
         archive.write(b"not the official file")
-    result = cli("--dataset", "fashion-mnist", *NO_DOWNLOAD, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "o")
+    result = cli(
+        "--dataset", "fashion-mnist", *NO_DOWNLOAD, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "o"
+    )
     assert result.code == 2
-    assert "train-images-idx3-ubyte.gz" in result.errors()[0] and "8d4fb7e6c68d591d4c3dfef9ec88bf0d" in result.errors()[0]
+    assert (
+        "train-images-idx3-ubyte.gz" in result.errors()[0] and "8d4fb7e6c68d591d4c3dfef9ec88bf0d" in result.errors()[0]
+    )
 
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "kmnist"])
 def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, synthetic_kin, tmp_path, cli):
     dataset = app.DATASETS[name]
-    result = cli("--dataset", name, *NO_DOWNLOAD, "--epochs", 1, "--batch-size", 32, "--data-dir", synthetic_kin,
-                 "--out-dir", tmp_path)
+    result = cli(
+        "--dataset",
+        name,
+        *NO_DOWNLOAD,
+        "--epochs",
+        1,
+        "--batch-size",
+        32,
+        "--data-dir",
+        synthetic_kin,
+        "--out-dir",
+        tmp_path,
+    )
     assert result.code == 0
     assert f"Accuracy per class: {dataset.classes[0]} " in result.log and f", {dataset.classes[9]} " in result.log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -246,7 +274,10 @@ def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, s
     page = (tmp_path / "report.html").read_text()
     assert f"LeNet-5 on {dataset.title}" in page and f"<td>{dataset.classes[3]}</td>" in page
     images, _ = app.normalised_split(synthetic_kin, dataset, False, 5, torch.device("cpu"))
-    pixels = MNIST_DATA.std * app.normalised_split(synthetic_kin, MNIST_DATA, False, 5, torch.device("cpu"))[0] + MNIST_DATA.mean
+    pixels = (
+        MNIST_DATA.std * app.normalised_split(synthetic_kin, MNIST_DATA, False, 5, torch.device("cpu"))[0]
+        + MNIST_DATA.mean
+    )
     torch.testing.assert_close(images * dataset.std + dataset.mean, pixels)  # its own normalisation, undone
 
 
@@ -266,8 +297,21 @@ def test_one_epoch_on_real_fashion_mnist_reaches_85_percent(tmp_path, cli):
     folder = real_dataset_folder("fashion-mnist", "FashionMNIST")
     shutil.copytree(folder, tmp_path / "data" / "FashionMNIST" / "raw")
     # One epoch of the original recipe gives about 83 %; with a one-cycle schedule about 87 %.
-    result = cli("--dataset", "fashion-mnist", "--epochs", 1, "--schedule", "onecycle", "--lr", "1e-2", *NO_DOWNLOAD,
-                 "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out")
+    result = cli(
+        "--dataset",
+        "fashion-mnist",
+        "--epochs",
+        1,
+        "--schedule",
+        "onecycle",
+        "--lr",
+        "1e-2",
+        *NO_DOWNLOAD,
+        "--data-dir",
+        tmp_path / "data",
+        "--out-dir",
+        tmp_path / "out",
+    )
     assert result.code == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_images"] == 10_000 and metrics["eval_accuracy"] >= 85

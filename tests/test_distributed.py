@@ -1,5 +1,6 @@
 """Processes: torchrun with two CPU processes makes the steps of one process, and a dead worker
 ends the job. torchrun is what these test, so they start real processes."""
+
 import json
 import os
 import signal
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_weights, run_process, torchrun_command, train_quietly
 
 import mnist_recognition as app
 from companions import report
-from conftest import assert_same_weights, run_process, torchrun_command, train_quietly
 
 # Ten steps of a global batch of 63: shares of 32 and 31, so the uneven split is tested too.
 TEN_STEPS = ("--epochs", 1, "--train-limit", 630, "--batch-size", 63, "--no-download", "--device", "cpu")
@@ -60,8 +61,11 @@ def workers_by_rank(out_dir):
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and str(out_dir) in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                environment = dict(item.split("=", 1) for item in
-                                   (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+                environment = dict(
+                    item.split("=", 1)
+                    for item in (entry / "environ").read_bytes().decode(errors="replace").split("\0")
+                    if "=" in item
+                )
                 if "RANK" in environment:
                     workers[int(environment["RANK"])] = int(entry.name)
         except OSError:
@@ -77,8 +81,23 @@ def is_running(pid):
 
 
 def test_a_dead_worker_ends_the_job_with_an_error(synthetic_data, tmp_path, background):
-    job = background(torchrun_command("--epochs", 50, "--batch-size", 16, "--log-interval", 20, "--no-download",
-                                      "--device", "cpu", "--data-dir", synthetic_data, "--out-dir", tmp_path))
+    job = background(
+        torchrun_command(
+            "--epochs",
+            50,
+            "--batch-size",
+            16,
+            "--log-interval",
+            20,
+            "--no-download",
+            "--device",
+            "cpu",
+            "--data-dir",
+            synthetic_data,
+            "--out-dir",
+            tmp_path,
+        )
+    )
     job.wait_for_line("[Epoch 2, Batch 20]")  # after the first checkpoint
     workers = workers_by_rank(tmp_path)
     assert sorted(workers) == [0, 1], workers

@@ -1,4 +1,5 @@
 """Taking a model elsewhere: export to ONNX, checked with ONNX Runtime."""
+
 import importlib.util
 import json
 import re
@@ -10,13 +11,13 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import REPO, TEST_COUNT
 from onnx import numpy_helper
 from PIL import Image, ImageDraw
 
 import mnist_recognition as app
 from companions import export as onnx_export
 from companions import prepare, report
-from conftest import REPO, TEST_COUNT
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -29,8 +30,17 @@ def export(cli, checkpoint, out, data_dir):
 def exported(trained, synthetic_data, tmp_path_factory):
     """The trained fixture's model exported, checked on the synthetic test images: (path, log)."""
     out = tmp_path_factory.mktemp("exported") / "digits.onnx"
-    code = app.main(["export", "--checkpoint", str(trained[0] / "lenet5_mnist.pt"), "--out", str(out),
-                     "--data-dir", str(synthetic_data)])
+    code = app.main(
+        [
+            "export",
+            "--checkpoint",
+            str(trained[0] / "lenet5_mnist.pt"),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(synthetic_data),
+        ]
+    )
     assert code == 0
     return out
 
@@ -47,6 +57,7 @@ def metadata(path):
 
 
 # --- the file --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("batch", [1, 7, 1000])
 def test_the_file_takes_any_batch_and_agrees_with_pytorch(batch, exported, trained):
@@ -74,8 +85,11 @@ def test_the_file_is_self_contained_and_valid(exported):
     assert sorted(path.name for path in exported.parent.iterdir()) == ["digits.onnx"]  # no weights beside it
     model = onnx.load(exported, load_external_data=False)
     onnx.checker.check_model(model, full_check=True)
-    parameters = sum(numpy_helper.to_array(tensor).size for tensor in model.graph.initializer
-                     if tensor.data_location != onnx.TensorProto.EXTERNAL)
+    parameters = sum(
+        numpy_helper.to_array(tensor).size
+        for tensor in model.graph.initializer
+        if tensor.data_location != onnx.TensorProto.EXTERNAL
+    )
     assert parameters >= 61_706  # every weight is inside (plus the normalisation's two constants, if kept apart)
 
 
@@ -96,8 +110,11 @@ def test_the_metadata_says_how_to_use_the_model(exported, trained):
 def test_the_export_logs_the_comparison_on_the_test_images(trained, synthetic_data, tmp_path, cli):
     result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", synthetic_data)
     assert result.code == 0
-    match = re.search(r"on the (\d+) test images in .*: 0 answers differ, largest difference in a probability "
-                      r"(\S+)", result.log)
+    match = re.search(
+        r"on the (\d+) test images in .*: 0 answers differ, largest difference in a probability "
+        r"(\S+)",
+        result.log,
+    )
     assert match and int(match[1]) == TEST_COUNT and float(match[2]) <= 1e-5
     assert f"Wrote {tmp_path / 'model.onnx'}" in result.log
 
@@ -135,8 +152,10 @@ def test_the_default_file_is_the_checkpoints_path_with_onnx(trained, synthetic_d
 
 # --- refusals ----------------------------------------------------------------------------------------
 
+
 def with_altered_bias(original):
     """onnx_bytes, but the last layer's bias for class 3 raised by 5: a graph that disagrees with PyTorch."""
+
     def altered(*args):
         model = onnx.load_from_string(original(*args))
         [bias] = [tensor for tensor in model.graph.initializer if list(tensor.dims) == [10]]
@@ -144,11 +163,13 @@ def with_altered_bias(original):
         values[3] += 5
         bias.CopyFrom(numpy_helper.from_array(values, bias.name))
         return model.SerializeToString()
+
     return altered
 
 
 def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
-        trained, synthetic_data, tmp_path, cli, monkeypatch):
+    trained, synthetic_data, tmp_path, cli, monkeypatch
+):
     monkeypatch.setattr(onnx_export, "onnx_bytes", with_altered_bias(onnx_export.onnx_bytes))
     out = tmp_path / "model.onnx"
     result = export(cli, trained[0] / "lenet5_mnist.pt", out, synthetic_data)
@@ -160,7 +181,9 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
 
 def test_a_difference_over_the_tolerance_is_refused(trained, synthetic_data, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(app, "ONNX_TOLERANCE", 0.0)
-    monkeypatch.setattr(onnx_export, "compare_with_onnx_runtime", lambda *args: (0, 3e-7))  # same answers, tiny difference
+    monkeypatch.setattr(
+        onnx_export, "compare_with_onnx_runtime", lambda *args: (0, 3e-7)
+    )  # same answers, tiny difference
     result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", synthetic_data)
     assert result.code == 1 and "largest difference in a probability is 3.00e-07" in result.errors()[0]
     assert not (tmp_path / "model.onnx").exists()
@@ -176,6 +199,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused(trained, synthetic_d
 
 
 # --- the standalone example (examples/onnx_predict.py) ----------------------------------------------
+
 
 def test_the_onnx_example_reads_photos_as_predict_does(exported, trained, tmp_path, cli):
     """The README's way to use the file without torch gives predict's answers on the same photos."""
@@ -199,7 +223,9 @@ def test_the_onnx_example_reads_photos_as_predict_does(exported, trained, tmp_pa
         # The two preparations see the same digit: on clean paper predict's extra steps have little to do.
         seen_by_predict = prepare.prepared_pixels(prepare.open_grayscale(path), MNIST_DATA)
         assert np.corrcoef(example.prepare(path).ravel(), seen_by_predict.ravel())[0, 1] > 0.9, path.name
-    assert sum(predicted[f"photo_{digit}.jpg"]["name"] == str(digit) for digit in range(10)) >= 6  # most, by a small model
+    assert (
+        sum(predicted[f"photo_{digit}.jpg"]["name"] == str(digit) for digit in range(10)) >= 6
+    )  # most, by a small model
 
 
 def test_the_onnx_example_runs_as_its_docstring_says(exported, tmp_path):

@@ -1,15 +1,16 @@
 """Evaluation and figures: confusion matrix, mistakes, predictions; drawn without pyplot, so that
 importing the script changes nothing global."""
+
 import importlib.util
 
 import matplotlib
 import pytest
 import torch
+from conftest import SCRIPT
 from PIL import Image
 
 import mnist_recognition as app
 from companions import report
-from conftest import SCRIPT
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -57,8 +58,17 @@ def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, mon
     progress = app.Progress(shuffle_state=None)
     for epoch in range(1, epochs + 1):
         progress.logged_losses.append((epoch - 0.5, 1.0 / epoch))
-        progress.history.append({"epoch": epoch, "loss": 1.0 / epoch, "train_accuracy": 90 + epoch, "seconds": 1.0,
-                                 "eval_loss": 0.5 / epoch, "eval_accuracy": 95 + epoch, "eval_seconds": 0.1})
+        progress.history.append(
+            {
+                "epoch": epoch,
+                "loss": 1.0 / epoch,
+                "train_accuracy": 90 + epoch,
+                "seconds": 1.0,
+                "eval_loss": 0.5 / epoch,
+                "eval_accuracy": 95 + epoch,
+                "eval_seconds": 0.1,
+            }
+        )
     report.plot_training_curves(progress, "test", tmp_path / "curves.png")
     [figure] = saved
     figure.canvas.draw()
@@ -69,11 +79,14 @@ def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, mon
             assert axis.get_xlim()[0] == 0
 
 
-@pytest.mark.parametrize("flags, measured_on", [
-    ([], ""),
-    (["--recipe", "best"], "augmented images, label smoothing 0.1"),
-    (["--label-smoothing", "0.2"], "label smoothing 0.2"),
-])
+@pytest.mark.parametrize(
+    "flags, measured_on",
+    [
+        ([], ""),
+        (["--recipe", "best"], "augmented images, label smoothing 0.1"),
+        (["--label-smoothing", "0.2"], "label smoothing 0.2"),
+    ],
+)
 def test_the_curves_say_what_the_train_values_were_measured_on(flags, measured_on, tmp_path, monkeypatch):
     """Augmented images and a smoothed loss put the train curves far from the test curves (a train
     loss five times the test loss in best): the titles say why."""
@@ -81,8 +94,17 @@ def test_the_curves_say_what_the_train_values_were_measured_on(flags, measured_o
     saved = []
     monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
     progress = app.Progress(shuffle_state=None)
-    progress.history.append({"epoch": 1, "loss": 0.5, "train_accuracy": 90, "seconds": 1.0,
-                             "eval_loss": 0.1, "eval_accuracy": 99, "eval_seconds": 0.1})
+    progress.history.append(
+        {
+            "epoch": 1,
+            "loss": 0.5,
+            "train_accuracy": 90,
+            "seconds": 1.0,
+            "eval_loss": 0.1,
+            "eval_accuracy": 99,
+            "eval_seconds": 0.1,
+        }
+    )
     report.plot_training_curves(progress, "test", tmp_path / "curves.png", measured_on)
     [figure] = saved
     note = f"\n(train: {measured_on})" if measured_on else ""
@@ -108,8 +130,13 @@ def test_predictions_figure_counts_the_right_answers(tmp_path, monkeypatch):
     answers = labels.clone()
     answers[chosen[0]] = (labels[chosen[0]] + 1) % 10  # exactly one shown digit is answered wrong
     drawn = {}
-    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, dataset, colors: drawn.update(
-        titles=titles, heading=heading, colors=colors))
+    monkeypatch.setattr(
+        app,
+        "plot_digit_grid",
+        lambda images, titles, heading, path, dataset, colors: drawn.update(
+            titles=titles, heading=heading, colors=colors
+        ),
+    )
     app.plot_predictions((images, labels), evaluation_of(labels, answers), 0, tmp_path / "predictions.png", MNIST_DATA)
     assert drawn["heading"] == "Predictions on test images: 15 of 16 right"
     assert drawn["titles"][0] == f"pred {answers[chosen[0]].item()} (true {labels[chosen[0]].item()})"
@@ -119,7 +146,9 @@ def test_predictions_figure_counts_the_right_answers(tmp_path, monkeypatch):
 def test_the_confusion_matrix_counts_every_image_once_and_its_trace_is_the_accuracy():
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (500,), generator=generator)
-    predicted = torch.where(torch.rand(500, generator=generator) < 0.8, labels, torch.randint(0, 10, (500,), generator=generator))
+    predicted = torch.where(
+        torch.rand(500, generator=generator) < 0.8, labels, torch.randint(0, 10, (500,), generator=generator)
+    )
     evaluation = evaluation_of(labels, predicted)
     counts = evaluation.confusion_matrix()
     assert counts.sum() == 500 and 100 * counts.trace().item() / 500 == evaluation.accuracy
@@ -140,8 +169,13 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
     labels, predicted = torch.tensor([4, 9, 1]), torch.tensor([4, 4, 7])
     evaluation = evaluation_of(labels, predicted, torch.tensor([0.9, 0.97, 0.55]))
     drawn = {}
-    monkeypatch.setattr(app, "plot_digit_grid", lambda images, titles, heading, path, dataset, colors, title_size: drawn.update(
-        titles=titles, heading=heading, count=len(images)))
+    monkeypatch.setattr(
+        app,
+        "plot_digit_grid",
+        lambda images, titles, heading, path, dataset, colors, title_size: drawn.update(
+            titles=titles, heading=heading, count=len(images)
+        ),
+    )
     report.plot_mistakes((torch.zeros(3, 1, 28, 28), labels), evaluation, tmp_path / "mistakes.png", MNIST_DATA)
     assert drawn["titles"] == ["pred 4\n(true 9) 97.0 %", "pred 7\n(true 1) 55.0 %"] and drawn["count"] == 2
     assert drawn["heading"] == "The 2 most confident mistakes of 2 on test images"

@@ -1,22 +1,24 @@
 """Files and checkpoints: atomic writes, leftovers of killed writes, and checkpoints that are
 refused without running anything in them."""
+
 import os
 import pickle
 import random
 
 import pytest
 import torch
-
-import mnist_recognition as app
 from conftest import draw_digit
 
+import mnist_recognition as app
 
 # --- atomic writes -------------------------------------------------------------------------------
+
 
 def fails_part_way(error):
     def write(file):
         file.write(b"the first half of a new file")
         raise error
+
     return write
 
 
@@ -67,6 +69,7 @@ def test_an_output_folder_that_cannot_be_created_is_refused(tmp_path):
 
 # --- checkpoints that are refused ----------------------------------------------------------------
 
+
 class CreatesAFile:
     def __init__(self, path):
         self.path = path
@@ -103,8 +106,15 @@ def raw_pickle(path, trained, tmp_path):
     path.write_bytes(pickle.dumps(CreatesAFile(tmp_path / "pwned")))
 
 
-CHECKPOINTS = {"malicious": malicious, "truncated": truncated, "foreign": foreign, "tampered": tampered,
-               "not finite": not_finite, "raw pickle": raw_pickle, "missing": None}
+CHECKPOINTS = {
+    "malicious": malicious,
+    "truncated": truncated,
+    "foreign": foreign,
+    "tampered": tampered,
+    "not finite": not_finite,
+    "raw pickle": raw_pickle,
+    "missing": None,
+}
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle case
@@ -129,6 +139,7 @@ def test_bad_checkpoints_are_refused_and_nothing_in_them_runs(case, command, tra
 # --- checkpoints of a run on another device ------------------------------------------------------
 # This machine may have no GPU, so a tensor subclass stands for a GPU tensor: like one, it gives a
 # plain CPU tensor only through .cpu(), and torch.load(weights_only=True) refuses to load it.
+
 
 class OnAnotherDevice(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl  # operations on it give plain tensors
@@ -175,16 +186,20 @@ def model_on_another_device(monkeypatch):
     app.train_step(model, optimizer, schedule, torch.randn(4, 1, 28, 28), torch.arange(4), loss_divisor=4)
     for owner in (model, optimizer):
         monkeypatch.setattr(owner, "state_dict", lambda state_dict=owner.state_dict: on_another_device(state_dict()))
-    progress = app.Progress(on_another_device(torch.Generator().get_state()),
-                            batch_losses=on_another_device(torch.ones(3)), batch_correct=on_another_device(torch.ones(3)))
+    progress = app.Progress(
+        on_another_device(torch.Generator().get_state()),
+        batch_losses=on_another_device(torch.ones(3)),
+        batch_correct=on_another_device(torch.ones(3)),
+    )
     return args, model, optimizer, schedule, progress
 
 
 def test_a_checkpoint_of_a_run_on_another_device_holds_only_cpu_tensors(model_on_another_device, tmp_path):
     """So that a plain torch.load works on a machine without the GPU it was trained on."""
     args, model, optimizer, schedule, progress = model_on_another_device
-    app.save_checkpoint(tmp_path / "checkpoint.pt", model, optimizer, schedule, progress, args,
-                        app.Runtime(torch.device("cpu")))
+    app.save_checkpoint(
+        tmp_path / "checkpoint.pt", model, optimizer, schedule, progress, args, app.Runtime(torch.device("cpu"))
+    )
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     found = list(tensors_in(saved))
     assert len(found) > 20 and all(type(tensor) is torch.Tensor for tensor in found)

@@ -1,4 +1,5 @@
 """Model: LeNet-5 exactly as the original design has it."""
+
 import torch
 
 import mnist_recognition as app
@@ -9,11 +10,16 @@ def test_layer_shapes_and_parameter_count():
     assert app.parameter_count(model) == 61_706
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     assert shapes == {
-        "features.0.weight": (6, 1, 5, 5), "features.0.bias": (6,),
-        "features.3.weight": (16, 6, 5, 5), "features.3.bias": (16,),
-        "classifier.0.weight": (120, 400), "classifier.0.bias": (120,),
-        "classifier.2.weight": (84, 120), "classifier.2.bias": (84,),
-        "classifier.4.weight": (10, 84), "classifier.4.bias": (10,),
+        "features.0.weight": (6, 1, 5, 5),
+        "features.0.bias": (6,),
+        "features.3.weight": (16, 6, 5, 5),
+        "features.3.bias": (16,),
+        "classifier.0.weight": (120, 400),
+        "classifier.0.bias": (120,),
+        "classifier.2.weight": (84, 120),
+        "classifier.2.bias": (84,),
+        "classifier.4.weight": (10, 84),
+        "classifier.4.bias": (10,),
     }
     assert isinstance(model.features[2], torch.nn.AvgPool2d)
     assert isinstance(model.features[5], torch.nn.AvgPool2d)

@@ -1,19 +1,19 @@
 """companions/predict.py: reading your own images with a trained model."""
+
 import json
 import random
 import re
-import struct
-import zlib
 
 import pytest
+from conftest import draw_digit, huge_png, run_process, script_command, without
 from PIL import Image
 
 import mnist_recognition as app
-from conftest import draw_digit, huge_png, run_process, script_command, without
 
 MNIST_DATA = app.DATASETS["mnist"]
 
 # --- predict -------------------------------------------------------------------------------------
+
 
 def digit_files(folder, digits=range(10), seed=100):
     """Dark digits on white, 140 px square, one file each."""
@@ -53,8 +53,7 @@ def test_predict_without_a_figure_needs_no_matplotlib(trained, tmp_path, cli, mo
 def test_predict_prints_a_line_per_image_and_draws_a_figure(trained, tmp_path, cli):
     paths = digit_files(tmp_path, digits=(7, 1))
     figure = tmp_path / "show.png"
-    result = cli("predict", *paths, "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt",
-                 "--show", figure)
+    result = cli("predict", *paths, "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--show", figure)
     assert result.code == 0
     line = r": \d \(\d+\.\d %\), then \d \(\d+\.\d %\), \d \(\d+\.\d %\)"
     assert re.fullmatch("".join(f"{re.escape(str(path))}{line}\n" for path in paths), result.stdout)
@@ -64,8 +63,16 @@ def test_predict_prints_a_line_per_image_and_draws_a_figure(trained, tmp_path, c
 
 def test_predict_reports_a_figure_it_cannot_write(trained, tmp_path, cli):
     [path] = digit_files(tmp_path, digits=[1])
-    result = cli("predict", path, "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt",
-                 "--show", tmp_path / "no" / "such" / "folder" / "show.png")
+    result = cli(
+        "predict",
+        path,
+        "--device",
+        "cpu",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--show",
+        tmp_path / "no" / "such" / "folder" / "show.png",
+    )
     assert result.code == 2
     assert "Cannot write" in result.errors()[0]
     assert result.stdout.startswith(str(path))  # the prediction itself was still printed
@@ -93,8 +100,8 @@ def test_bad_inputs_get_one_line_and_the_rest_are_still_predicted(case, trained,
     assert [answer["file"] for answer in json.loads(result.stdout)] == [str(good)]
 
 
-
 # --- the checkpoint's dataset --------------------------------------------------------------------
+
 
 def test_predict_names_the_classes_of_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
     _, out_dir = fashion_trained
@@ -118,8 +125,9 @@ def test_a_dataset_that_disagrees_with_the_checkpoint_is_refused(command, fashio
     result = cli(command, *extra, "--dataset", "mnist", "--device", "cpu", "--checkpoint", out_dir / "lenet5_mnist.pt")
     assert result.code == 2
     assert "was trained on fashion-mnist, not mnist" in result.errors()[0]
-    agreeing = cli(command, *extra, "--dataset", "fashion-mnist", "--device", "cpu",
-                   "--checkpoint", out_dir / "lenet5_mnist.pt")
+    agreeing = cli(
+        command, *extra, "--dataset", "fashion-mnist", "--device", "cpu", "--checkpoint", out_dir / "lenet5_mnist.pt"
+    )
     assert agreeing.code == 0
 
 

@@ -1,19 +1,21 @@
 """companions/prepare.py: photos, scans and drawings made into the network's 28x28 input, as the dataset was made."""
+
 import dataclasses
 import random
 import shutil
 
 import numpy as np
 import pytest
+from conftest import draw_digit, off_centre, paper_digit, real_dataset_folder
 from PIL import Image, ImageDraw, ImageFilter
 
 import mnist_recognition as app
 from companions import prepare
-from conftest import draw_digit, off_centre, paper_digit, real_dataset_folder
 
 MNIST_DATA = app.DATASETS["mnist"]
 
 # --- preprocessing -------------------------------------------------------------------------------
+
 
 def rgba_on_transparent(digit):
     """A black digit on a fully transparent background, as paint programs save it."""
@@ -94,7 +96,10 @@ def test_light_falling_unevenly_across_a_photo_is_taken_away_with_the_paper(tmp_
     even = off_centre(Image.fromarray(digit.astype(np.uint8)), canvas=(400, 300), at=(120, 50))
     page = np.asarray(even, dtype=np.float32) - np.linspace(0, 120, 400)[None, :]  # darker toward the right
     uneven = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8))
-    prepared_even, prepared_uneven = prepare.prepare_like_mnist(even, MNIST_DATA), prepare.prepare_like_mnist(uneven, MNIST_DATA)
+    prepared_even, prepared_uneven = (
+        prepare.prepare_like_mnist(even, MNIST_DATA),
+        prepare.prepare_like_mnist(uneven, MNIST_DATA),
+    )
     assert mean_difference(prepared_even, prepared_uneven) < 0.02
     assert prepared_uneven[:, :4].max() < 0.05 and prepared_uneven[:, -4:].max() < 0.05  # no paper left at the sides
 
@@ -103,8 +108,13 @@ def test_the_grain_of_a_photo_is_taken_away_with_the_paper():
     """Grey paper with a camera's noise all over the page (its specks far from the digit) gives the
     digit of clean paper at its full 20 pixels, not a smaller one in a grey box."""
     digit = np.asarray(paper_digit(3, size=200), dtype=np.float32) / 255
-    clean = np.asarray(off_centre(Image.fromarray((digit * 255).astype(np.uint8)), canvas=(600, 500), at=(120, 50)),
-                       dtype=np.float32) / 255
+    clean = (
+        np.asarray(
+            off_centre(Image.fromarray((digit * 255).astype(np.uint8)), canvas=(600, 500), at=(120, 50)),
+            dtype=np.float32,
+        )
+        / 255
+    )
     photo = 60 + 140 * clean + np.random.default_rng(0).normal(0, 8, size=clean.shape)  # ink 60, paper 200
     noisy = Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8))
     prepared_clean = prepare.prepare_like_mnist(Image.fromarray((clean * 255).astype(np.uint8)), MNIST_DATA)
@@ -115,8 +125,10 @@ def test_the_grain_of_a_photo_is_taken_away_with_the_paper():
     assert prepared_noisy[prepared_clean == 0].max() < 0.05  # and no grey box of paper around it
     # Clean paper has no grain: its digit is as it was without the step.
     without_grain = prepare.Steps(grain_floor=0)
-    assert np.array_equal(prepare.prepare_like_mnist(Image.fromarray((clean * 255).astype(np.uint8)), MNIST_DATA,
-                                                     without_grain), prepared_clean)
+    assert np.array_equal(
+        prepare.prepare_like_mnist(Image.fromarray((clean * 255).astype(np.uint8)), MNIST_DATA, without_grain),
+        prepared_clean,
+    )
 
 
 def test_a_border_of_two_halves_is_prepared_without_an_error():
@@ -132,6 +144,7 @@ def test_a_border_of_two_halves_is_prepared_without_an_error():
 
 
 # --- stroke width ------------------------------------------------------------------------------------
+
 
 def pen_digit(pen_width, size=280):
     """A 4 drawn with a round pen of one width, dark on white, about 200 px tall (as on the page)."""
@@ -151,7 +164,7 @@ def width_at_20_px(gray):
 def test_stroke_width_of_a_bar_is_its_width():
     for width in (2, 3, 5):
         bar = np.zeros((110, 20), dtype=np.float32)
-        bar[5:105, 5:5 + width] = 1  # 100 pixels long: its ends add little to the outline
+        bar[5:105, 5 : 5 + width] = 1  # 100 pixels long: its ends add little to the outline
         assert prepare.stroke_width(bar) == pytest.approx(width, rel=0.06)
 
 
@@ -163,7 +176,9 @@ def test_strokes_as_wide_as_mnists_are_left_exactly_as_they_were():
     drawn = pen_digit(28)
     low, high = MNIST_DATA.stroke_widths
     assert low <= width_at_20_px(drawn) <= high
-    assert np.array_equal(prepare.prepare_like_mnist(drawn, MNIST_DATA), prepare.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS))
+    assert np.array_equal(
+        prepare.prepare_like_mnist(drawn, MNIST_DATA), prepare.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS)
+    )
 
 
 @pytest.mark.parametrize("pen_width", [4, 70])
@@ -188,7 +203,9 @@ def test_a_dataset_without_known_stroke_widths_keeps_every_stroke():
     drawn = pen_digit(70)
     kmnist = app.DATASETS["kmnist"]
     assert kmnist.stroke_widths is None
-    assert np.array_equal(prepare.prepare_like_mnist(drawn, kmnist), prepare.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS))
+    assert np.array_equal(
+        prepare.prepare_like_mnist(drawn, kmnist), prepare.prepare_like_mnist(drawn, WITHOUT_STROKE_WIDTHS)
+    )
 
 
 @pytest.mark.real_data
@@ -207,10 +224,10 @@ def test_mnists_stroke_widths_and_its_photographed_digits(tmp_path):
     for image in test_images[:300]:
         large = Image.fromarray(image.numpy()).resize((280, 280), Image.Resampling.BICUBIC)
         photo = Image.eval(large.filter(ImageFilter.GaussianBlur(2)), lambda value: 255 - value)
-        unchanged += np.array_equal(prepare.prepare_like_mnist(photo, MNIST_DATA),
-                                    prepare.prepare_like_mnist(photo, WITHOUT_STROKE_WIDTHS))
+        unchanged += np.array_equal(
+            prepare.prepare_like_mnist(photo, MNIST_DATA), prepare.prepare_like_mnist(photo, WITHOUT_STROKE_WIDTHS)
+        )
     assert unchanged >= 290  # 297 of 300 when measured; MNIST's own 1st and 99th percentiles lie outside
-
 
 
 def test_a_clothing_photo_is_prepared_as_fashion_mnist_was_made(tmp_path):
@@ -225,7 +242,7 @@ def test_a_clothing_photo_is_prepared_as_fashion_mnist_was_made(tmp_path):
     assert (rows.min(), rows.max()) == (0, 27)  # the longer side fills the field
     assert 13 <= cols.max() - cols.min() + 1 <= 15  # the shorter side keeps the aspect ratio
     assert abs((cols.min() + cols.max()) / 2 - 13.5) <= 1  # centred
-    assert pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1].min() > 0.5  # light object on dark
+    assert pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].min() > 0.5  # light object on dark
     digit_input = prepare.prepare_like_mnist(Image.open(tmp_path / "coat.png").convert("L"), MNIST_DATA)
     assert np.ptp(np.nonzero(digit_input > 0.5)[0]) + 1 <= 21  # MNIST's own way would leave it 20 pixels tall
 

@@ -1,4 +1,5 @@
 """The report page: self-contained, and rendered by a real browser."""
+
 import json
 import re
 import shutil
@@ -6,8 +7,14 @@ import shutil
 from PIL import Image
 
 # What the README promises a training run's report shows, in this order.
-TRAINING_FIGURES = ["training_curves.png", "confusion_matrix.png", "mistakes.png", "predictions.png",
-                    "train_images.png", "test_images.png"]
+TRAINING_FIGURES = [
+    "training_curves.png",
+    "confusion_matrix.png",
+    "mistakes.png",
+    "predictions.png",
+    "train_images.png",
+    "test_images.png",
+]
 
 
 def table(page, heading):
@@ -57,11 +64,25 @@ def test_the_report_refers_to_nothing_outside_itself(trained):
 
 
 def test_evaluate_writes_the_figures_and_a_report_for_its_model(trained, synthetic_data, tmp_path, cli):
-    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--data-dir", synthetic_data,
-                 "--no-download", "--device", "cpu", "--out-dir", tmp_path)
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path,
+    )
     assert result.code == 0
-    assert {path.name for path in tmp_path.iterdir()} == {"predictions.png", "confusion_matrix.png", "mistakes.png",
-                                                           "report.html"}
+    assert {path.name for path in tmp_path.iterdir()} == {
+        "predictions.png",
+        "confusion_matrix.png",
+        "mistakes.png",
+        "report.html",
+    }
     page = (tmp_path / "report.html").read_text()
     assert re.findall(r'alt="([^"]+)"', page) == ["confusion_matrix.png", "mistakes.png", "predictions.png"]
     assert "lenet5_mnist.pt" in page and len(table(page, "Accuracy per class")) == 10
@@ -71,7 +92,8 @@ def test_evaluate_writes_the_figures_and_a_report_for_its_model(trained, synthet
 def test_a_real_browser_shows_every_figure_and_the_accuracy(trained, tmp_path, browser):
     browser.get((trained[0] / "report.html").as_uri())
     widths = browser.execute_script(
-        "return Array.from(document.images).map(image => image.complete ? image.naturalWidth : 0)")
+        "return Array.from(document.images).map(image => image.complete ? image.naturalWidth : 0)"
+    )
     text = browser.find_element("tag name", "body").text
     browser.save_screenshot(str(tmp_path / "report.png"))
     assert len(widths) == 6 and all(width > 0 for width in widths), widths
@@ -85,14 +107,40 @@ def test_a_real_browser_shows_every_figure_and_the_accuracy(trained, tmp_path, b
 def test_evaluate_in_the_training_folder_embeds_only_its_own_figures(trained, synthetic_data, tmp_path, cli):
     """evaluate's default --out-dir is training's: the training curves left there are not its own."""
     shutil.copytree(trained[0], tmp_path / "outputs")
-    result = cli("evaluate", "--checkpoint", tmp_path / "outputs" / "lenet5_mnist.pt", "--data-dir", synthetic_data,
-                 "--no-download", "--device", "cpu", "--out-dir", tmp_path / "outputs")
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        tmp_path / "outputs" / "lenet5_mnist.pt",
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "outputs",
+    )
     assert result.code == 0
     page = (tmp_path / "outputs" / "report.html").read_text()
     assert page.count("<img ") == 3 and "training_curves.png" not in page
 
 
 def test_a_one_epoch_report_says_epoch(synthetic_data, tmp_path, cli):
-    assert cli("--epochs", 1, "--train-limit", 64, "--test-limit", 32, "--no-download", "--device", "cpu",
-               "--data-dir", synthetic_data, "--out-dir", tmp_path).code == 0
+    assert (
+        cli(
+            "--epochs",
+            1,
+            "--train-limit",
+            64,
+            "--test-limit",
+            32,
+            "--no-download",
+            "--device",
+            "cpu",
+            "--data-dir",
+            synthetic_data,
+            "--out-dir",
+            tmp_path,
+        ).code
+        == 0
+    )
     assert " test images right after 1 epoch (" in (tmp_path / "report.html").read_text()

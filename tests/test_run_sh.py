@@ -1,12 +1,12 @@
 """run.sh: a venv that cannot be made, or no longer fits, is named with what to do. These test the
 script as a process, in a copy of the project, with stand-ins for Python that fail as a machine
 without python3-venv, or with an old Python, does."""
+
 import shutil
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
@@ -29,19 +29,24 @@ def stand_in(project, name, body):
 
 def run_sh(project, *args, python=None):
     environment = {"PATH": "/usr/bin:/bin", **({"PYTHON": str(python)} if python else {})}
-    return subprocess.run(["bash", str(project / "run.sh"), *args], capture_output=True, text=True, timeout=60,
-                          env=environment)
+    return subprocess.run(
+        ["bash", str(project / "run.sh"), *args], capture_output=True, text=True, timeout=60, env=environment
+    )
 
 
 def test_a_venv_that_cannot_be_made_is_removed_with_what_to_install(project):
     # As Debian's python3 without python3-venv: `-m venv` leaves a python but no pip, and fails.
-    python = stand_in(project, "python3", f"""
+    python = stand_in(
+        project,
+        "python3",
+        f"""
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
     mkdir -p "$3/bin" && ln -s {sys.executable} "$3/bin/python"
     echo "The virtual environment was not created successfully because ensurepip is not available." >&2
     exit 1
 fi
-exec {sys.executable} "$@" """)
+exec {sys.executable} "$@" """,
+    )
     result = run_sh(project, "--help", python=python)
     assert result.returncode == 2
     assert "apt-get install python3-venv" in result.stderr and "venv/ was removed" in result.stderr
@@ -50,9 +55,13 @@ exec {sys.executable} "$@" """)
 
 def test_a_venv_without_pip_is_named_with_what_to_do(project):
     (project / "venv" / "bin").mkdir(parents=True)
-    stand_in(project, "python-without-pip", f"""
+    stand_in(
+        project,
+        "python-without-pip",
+        f"""
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "No module named pip" >&2; exit 1; fi
-exec {sys.executable} "$@" """).rename(project / "venv" / "bin" / "python")
+exec {sys.executable} "$@" """,
+    ).rename(project / "venv" / "bin" / "python")
     result = run_sh(project, "--help")
     assert result.returncode == 2
     assert "venv/ has no pip" in result.stderr and "rm -rf venv" in result.stderr
@@ -60,9 +69,13 @@ exec {sys.executable} "$@" """).rename(project / "venv" / "bin" / "python")
 
 def test_a_venv_of_an_old_python_is_refused(project):
     (project / "venv" / "bin").mkdir(parents=True)
-    stand_in(project, "python3.10", """
+    stand_in(
+        project,
+        "python3.10",
+        """
 if [ "$1" = "--version" ]; then echo "Python 3.10.12"; exit 0; fi
-exec python3.10-is-not-here "$@" """).rename(project / "venv" / "bin" / "python")
+exec python3.10-is-not-here "$@" """,
+    ).rename(project / "venv" / "bin" / "python")
     result = run_sh(project, "--help")
     assert result.returncode == 2
     assert "venv/ holds Python 3.10.12" in result.stderr and "3.11 or newer" in result.stderr
@@ -70,9 +83,13 @@ exec python3.10-is-not-here "$@" """).rename(project / "venv" / "bin" / "python"
 
 
 def test_an_old_python_is_refused_before_making_a_venv(project):
-    python = stand_in(project, "python3", """
+    python = stand_in(
+        project,
+        "python3",
+        """
 if [ "$1" = "--version" ]; then echo "Python 3.9.2"; exit 0; fi
-exit 1""")
+exit 1""",
+    )
     result = run_sh(project, "--help", python=python)
     assert result.returncode == 2 and "needs Python 3.11 or newer" in result.stderr and "3.9.2" in result.stderr
     assert not (project / "venv").exists()

@@ -1,5 +1,6 @@
 """serve: the page to draw a digit on, POST /predict and its answers to bad input, the command's
 own errors, and a real browser drawing digits with pointer actions as a person does."""
+
 import base64
 import http.client
 import io
@@ -14,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import draw_digit, huge_png, paper_digit, real_dataset_folder, script_command
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -22,17 +24,18 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import mnist_recognition as app
 from companions import prepare, serve
-from conftest import draw_digit, huge_png, paper_digit, real_dataset_folder, script_command
 
 MNIST_DATA = app.DATASETS["mnist"]
 
 
 # --- a server in this process, on 127.0.0.1 ----------------------------------------------------
 
+
 def start_serving(checkpoint):
     """A server for `checkpoint` on a free port of 127.0.0.1, answering from a thread."""
-    server = serve.start_server(app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0",
-                                              "--device", "cpu"]))
+    server = serve.start_server(
+        app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu"])
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -87,6 +90,7 @@ def raw_request(port, text):
 
 # --- the page ------------------------------------------------------------------------------------
 
+
 def test_the_page_is_served_with_everything_in_it(port):
     status, headers, page = request(port, "GET", "/")
     page = page.decode()
@@ -113,8 +117,9 @@ def test_post_predict_answers_as_predict_json_does(kind, port, trained, tmp_path
     IMAGES[kind]().save(path)
     status, answer = post_image(port, path.read_bytes())
     assert status == 200
-    [expected] = json.loads(cli("predict", path, "--json", "--device", "cpu",
-                                "--checkpoint", trained[0] / "lenet5_mnist.pt").stdout)
+    [expected] = json.loads(
+        cli("predict", path, "--json", "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt").stdout
+    )
     assert (answer["class"], answer["name"]) == (expected["class"], expected["name"])
     np.testing.assert_allclose(answer["probabilities"], expected["probabilities"], rtol=0, atol=1e-6)
     assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
@@ -134,6 +139,7 @@ def test_requests_at_the_same_time_get_the_answers_they_get_alone(port):
     def client(first):
         for index in range(first, 80, 8):
             together[index] = post_image(port, bodies[index % 10])
+
     threads = [threading.Thread(target=client, args=(first,)) for first in range(8)]
     for thread in threads:
         thread.start()
@@ -157,6 +163,7 @@ def test_a_fashion_mnist_model_is_served_with_its_class_names(fashion_trained):
 
 
 # --- bad input: a 4xx with one line of JSON, and the server goes on -------------------------------
+
 
 def truncated_png():
     return png_bytes(draw_digit(4, random.Random(0), size=280, ink=0, paper=255))[:400]
@@ -185,11 +192,20 @@ def test_a_bad_body_gets_a_4xx_with_one_line_of_json_and_the_server_goes_on(case
     assert post_image(port, png_bytes(draw_digit(1, random.Random(1), size=200, ink=0, paper=255)))[0] == 200
 
 
-@pytest.mark.parametrize("method, path, expected", [
-    ("GET", "/predict", 405), ("POST", "/", 405), ("PUT", "/predict", 405), ("DELETE", "/", 405),
-    ("GET", "/../../etc/passwd", 404), ("GET", "/mnist_recognition.py", 404), ("GET", "/tests/conftest.py", 404),
-    ("POST", "/predict/../../mnist_recognition.py", 404), ("GET", "/favicon.ico", 404),
-])
+@pytest.mark.parametrize(
+    "method, path, expected",
+    [
+        ("GET", "/predict", 405),
+        ("POST", "/", 405),
+        ("PUT", "/predict", 405),
+        ("DELETE", "/", 405),
+        ("GET", "/../../etc/passwd", 404),
+        ("GET", "/mnist_recognition.py", 404),
+        ("GET", "/tests/conftest.py", 404),
+        ("POST", "/predict/../../mnist_recognition.py", 404),
+        ("GET", "/favicon.ico", 404),
+    ],
+)
 def test_other_methods_and_paths_are_refused_and_no_file_is_served(method, path, expected, port):
     status, headers, body = request(port, method, path, b"" if method in ("POST", "PUT") else None)
     assert status == expected and "error" in json.loads(body)
@@ -200,8 +216,9 @@ def test_other_methods_and_paths_are_refused_and_no_file_is_served(method, path,
 
 def test_a_body_over_10_mb_is_refused_before_it_is_read(port):
     # Headers alone: a server that waited for the 20 MB would not answer before the deadline.
-    status_line, answer = raw_request(port, "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                            "Content-Length: 20000000\r\n\r\n")
+    status_line, answer = raw_request(
+        port, "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 20000000\r\n\r\n"
+    )
     assert status_line.split()[1] == "413" and "10 MB" in answer["error"]
 
 
@@ -212,9 +229,11 @@ def test_a_missing_content_length_gets_411(port):
 
 # --- the command ---------------------------------------------------------------------------------
 
+
 def test_the_command_logs_the_address_and_the_model_and_stops_on_ctrl_c(trained, background):
-    job = background(script_command("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--port", 0,
-                                    "--device", "cpu"))
+    job = background(
+        script_command("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--port", 0, "--device", "cpu")
+    )
     line = job.wait_for_line("Open http://")
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
     assert request(port, "GET", "/")[0] == 200
@@ -238,8 +257,9 @@ def test_a_port_in_use_is_refused_naming_port(trained, cli):
 
 def test_an_address_of_another_machine_is_refused_naming_host(trained, cli):
     # 192.0.2.1 is reserved for documentation: no machine has it, so it cannot be listened on.
-    result = cli("serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--host", "192.0.2.1", "--port", 0,
-                 "--device", "cpu")
+    result = cli(
+        "serve", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--host", "192.0.2.1", "--port", 0, "--device", "cpu"
+    )
     assert result.code == 2 and "--host 192.0.2.1" in result.errors()[0]
 
 
@@ -264,6 +284,7 @@ def test_listening_beyond_this_machine_is_warned_about(trained, monkeypatch, cli
 
 # --- a real browser: drawing with pointer actions -------------------------------------------------
 
+
 # Digits as a person draws them on the 280x280 canvas: strokes of (x, y) points, about 200 px tall.
 def loop(centre_x, centre_y, radius_x, radius_y, start=0.0, turns=1.0, points=24):
     angles = np.linspace(start, start + 2 * np.pi * turns, points)
@@ -274,15 +295,55 @@ DIGIT_STROKES = {
     0: [loop(140, 140, 62, 95)],
     1: [[(150, 42), (144, 140), (138, 238)]],
     2: [[(82, 92), (100, 58), (140, 42), (185, 55), (200, 95), (185, 140), (130, 190), (82, 236), (205, 236)]],
-    3: [[(85, 65), (125, 42), (175, 48), (195, 85), (175, 125), (130, 138), (180, 152), (200, 195), (175, 232),
-         (125, 242), (82, 222)]],
+    3: [
+        [
+            (85, 65),
+            (125, 42),
+            (175, 48),
+            (195, 85),
+            (175, 125),
+            (130, 138),
+            (180, 152),
+            (200, 195),
+            (175, 232),
+            (125, 242),
+            (82, 222),
+        ]
+    ],
     4: [[(150, 40), (110, 110), (78, 168), (215, 168)], [(172, 95), (172, 245)]],
     5: [[(195, 45), (105, 45), (95, 130), (145, 118), (190, 140), (200, 190), (175, 232), (130, 242), (85, 225)]],
-    6: [[(185, 48), (135, 70), (100, 125), (90, 185), (115, 235), (165, 238), (195, 200), (180, 155), (135, 145),
-         (98, 170)]],
+    6: [
+        [
+            (185, 48),
+            (135, 70),
+            (100, 125),
+            (90, 185),
+            (115, 235),
+            (165, 238),
+            (195, 200),
+            (180, 155),
+            (135, 145),
+            (98, 170),
+        ]
+    ],
     7: [[(75, 48), (205, 48), (160, 140), (120, 242)]],
-    8: [[(140, 138), (100, 110), (95, 70), (140, 42), (185, 70), (180, 110), (140, 138), (92, 175), (100, 225),
-         (140, 245), (182, 225), (188, 178), (140, 138)]],
+    8: [
+        [
+            (140, 138),
+            (100, 110),
+            (95, 70),
+            (140, 42),
+            (185, 70),
+            (180, 110),
+            (140, 138),
+            (92, 175),
+            (100, 225),
+            (140, 245),
+            (182, 225),
+            (188, 178),
+            (140, 138),
+        ]
+    ],
     9: [[(192, 92), (170, 52), (125, 45), (92, 75), (100, 118), (145, 130), (192, 95), (188, 165), (175, 245)]],
 }
 
@@ -302,8 +363,11 @@ def draw(browser, strokes):
 
 def shown_answer(browser):
     """The class the page shows once no answer is on its way (None for none or an error)."""
-    WebDriverWait(browser, 30).until(lambda b: b.execute_script(
-        "const a = document.getElementById('answer'); return !a.dataset.busy && a.textContent !== '';"))
+    WebDriverWait(browser, 30).until(
+        lambda b: b.execute_script(
+            "const a = document.getElementById('answer'); return !a.dataset.busy && a.textContent !== '';"
+        )
+    )
     shown = browser.find_element(By.ID, "answer").get_attribute("data-class")
     return None if shown is None else int(shown)
 
@@ -333,8 +397,9 @@ def test_a_drawn_digit_is_answered_as_post_predict_answers_the_canvas(port, brow
             assert 0.6 * 136 < ink < 1.4 * 136
         bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
         assert [bar.find_element(By.TAG_NAME, "span").text for bar in bars] == [str(c) for c in range(10)]
-        WebDriverWait(browser, 10).until(lambda b: b.execute_script(
-            "return document.getElementById('seen').naturalWidth") == 28)
+        WebDriverWait(browser, 10).until(
+            lambda b: b.execute_script("return document.getElementById('seen').naturalWidth") == 28
+        )
     browser.save_screenshot(str(tmp_path / "page.png"))
     with Image.open(tmp_path / "page.png") as screenshot:
         colours = screenshot.convert("RGB").getcolors(maxcolors=1_000_000)
@@ -357,8 +422,20 @@ def test_a_chosen_file_is_answered_and_a_bad_one_shows_its_error(port, browser, 
 @pytest.mark.real_data
 def test_digits_drawn_on_the_page_are_read_right_by_a_model_trained_on_real_mnist(browser, tmp_path, cli):
     shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
-    assert cli("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", tmp_path / "data",
-               "--out-dir", tmp_path / "out").code == 0
+    assert (
+        cli(
+            "--recipe",
+            "fast",
+            "--no-download",
+            "--device",
+            "cpu",
+            "--data-dir",
+            tmp_path / "data",
+            "--out-dir",
+            tmp_path / "out",
+        ).code
+        == 0
+    )
     server = start_serving(tmp_path / "out" / "lenet5_mnist.pt")
     try:
         open_page(browser, server.server_address[1])

@@ -1,13 +1,14 @@
 """Settings and command line: one table makes the flags, the recorded config and the resume check."""
+
 import argparse
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import QUICK, SCRIPT
 
 import mnist_recognition as app
-from conftest import QUICK, SCRIPT
 
 
 def help_text(capsys, *args):
@@ -41,11 +42,23 @@ def test_other_commands_have_help_with_their_settings(command, capsys):
         assert (setting.flag in text) == (command in setting.commands)
 
 
-@pytest.mark.parametrize("flags", [
-    ["--epochs", "0"], ["--epochs", "-3"], ["--batch-size", "0"], ["--lr", "0"], ["--lr", "-0.1"],
-    ["--lr", "nan"], ["--lr", "inf"], ["--train-limit", "0"], ["--test-limit", "-5"], ["--device", "tpu"],
-    ["--epochs", "ten"], ["--no-such-flag"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--epochs", "0"],
+        ["--epochs", "-3"],
+        ["--batch-size", "0"],
+        ["--lr", "0"],
+        ["--lr", "-0.1"],
+        ["--lr", "nan"],
+        ["--lr", "inf"],
+        ["--train-limit", "0"],
+        ["--test-limit", "-5"],
+        ["--device", "tpu"],
+        ["--epochs", "ten"],
+        ["--no-such-flag"],
+    ],
+)
 def test_invalid_values_are_refused_with_exit_code_2_before_any_work(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.main([*flags, "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out")])
@@ -77,12 +90,58 @@ def test_a_recipe_sets_its_settings_and_an_explicit_flag_wins():
 # Each recipe as the README and --help promise it, written out here: a typo in the script's
 # RECIPES table must fail a test.
 PROMISED = {
-    "original": ["--epochs", "10", "--batch-size", "64", "--lr", "0.001", "--schedule", "constant",
-                 "--adam-betas", "0.9,0.999", "--label-smoothing", "0.0", "--augment", "none"],
-    "fast": ["--epochs", "1", "--batch-size", "128", "--lr", "0.015", "--schedule", "onecycle", "--warmup", "0.35",
-             "--adam-betas", "0.7,0.9", "--label-smoothing", "0.1", "--augment", "none"],
-    "best": ["--epochs", "30", "--batch-size", "128", "--lr", "0.003", "--schedule", "onecycle", "--warmup", "0.25",
-             "--adam-betas", "0.9,0.999", "--label-smoothing", "0.1", "--augment", "affine,elastic,thickness"],
+    "original": [
+        "--epochs",
+        "10",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.001",
+        "--schedule",
+        "constant",
+        "--adam-betas",
+        "0.9,0.999",
+        "--label-smoothing",
+        "0.0",
+        "--augment",
+        "none",
+    ],
+    "fast": [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.015",
+        "--schedule",
+        "onecycle",
+        "--warmup",
+        "0.35",
+        "--adam-betas",
+        "0.7,0.9",
+        "--label-smoothing",
+        "0.1",
+        "--augment",
+        "none",
+    ],
+    "best": [
+        "--epochs",
+        "30",
+        "--batch-size",
+        "128",
+        "--lr",
+        "0.003",
+        "--schedule",
+        "onecycle",
+        "--warmup",
+        "0.25",
+        "--adam-betas",
+        "0.9,0.999",
+        "--label-smoothing",
+        "0.1",
+        "--augment",
+        "affine,elastic,thickness",
+    ],
 }
 
 
@@ -97,14 +156,30 @@ def test_each_recipe_is_what_the_readme_promises(recipe):
 def test_the_default_recipe_is_the_original_one():
     args = app.parse_args([])
     assert (args.recipe, args.epochs, args.batch_size, args.lr) == ("original", 10, 64, 1e-3)
-    assert (args.schedule, args.augment, args.label_smoothing, args.adam_betas) == ("constant", "none", 0.0, (0.9, 0.999))
+    assert (args.schedule, args.augment, args.label_smoothing, args.adam_betas) == (
+        "constant",
+        "none",
+        0.0,
+        (0.9, 0.999),
+    )
     assert app.parse_args(["--recipe", "original"]).recipe == "original"
 
 
-@pytest.mark.parametrize("flags", [["--adam-betas", "0.9"], ["--adam-betas", "0.9,1.0"], ["--adam-betas", "a,b"],
-                                   ["--label-smoothing", "1"], ["--warmup", "-0.1"], ["--validation", "-1"],
-                                   ["--recipe", "slow"], ["--recipe", "seed"], ["--schedule", "linear"],
-                                   ["--augment", "mixup"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--adam-betas", "0.9"],
+        ["--adam-betas", "0.9,1.0"],
+        ["--adam-betas", "a,b"],
+        ["--label-smoothing", "1"],
+        ["--warmup", "-0.1"],
+        ["--validation", "-1"],
+        ["--recipe", "slow"],
+        ["--recipe", "seed"],
+        ["--schedule", "linear"],
+        ["--augment", "mixup"],
+    ],
+)
 def test_bad_recipe_settings_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         app.parse_args(flags)
@@ -128,7 +203,8 @@ def test_the_recorded_config_is_every_recorded_training_setting():
 
 
 def test_a_setting_added_to_the_table_is_a_flag_recorded_and_checked_on_resume(
-        monkeypatch, synthetic_data, tmp_path, cli):
+    monkeypatch, synthetic_data, tmp_path, cli
+):
     """Adding a setting is one line in SETTINGS: the flag, the config and the resume check follow."""
     added = app.Setting("momentum_of_nothing", 0.5, "a setting that only this test has", float, must_match=True)
     monkeypatch.setattr(app, "SETTINGS", (*app.SETTINGS, added))
@@ -168,9 +244,11 @@ def test_positive_number_types_refuse_zero_and_non_numbers():
 
 def test_importing_the_script_leaves_out_what_only_some_commands_need():
     """torchvision (fetching data), matplotlib (figures) and ONNX (export) are imported where they are used."""
-    probe = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
-             "print(sorted({name.split('.')[0] for name in sys.modules} & {'torchvision', 'matplotlib', 'onnx', "
-             "'onnxruntime', 'onnxscript'}))")
+    probe = (
+        f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'torchvision', 'matplotlib', 'onnx', "
+        "'onnxruntime', 'onnxscript'}))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -178,8 +256,10 @@ def test_importing_the_script_leaves_out_what_only_some_commands_need():
 
 def test_importing_the_script_loads_only_the_command_line_of_its_companions():
     """predict, serve, export, evaluate and the report are imported by the command that runs them."""
-    probe = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
-             "print(sorted(name for name in sys.modules if name.startswith('companions')))")
+    probe = (
+        f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
+        "print(sorted(name for name in sys.modules if name.startswith('companions')))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['companions', 'companions.command_line']"

@@ -1,4 +1,5 @@
 """Training through the command line: outputs, determinism, resume, interruptions, failures."""
+
 import hashlib
 import json
 import math
@@ -10,18 +11,32 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUICK, SCRIPT, TEST_COUNT, assert_same_weights, paused_command, train_quietly, trained_weights
 from PIL import Image
 
 import mnist_recognition as app
-from companions import report
-from conftest import (QUICK, SCRIPT, TEST_COUNT, assert_same_weights, paused_command, train_quietly,
-                      trained_weights)
 
 MNIST_DATA = app.DATASETS["mnist"]
-OUTPUTS = {"train_images.png", "test_images.png", "predictions.png", "training_curves.png", "confusion_matrix.png",
-           "mistakes.png", "report.html", "metrics.json", "lenet5_mnist.pt", "checkpoint.pt"}
-FIGURE_SIZES = {"train_images.png": (600, 600), "test_images.png": (600, 600), "predictions.png": (600, 600),
-                "mistakes.png": (600, 600), "training_curves.png": (1000, 400), "confusion_matrix.png": (700, 600)}
+OUTPUTS = {
+    "train_images.png",
+    "test_images.png",
+    "predictions.png",
+    "training_curves.png",
+    "confusion_matrix.png",
+    "mistakes.png",
+    "report.html",
+    "metrics.json",
+    "lenet5_mnist.pt",
+    "checkpoint.pt",
+}
+FIGURE_SIZES = {
+    "train_images.png": (600, 600),
+    "test_images.png": (600, 600),
+    "predictions.png": (600, 600),
+    "mistakes.png": (600, 600),
+    "training_curves.png": (1000, 400),
+    "confusion_matrix.png": (700, 600),
+}
 
 
 def metrics_without_timings(out_dir):
@@ -43,6 +58,7 @@ def assert_same_run(first, second):
 
 # --- one run, end to end, as a user starts it ----------------------------------------------------
 
+
 def test_a_run_writes_every_output(trained):
     out_dir, _ = trained
     assert {path.name for path in out_dir.iterdir()} == OUTPUTS
@@ -57,8 +73,10 @@ def test_a_run_writes_every_output(trained):
     assert metrics["versions"] == {"torch": torch.__version__, "torchvision": torchvision_version.split("+")[0]}
     assert metrics["device"] == "cpu" and metrics["world_size"] == 1
     assert [epoch["epoch"] for epoch in metrics["epochs"]] == [1, 2, 3, 4]
-    assert all(set(epoch) == {"epoch", "loss", "train_accuracy", "seconds", "eval_loss", "eval_accuracy",
-                              "eval_seconds"} for epoch in metrics["epochs"])
+    assert all(
+        set(epoch) == {"epoch", "loss", "train_accuracy", "seconds", "eval_loss", "eval_accuracy", "eval_seconds"}
+        for epoch in metrics["epochs"]
+    )
     assert metrics["epochs"][-1]["eval_accuracy"] == metrics["eval_accuracy"]
     assert metrics["training_seconds"] == sum(epoch["seconds"] for epoch in metrics["epochs"])
     assert metrics["epochs"][-1]["loss"] < metrics["epochs"][0]["loss"]
@@ -76,6 +94,7 @@ def test_evaluation_is_timed_apart_from_the_training_epochs(synthetic_data, tmp_
     def slow_evaluate(*args):
         time.sleep(pause)
         return evaluate(*args)
+
     monkeypatch.setattr(app, "evaluate", slow_evaluate)
     flags = (*QUICK, "--train-limit", 64, "--test-limit", 32, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert cli(*flags).code == 0
@@ -112,14 +131,18 @@ def test_a_run_logs_what_the_original_did(trained):
     log = trained[1].stderr
     assert "Device: cpu" in log and "61,706 parameters" in log
     assert "1200 training and 300 test images of MNIST; 4 epochs, batch 32, Adam lr 0.001" in log
-    assert re.search(r"Epoch 4/4: loss \d\.\d{4}, train accuracy \d+\.\d\d %, test loss \d\.\d{4}, "
-                     r"test accuracy \d+\.\d\d %, \d+\.\d s\n", log)
+    assert re.search(
+        r"Epoch 4/4: loss \d\.\d{4}, train accuracy \d+\.\d\d %, test loss \d\.\d{4}, "
+        r"test accuracy \d+\.\d\d %, \d+\.\d s\n",
+        log,
+    )
     accuracy = json.loads((trained[0] / "metrics.json").read_text())["eval_accuracy"]
     assert f"Accuracy of the network on the {TEST_COUNT} test images: {accuracy:.3f} %" in log
     assert "Traceback" not in log
 
 
 # --- determinism ---------------------------------------------------------------------------------
+
 
 def test_same_seed_gives_identical_results_in_process_and_as_a_process(synthetic_data, tmp_path, trained):
     train_quietly(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path)
@@ -128,10 +151,22 @@ def test_same_seed_gives_identical_results_in_process_and_as_a_process(synthetic
 
 def test_another_seed_gives_other_weights(synthetic_data, tmp_path):
     for seed in (0, 1):
-        train_quietly(*QUICK, "--epochs", 1, "--train-limit", 128, "--seed", seed, "--data-dir", synthetic_data,
-                      "--out-dir", tmp_path / str(seed))
-    assert not torch.equal(trained_weights(tmp_path / "0")["features.0.weight"],
-                           trained_weights(tmp_path / "1")["features.0.weight"])
+        train_quietly(
+            *QUICK,
+            "--epochs",
+            1,
+            "--train-limit",
+            128,
+            "--seed",
+            seed,
+            "--data-dir",
+            synthetic_data,
+            "--out-dir",
+            tmp_path / str(seed),
+        )
+    assert not torch.equal(
+        trained_weights(tmp_path / "0")["features.0.weight"], trained_weights(tmp_path / "1")["features.0.weight"]
+    )
 
 
 def test_log_lines_every_n_batches(synthetic_data, tmp_path, cli):
@@ -144,13 +179,12 @@ def test_log_lines_every_n_batches(synthetic_data, tmp_path, cli):
 def test_a_training_step_returns_the_summed_loss_and_right_answers_and_learns():
     model = app.new_model(0, torch.device("cpu"))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
     images, labels = torch.randn(8, 1, 28, 28), torch.arange(8)
     with torch.no_grad():
         logits = model(images)
     before = [parameter.detach().clone() for parameter in model.parameters()]
-    loss_sum, correct = app.train_step(model, optimizer, schedule, images, labels, loss_divisor=8,
-                                       label_smoothing=0.1)
+    loss_sum, correct = app.train_step(model, optimizer, schedule, images, labels, loss_divisor=8, label_smoothing=0.1)
     torch.testing.assert_close(loss_sum, F.cross_entropy(logits, labels, reduction="sum", label_smoothing=0.1))
     assert correct == (logits.argmax(1) == labels).sum()
     assert all(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
@@ -241,6 +275,7 @@ def test_resume_without_a_checkpoint_is_refused(synthetic_data, tmp_path, cli):
 
 # --- interruptions: these are about the process, so they start one -------------------------------
 
+
 def signalled_mid_epoch(background, flags, sig):
     """Start a training process that waits after batch 10 of epoch 2, send it `sig` there, then let
     it go on; returns (exit code, log)."""
@@ -256,7 +291,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, ba
     flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     code, log = signalled_mid_epoch(background, flags, signal.SIGKILL)
     assert code == -signal.SIGKILL, log
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]["epoch"] == 1  # the last complete epoch
+    assert (
+        torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]["epoch"] == 1
+    )  # the last complete epoch
     assert cli(*flags, "--resume").code == 0
     assert_same_run(uninterrupted, tmp_path)
 
@@ -277,8 +314,10 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path
 
 # --- failures ------------------------------------------------------------------------------------
 
-def test_a_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(synthetic_data, tmp_path,
-                                                                          uninterrupted, cli):
+
+def test_a_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(
+    synthetic_data, tmp_path, uninterrupted, cli
+):
     shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
     result = cli(*QUICK, "--lr", "1e30", "--log-interval", 5, "--data-dir", synthetic_data, "--out-dir", tmp_path)
@@ -290,8 +329,9 @@ def test_a_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(synth
 
 
 def test_a_diverging_loss_is_its_own_exception_not_a_command_line_error():
-    progress = app.Progress(torch.Generator().get_state(), batch_losses=torch.tensor([1.0, float("inf"), 2.0]),
-                            batch_correct=torch.zeros(3))
+    progress = app.Progress(
+        torch.Generator().get_state(), batch_losses=torch.tensor([1.0, float("inf"), 2.0]), batch_correct=torch.zeros(3)
+    )
     args = app.parse_args(["--batch-size", "4"])
     with pytest.raises(app.LossDiverged, match="epoch 1, batch 2"):
         app.batch_stats(progress, 0, 3, 12, args, app.Runtime(torch.device("cpu")))
@@ -308,6 +348,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(synt
 
 
 # --- recipes: schedules, augmentation ------------------------------------------------------------
+
 
 def lrs_of(schedule, steps=100, lr=1e-2, warmup=0.25):
     args = app.parse_args(["--schedule", schedule, "--lr", str(lr), "--warmup", str(warmup), "--epochs", "1"])
@@ -350,13 +391,20 @@ def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data)
     matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.augment_limits)
     for position in (0, 17, 63):
         source = order[position]
-        alone = app.resampled(images[source:source + 1], matrices[position:position + 1])
-        torch.testing.assert_close(moved[position:position + 1], alone)
-        assert not torch.equal(alone, images[source:source + 1])
+        alone = app.resampled(images[source : source + 1], matrices[position : position + 1])
+        torch.testing.assert_close(moved[position : position + 1], alone)
+        assert not torch.equal(alone, images[source : source + 1])
 
 
-@pytest.mark.parametrize("given, kept", [("affine", "affine"), ("thickness,affine", "affine,thickness"),
-                                         ("elastic, thickness,affine", "affine,elastic,thickness"), ("none", "none")])
+@pytest.mark.parametrize(
+    "given, kept",
+    [
+        ("affine", "affine"),
+        ("thickness,affine", "affine,thickness"),
+        ("elastic, thickness,affine", "affine,elastic,thickness"),
+        ("none", "none"),
+    ],
+)
 def test_augment_takes_a_list_in_any_order(given, kept):
     assert app.parse_args(["--augment", given]).augment == kept
 
@@ -372,14 +420,18 @@ def test_every_augmentation_changes_each_image_alone_and_keeps_its_label(augment
     assert torch.equal(changed_labels, labels[order])
     generator, names = app.generator_for(0, 2, 5), augment.split(",")
     limits = MNIST_DATA.augment_limits
-    matrices = app.random_affine_matrices(64, generator, limits) if "affine" in names else torch.eye(2, 3).expand(64, 2, 3)
+    matrices = (
+        app.random_affine_matrices(64, generator, limits) if "affine" in names else torch.eye(2, 3).expand(64, 2, 3)
+    )
     fields = app.random_displacements(64, generator, limits)
     amounts = app.random_thickness(64, generator, limits) if "thickness" in names else torch.zeros(64)
     for position in (0, 17, 63):
         image = images[order[position]].unsqueeze(0)
-        alone = app.thickened(app.resampled(image, matrices[position:position + 1], fields[position:position + 1]),
-                              amounts[position:position + 1])
-        torch.testing.assert_close(changed[position:position + 1], alone, rtol=0, atol=1e-5)
+        alone = app.thickened(
+            app.resampled(image, matrices[position : position + 1], fields[position : position + 1]),
+            amounts[position : position + 1],
+        )
+        torch.testing.assert_close(changed[position : position + 1], alone, rtol=0, atol=1e-5)
         assert not torch.allclose(alone, image, atol=0.05)
 
 
@@ -392,6 +444,7 @@ def test_clothes_get_no_handwriting_augmentations(synthetic_data):
     def batch(augment):
         args = app.parse_args(["--augment", augment, "--dataset", "fashion-mnist"])
         return app.training_batch(train_set, order, args, cpu, 1, 3)[0]
+
     assert torch.equal(batch("affine,elastic,thickness"), batch("affine"))
 
 
@@ -402,8 +455,14 @@ def test_elastic_fields_are_smooth_and_as_strong_as_alpha_says():
     assert abs(fields.mean()) < 0.01  # no drift
     neighbours = (fields[:, 1:] - fields[:, :-1]).std()
     assert neighbours < 0.2 * fields.std()  # smooth: a pixel moves almost as its neighbour does
-    stronger = app.random_displacements(2000, torch.Generator().manual_seed(0),
-                                        {**limits, "elastic_alpha_pixels": 2 * limits["elastic_alpha_pixels"]}) * 14
+    stronger = (
+        app.random_displacements(
+            2000,
+            torch.Generator().manual_seed(0),
+            {**limits, "elastic_alpha_pixels": 2 * limits["elastic_alpha_pixels"]},
+        )
+        * 14
+    )
     torch.testing.assert_close(stronger, 2 * fields)
 
 
@@ -440,8 +499,10 @@ def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_da
     cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
 
     def batch(seed, epoch, index):
-        return app.training_batch(train_set, order, app.parse_args(["--augment", "affine", "--seed", str(seed)]),
-                                  cpu, epoch, index)[0]
+        return app.training_batch(
+            train_set, order, app.parse_args(["--augment", "affine", "--seed", str(seed)]), cpu, epoch, index
+        )[0]
+
     assert torch.equal(batch(0, 1, 0), batch(0, 1, 0))
     assert not torch.equal(batch(0, 1, 0), batch(0, 1, 1))
     assert not torch.equal(batch(0, 1, 0), batch(0, 2, 0))
@@ -453,7 +514,9 @@ def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(sy
     args, order = app.parse_args(["--augment", "affine,elastic,thickness"]), torch.randperm(40)
     whole, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu")), 3, 7)
     for rank in (0, 1):
-        share, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu"), rank=rank, world_size=2), 3, 7)
+        share, _ = app.training_batch(
+            train_set, order, args, app.Runtime(torch.device("cpu"), rank=rank, world_size=2), 3, 7
+        )
         torch.testing.assert_close(share, whole[rank::2], rtol=0, atol=1e-6)
 
 
@@ -463,8 +526,18 @@ def test_augmentation_never_touches_the_evaluation_images(synthetic_data, tmp_pa
     flags = (*QUICK, "--epochs", 1, "--augment", "affine", "--data-dir", synthetic_data)
     assert cli(*flags, "--out-dir", tmp_path).code == 0
     recorded = json.loads((tmp_path / "metrics.json").read_text())["eval_accuracy"]
-    result = cli("evaluate", "--checkpoint", tmp_path / "lenet5_mnist.pt", "--data-dir", synthetic_data,
-                 "--no-download", "--device", "cpu", "--out-dir", tmp_path / "evaluated")
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        tmp_path / "lenet5_mnist.pt",
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "evaluated",
+    )
     assert f"test images: {recorded:.3f} %" in result.log
 
 
@@ -476,12 +549,28 @@ def interrupt_at(monkeypatch, epoch, batch):
         record(progress, index, loss_sum, correct)
         if (progress.epoch + 1, index + 1) == (epoch, batch):
             signal.raise_signal(signal.SIGINT)
+
     monkeypatch.setattr(app.Progress, "record_batch", record_then_interrupt)
 
 
 def test_resume_mid_epoch_with_augmentation_and_a_schedule_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
-    flags = (*QUICK, "--epochs", 3, "--augment", "affine,elastic,thickness", "--schedule", "onecycle", "--lr", "0.005",
-             "--label-smoothing", "0.1", "--adam-betas", "0.8,0.99", "--data-dir", synthetic_data)
+    flags = (
+        *QUICK,
+        "--epochs",
+        3,
+        "--augment",
+        "affine,elastic,thickness",
+        "--schedule",
+        "onecycle",
+        "--lr",
+        "0.005",
+        "--label-smoothing",
+        "0.1",
+        "--adam-betas",
+        "0.8,0.99",
+        "--data-dir",
+        synthetic_data,
+    )
     assert cli(*flags, "--out-dir", tmp_path / "whole").code == 0
     interrupt_at(monkeypatch, epoch=2, batch=11)
     stopped = cli(*flags, "--out-dir", tmp_path / "resumed")
@@ -512,8 +601,10 @@ def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path,
     page = (tmp_path / "report.html").read_text()
     assert "validation accuracy</title>" in page and "<th>validation loss</th>" in page
     assert 'alt="validation_images.png"' in page and " test " not in re.sub(r"<img [^>]*>", "", page)
-    train_set, held_out = app.load_data(app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data),
-                                                          "--device", "cpu"]), app.Runtime(torch.device("cpu")))
+    train_set, held_out = app.load_data(
+        app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data), "--device", "cpu"]),
+        app.Runtime(torch.device("cpu")),
+    )
     everything = app.normalised_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert torch.equal(held_out[0], everything[0][-200:]) and torch.equal(train_set[1], everything[1][:-200])
 
@@ -525,12 +616,29 @@ def test_validation_larger_than_the_training_set_is_refused(synthetic_data, tmp_
 
 # What the README promises of each recipe, besides its epochs and batch size.
 RECIPE_SETTINGS = {
-    "original": {"lr": 0.001, "schedule": "constant", "adam_betas": [0.9, 0.999], "label_smoothing": 0.0,
-                 "augment": "none"},
-    "fast": {"lr": 0.015, "schedule": "onecycle", "warmup": 0.35, "adam_betas": [0.7, 0.9], "label_smoothing": 0.1,
-             "augment": "none"},
-    "best": {"lr": 0.003, "schedule": "onecycle", "warmup": 0.25, "adam_betas": [0.9, 0.999], "label_smoothing": 0.1,
-             "augment": "affine,elastic,thickness"},
+    "original": {
+        "lr": 0.001,
+        "schedule": "constant",
+        "adam_betas": [0.9, 0.999],
+        "label_smoothing": 0.0,
+        "augment": "none",
+    },
+    "fast": {
+        "lr": 0.015,
+        "schedule": "onecycle",
+        "warmup": 0.35,
+        "adam_betas": [0.7, 0.9],
+        "label_smoothing": 0.1,
+        "augment": "none",
+    },
+    "best": {
+        "lr": 0.003,
+        "schedule": "onecycle",
+        "warmup": 0.25,
+        "adam_betas": [0.9, 0.999],
+        "label_smoothing": 0.1,
+        "augment": "affine,elastic,thickness",
+    },
 }
 
 
@@ -538,8 +646,21 @@ RECIPE_SETTINGS = {
 def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthetic_data, tmp_path, cli):
     # The recipes' batches are sized for 60,000 images; on 1,200 they would make only a few steps.
     # Two epochs each: the recipes' own epochs are pinned in test_settings.py.
-    result = cli("--recipe", recipe, "--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cpu",
-                 "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    result = cli(
+        "--recipe",
+        recipe,
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--data-dir",
+        synthetic_data,
+        "--out-dir",
+        tmp_path,
+    )
     assert result.code == 0 and f"Recipe {recipe}:" in result.log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["recipe"] == recipe and metrics["config"]["batch_size"] == 32
@@ -548,6 +669,7 @@ def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthet
 
 
 # --- evaluation during training ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("every, evaluated", [(0, [3]), (2, [2, 3]), (1, [1, 2, 3])])
 def test_eval_every_n_epochs_and_always_after_the_last(every, evaluated, synthetic_data, tmp_path, cli):
@@ -568,23 +690,45 @@ def test_mirror_images_only_for_datasets_whose_classes_survive_them():
 
 # --- CUDA: only where there is a GPU -------------------------------------------------------------
 
+
 @pytest.fixture
 def cuda_settings_restored():
     """The CUDA runs switch on deterministic algorithms for the whole process: switch them back."""
     deterministic = torch.are_deterministic_algorithms_enabled()
-    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    flags = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     yield
     torch.use_deterministic_algorithms(deterministic)
-    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = flags
+    (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    ) = flags
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.usefixtures("cuda_settings_restored")
 def test_on_a_gpu_two_runs_agree_and_resume_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
-    flags = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cuda", "--augment", "affine",
-             "--schedule", "onecycle", "--data-dir", synthetic_data)
+    flags = (
+        "--epochs",
+        2,
+        "--batch-size",
+        32,
+        "--no-download",
+        "--device",
+        "cuda",
+        "--augment",
+        "affine",
+        "--schedule",
+        "onecycle",
+        "--data-dir",
+        synthetic_data,
+    )
     for name in ("first", "second"):
         assert cli(*flags, "--out-dir", tmp_path / name).code == 0
     assert_same_run(tmp_path / "first", tmp_path / "second")
