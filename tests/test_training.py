@@ -1,11 +1,14 @@
 """Training through the command line: outputs, determinism, resume, interruptions, failures."""
 
+import copy
 import hashlib
 import json
 import math
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -739,3 +742,83 @@ def test_on_a_gpu_two_runs_agree_and_resume_is_bit_exact(synthetic_data, tmp_pat
     assert_same_run(tmp_path / "first", tmp_path / "resumed")
     precision = json.loads((tmp_path / "first" / "metrics.json").read_text())["precision"]
     assert precision["tf32_matmul"] is False and precision["cudnn_deterministic"] is True and precision["gpu"]
+
+
+# --- the optimiser: torch's Adam without torch._dynamo -----------------------------------------------
+
+ONE_OF_EACH = """
+import io, sys
+sys.path.insert(0, {repo!r})
+import mnist_recognition as app
+from companions import serve
+data, out = {data!r}, {out!r}
+def check(command):
+    if "torch._dynamo" in sys.modules:
+        sys.exit(f"torch._dynamo was imported by {{command}}: torch now reaches it on a path that the "
+                 "commands take (see Adam in mnist_recognition.py, and torch.optim's _disable_dynamo hooks)")
+check("importing the script")
+assert app.main(["--epochs", "1", "--train-limit", "256", "--test-limit", "64", "--batch-size", "32",
+                 "--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", data, "--out-dir", out]) == 0
+check("training")
+assert app.main(["evaluate", "--checkpoint", out + "/lenet5_mnist.pt", "--data-dir", data, "--test-limit", "64",
+                 "--no-download", "--device", "cpu", "--out-dir", out + "/evaluated"]) == 0
+check("evaluate")
+assert app.main(["predict", out + "/train_images.png", "--checkpoint", out + "/lenet5_mnist.pt"]) == 0
+check("predict")
+args = app.parse_args(["serve", "--checkpoint", out + "/lenet5_mnist.pt", "--port", "0"])
+server = serve.start_server(args)
+server.prediction_for(open(out + "/train_images.png", "rb").read())
+server.server_close()
+check("serve")
+print("none")
+"""
+
+
+def test_no_command_but_export_imports_torch_dynamo(synthetic_data, tmp_path):
+    """torch.optim's Optimizer imports torch._dynamo (seconds) for torch.compile's sake; training,
+    evaluate, predict and serve never compile, so none of them may import it."""
+    probe = ONE_OF_EACH.format(repo=str(SCRIPT.parent), data=str(synthetic_data), out=str(tmp_path / "out"))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "none", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("recipe", ["original", "fast", "best"])
+def test_adam_steps_as_torch_optim_adam_does_with_the_same_state(recipe):
+    """Bit for bit: the weights, the state and its layout after steps under each recipe's schedule,
+    and a run continued from torch.optim.Adam's own state_dict."""
+    args = app.parse_args(["--recipe", recipe, "--device", "cpu"])
+    images = torch.randn(32, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(32) % 10
+
+    def run(optimizer_class, steps, model=None, state=None):
+        model = model or app.new_model(0, torch.device("cpu"))
+        if optimizer_class is app.Adam:
+            optimizer = app.Adam(model.parameters(), lr=args.lr, betas=args.adam_betas)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=args.adam_betas, fused=True)
+        schedule = app.new_schedule(optimizer, args, steps_per_epoch=16)
+        if state:
+            optimizer.load_state_dict(state[0])
+            schedule.load_state_dict(state[1])
+        for _ in range(steps):
+            app.train_step(model, optimizer, schedule, images, labels, len(labels), args.label_smoothing)
+        return model, optimizer, schedule
+
+    ours, theirs = run(app.Adam, 6), run(torch.optim.Adam, 6)
+    for mine, reference in zip(ours[0].state_dict().values(), theirs[0].state_dict().values()):
+        assert torch.equal(mine, reference)
+    mine, reference = ours[1].state_dict(), theirs[1].state_dict()
+    assert mine["param_groups"] == reference["param_groups"]
+    assert list(mine["param_groups"][0]) == list(reference["param_groups"][0])  # the same keys in the same order
+    assert mine["state"].keys() == reference["state"].keys()
+    for index, state in reference["state"].items():
+        assert state.keys() == mine["state"][index].keys()
+        for key, tensor in state.items():
+            assert torch.equal(mine["state"][index][key], tensor) and mine["state"][index][key].dtype == tensor.dtype
+            assert mine["state"][index][key].stride() == tensor.stride()
+    assert ours[2].state_dict() == theirs[2].state_dict()
+    # A checkpoint written by torch.optim.Adam continues exactly under this Adam.
+    continued = run(app.Adam, 3, copy.deepcopy(theirs[0]), (copy.deepcopy(reference), theirs[2].state_dict()))
+    further = run(torch.optim.Adam, 3, copy.deepcopy(theirs[0]), (copy.deepcopy(reference), theirs[2].state_dict()))
+    for mine, reference in zip(continued[0].state_dict().values(), further[0].state_dict().values()):
+        assert torch.equal(mine, reference)
