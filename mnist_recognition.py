@@ -95,6 +95,7 @@ COMMANDS = ("train", "evaluate", "predict", "serve", "export")
 
 
 TRAIN_AND_EVALUATE = ("train", "evaluate")
+ACCELERATORS = ("cuda", "mps", "xpu")  # what --device names besides the CPU, as torch.accelerator names them
 # fmt: off
 SETTINGS = (
     Setting("recipe", "original", "a named set of defaults for the settings below (see RECIPES); "
@@ -126,8 +127,9 @@ SETTINGS = (
     Setting("log_interval", 200, "log loss and accuracy every N batches", positive_int),
     Setting("eval_every", 1, "evaluate on the test split (or the validation split) after every N epochs; "
             "0: only after the last", non_negative_int),
-    Setting("device", "auto", "where to compute; auto picks CUDA when it is available",
-            choices=("auto", "cpu", "cuda"), commands=("train", "evaluate", "predict", "serve")),
+    Setting("device", "auto", "where to compute; auto picks torch's accelerator (CUDA, MPS or XPU) where there "
+            "is one, else the CPU", choices=("auto", "cpu", *ACCELERATORS),
+            commands=("train", "evaluate", "predict", "serve")),
     Setting("dataset", "mnist", "mnist (handwritten digits), fashion-mnist (Zalando's clothing) or kmnist "
             "(Kuzushiji characters); the commands that read a model use the checkpoint's",
             choices=("mnist", "fashion-mnist", "kmnist"), commands=COMMANDS, must_match=True),
@@ -424,18 +426,32 @@ class Runtime:
 
 
 def pick_device(device_flag, local_rank=0):
-    """The device to compute on; on CUDA, set up for plain fp32 and reproducible kernels first."""
-    if device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available()):
-        gpus = torch.cuda.device_count()
-        if local_rank >= gpus:
-            raise CliError(
-                f"This process would use GPU {local_rank}, but this machine has {gpus} GPU(s): "
-                f"start at most {gpus} process(es) per machine (torchrun --nproc_per_node={gpus}), "
-                f"or train on the CPU with --device cpu."
-            )
+    """The device to compute on: --device, or for auto torch's accelerator where there is one. On
+    CUDA, set up for plain fp32 and reproducible kernels first."""
+    kind = device_flag
+    if device_flag == "auto":
+        accelerator = torch.accelerator.current_accelerator(check_available=True)
+        kind = accelerator.type if accelerator is not None and accelerator.type in ACCELERATORS else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    count = torch.accelerator.device_count()
+    if local_rank >= count:
+        raise CliError(
+            f"This process would use {kind.upper()} device {local_rank}, but this machine has {count}: start at "
+            f"most {count} process(es) per machine (torchrun --nproc_per_node={count}), or train on the CPU with "
+            "--device cpu."
+        )
+    if kind == "cuda":
         make_cuda_reproducible()
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return torch.device(kind, local_rank)
+
+
+def is_available(device_flag):
+    """Whether --device can be used on this machine."""
+    if device_flag in ("auto", "cpu"):
+        return True
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return accelerator is not None and accelerator.type == device_flag
 
 
 def make_cuda_reproducible():
@@ -454,11 +470,12 @@ def start_runtime(device_flag):
     local_rank = int(os.environ["LOCAL_RANK"])
     device = pick_device(device_flag, local_rank)
     timeout = datetime.timedelta(minutes=5)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
-    else:
+    if device.type == "cpu":
         dist.init_process_group("gloo", timeout=timeout)
+    else:  # NCCL on CUDA, XCCL on XPU: torch's own choice for the device
+        torch.accelerator.set_device_index(device.index)
+        backend = dist.get_default_backend_for_device(device)
+        dist.init_process_group(backend, timeout=timeout, device_id=device)
     return Runtime(device, dist.get_rank(), local_rank, dist.get_world_size(), dist.get_backend())
 
 
@@ -717,7 +734,7 @@ def train(args, runtime):
     # The step runs through DDP's wrapper under torchrun; `model` itself is saved and evaluated.
     step_model = model
     if runtime.world_size > 1:
-        device_ids = [runtime.device] if runtime.device.type == "cuda" else None
+        device_ids = [runtime.device] if runtime.device.type != "cpu" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
 
     split, evaluation = evaluation_split(args), None
@@ -1292,15 +1309,18 @@ def training_config(args):
 
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set):
-    """The model file, the grids of images, then the report's figures, report.html and metrics.json."""
+    """The model file, then the six figures, report.html and last metrics.json."""
     from companions import report
 
     dataset, split = DATASETS[args.dataset], evaluation.split
     save_model(out_dir / MODEL_FILE, model, training_config(args), evaluation)
-    plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
-    heading = f"{split.capitalize()} images (true label)"
-    plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
-    report.write_training_report(out_dir, args, runtime, model, progress, evaluation, timeline, eval_set)
+    # The six figures in two processes: a copy of this one draws the evaluation's three meanwhile.
+    with report.drawn_beside(report.write_evaluation_figures, out_dir, eval_set, evaluation, args.seed, dataset):
+        plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
+        heading = f"{split.capitalize()} images (true label)"
+        plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
+        report.plot_training_curves(progress, split, out_dir / CURVES_PNG, report.training_measured_on(args))
+    report.write_training_report(out_dir, args, runtime, model, progress, evaluation, timeline)
     logger.info(
         "Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, out_dir
     )

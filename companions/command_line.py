@@ -11,8 +11,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import mnist_recognition as trainer
 
 AUGMENTATIONS = ("affine", "elastic", "thickness")  # in the order they are drawn and applied
@@ -254,7 +252,8 @@ def parse_args(argv=None):
         argv.insert(0, "train")  # plain `mnist_recognition.py [flags]` trains, as it always did
     parser = build_parser()
     args = resolve_settings(parser.parse_args(argv))
-    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine")
+    device = getattr(args, "device", "auto")
+    if not trainer.is_available(device):
+        parser.error(f"--device {device}: {device.upper()} is not available on this machine")
     args.argv = argv  # for the resume command that an interrupted run prints
     return args

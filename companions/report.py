@@ -5,11 +5,14 @@ report of its own. The page's layout is report_page.html beside this file.
 """
 
 import base64
+import contextlib
 import hashlib
 import html
 import importlib.metadata
 import json
+import multiprocessing
 import platform
+import sys
 import time
 from pathlib import Path
 from string import Template
@@ -41,12 +44,10 @@ def training_figures(split):
     return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, trainer.split_images_png(split))
 
 
-def write_training_report(out_dir, args, runtime, model, progress, evaluation, timeline, eval_set):
-    """A training run's figures, report.html, and last metrics.json, which times the rest."""
+def write_training_report(out_dir, args, runtime, model, progress, evaluation, timeline):
+    """A training run's report.html, once its figures are written, and last metrics.json, which times the rest."""
     config, split, dataset = trainer.training_config(args), evaluation.split, trainer.DATASETS[args.dataset]
     training_seconds = sum(summary["seconds"] for summary in progress.history)
-    write_evaluation_figures(out_dir, eval_set, evaluation, args.seed, dataset)
-    plot_training_curves(progress, split, out_dir / CURVES_PNG, training_measured_on(args))
     title = f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy"
     headline = (
         f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
@@ -77,6 +78,37 @@ def write_training_report(out_dir, args, runtime, model, progress, evaluation, t
     }
     metrics_json = json.dumps(metrics, indent=2).encode()
     trainer.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(metrics_json))
+
+
+@contextlib.contextmanager
+def drawn_beside(draw, *args):
+    """draw(*args) in a forked copy of this process while the with-block runs in this one, so that
+    two cores draw figures; joined at the end of the block. Where fork is not to be had (or not
+    safe: macOS), or the copy failed, draw runs here after the block, and its errors are reported
+    as any other's. Each figure is still written atomically, by whichever process draws it."""
+    import matplotlib.figure  # noqa: F401  (once, before the fork, for both processes)
+
+    copy = None
+    if sys.platform == "linux":
+        copy = multiprocessing.get_context("fork").Process(target=exit_code_of, args=(draw, *args), daemon=True)
+        copy.start()
+    try:
+        yield
+    finally:
+        if copy is not None:
+            copy.join()
+    if copy is None or copy.exitcode != 0:
+        draw(*args)
+
+
+def exit_code_of(draw, *args):
+    """In the forked copy: draw, and end with exit code 1 and no traceback where it fails (this
+    process then draws again, and says why)."""
+    torch.set_num_threads(1)  # as torch's DataLoader workers do: a forked copy cannot use the parent's thread pool
+    try:
+        draw(*args)
+    except Exception:
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
 """The report page: self-contained, and rendered by a real browser."""
 
 import json
+import os
 import re
 import shutil
+import sys
 
+import pytest
+from conftest import QUICK, train_quietly
 from PIL import Image
+
+from companions import report
 
 # What the README promises a training run's report shows, in this order.
 TRAINING_FIGURES = [
@@ -144,3 +150,40 @@ def test_a_one_epoch_report_says_epoch(synthetic_data, tmp_path, cli):
         == 0
     )
     assert " test images right after 1 epoch (" in (tmp_path / "report.html").read_text()
+
+
+# --- the figures in two processes ------------------------------------------------------------------
+
+
+def write_pid(path):
+    path.write_text(str(os.getpid()))
+
+
+def fail(path):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the figures are drawn in a forked copy on Linux only")
+def test_the_evaluation_figures_are_drawn_by_a_copy_of_the_process_meanwhile(tmp_path):
+    with report.drawn_beside(write_pid, tmp_path / "pid"):
+        assert not (tmp_path / "here").exists()
+        (tmp_path / "here").write_text("the block ran")
+    assert int((tmp_path / "pid").read_text()) != os.getpid()
+
+
+def test_where_the_copy_fails_this_process_draws_and_reports_its_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "exit_code_of", lambda draw, *args: sys.exit(1))
+    with report.drawn_beside(write_pid, tmp_path / "pid"):
+        pass
+    assert int((tmp_path / "pid").read_text()) == os.getpid()
+    with pytest.raises(OSError), report.drawn_beside(fail, tmp_path):
+        pass
+
+
+def test_a_run_writes_the_same_figures_whichever_process_draws_them(synthetic_data, tmp_path, monkeypatch):
+    flags = (*QUICK, "--epochs", 1, "--train-limit", 256, "--data-dir", synthetic_data)
+    train_quietly(*flags, "--out-dir", tmp_path / "two")
+    monkeypatch.setattr(report, "exit_code_of", lambda draw, *args: sys.exit(1))
+    train_quietly(*flags, "--out-dir", tmp_path / "one")
+    for name in TRAINING_FIGURES:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

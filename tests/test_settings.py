@@ -67,12 +67,25 @@ def test_invalid_values_are_refused_with_exit_code_2_before_any_work(flags, tmp_
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device cuda is allowed")
-def test_cuda_is_refused_where_there_is_none(tmp_path, capsys):
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu"])
+@pytest.mark.parametrize(
+    "command", [["--out-dir"], ["evaluate", "--out-dir"], ["predict", "x.png", "--show"], ["serve", "--checkpoint"]]
+)
+def test_an_accelerator_is_refused_where_there_is_none(device, command, tmp_path, capsys):
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is not None and accelerator.type == device:
+        pytest.skip(f"this machine has {device}, so --device {device} is allowed")
     with pytest.raises(SystemExit) as exit_info:
-        app.main(["--device", "cuda", "--out-dir", str(tmp_path / "out")])
+        app.main([*command, str(tmp_path / "out"), "--device", device])
     assert exit_info.value.code == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert f"--device {device}: {device.upper()} is not available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_picks_the_accelerator_where_there_is_one_else_the_cpu():
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    assert app.pick_device("auto").type == (accelerator.type if accelerator is not None else "cpu")
+    assert app.pick_device("cpu") == torch.device("cpu")
 
 
 def test_a_recipe_sets_its_settings_and_an_explicit_flag_wins():
