@@ -29,7 +29,6 @@ STARTED_AT = time.time()  # before the imports below, so that a run's timeline s
 
 import copy
 import datetime
-import gc
 import hashlib
 import importlib
 import importlib.metadata
@@ -91,10 +90,10 @@ def split_images_png(split):
     return f"{split}_images.png"
 
 
-COMMANDS = ("train", "evaluate", "predict", "serve", "export")
+COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune")
 
 
-TRAIN_AND_EVALUATE = ("train", "evaluate")
+DATA_COMMANDS = ("train", "evaluate", "finetune")  # the commands that read a dataset's files
 ACCELERATORS = ("cuda", "mps", "xpu")  # what --device names besides the CPU, as torch.accelerator names them
 # fmt: off
 SETTINGS = (
@@ -116,29 +115,29 @@ SETTINGS = (
             "distortion, as of a hand), thickness (strokes made randomly thinner or wider)", augmentation_list,
             must_match=True),
     Setting("seed", 0, "seed for weights, shuffling, augmentation and the images shown in figures", int,
-            commands=TRAIN_AND_EVALUATE, must_match=True),
+            commands=DATA_COMMANDS, must_match=True),
     Setting("validation", 0, "hold out the last N training images and evaluate on them instead of the "
             "test set (to choose settings without looking at the test set); 0: off", non_negative_int,
             must_match=True),
     Setting("train_limit", None, "use only the first N training images (quick runs; default: all)",
             positive_int, must_match=True),
     Setting("test_limit", None, "use only the first N test images (quick runs; default: all)",
-            positive_int, commands=TRAIN_AND_EVALUATE, must_match=True),
+            positive_int, commands=DATA_COMMANDS, must_match=True),
     Setting("log_interval", 200, "log loss and accuracy every N batches", positive_int),
     Setting("eval_every", 1, "evaluate on the test split (or the validation split) after every N epochs; "
             "0: only after the last", non_negative_int),
     Setting("device", "auto", "where to compute; auto picks torch's accelerator (CUDA, MPS or XPU) where there "
             "is one, else the CPU", choices=("auto", "cpu", *ACCELERATORS),
-            commands=("train", "evaluate", "predict", "serve")),
+            commands=("train", "evaluate", "predict", "serve", "finetune")),
     Setting("dataset", "mnist", "mnist (handwritten digits), fashion-mnist (Zalando's clothing) or kmnist "
             "(Kuzushiji characters); the commands that read a model use the checkpoint's",
             choices=("mnist", "fashion-mnist", "kmnist"), commands=COMMANDS, must_match=True),
     Setting("data_dir", Path("data"), "folder that holds (or receives) MNIST/raw/, FashionMNIST/raw/ or "
-            "KMNIST/raw/", Path, commands=("train", "evaluate", "export")),
+            "KMNIST/raw/", Path, commands=(*DATA_COMMANDS, "export")),
     Setting("out_dir", Path("outputs"), "folder for figures, metrics, the model and checkpoints", Path,
-            commands=TRAIN_AND_EVALUATE),
+            commands=DATA_COMMANDS),
     Setting("no_download", False, "never touch the network; the dataset's files must already be present",
-            commands=TRAIN_AND_EVALUATE, recorded=False),
+            commands=DATA_COMMANDS, recorded=False),
     Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
             "with the constant schedule", recorded=False),
 )
@@ -434,12 +433,12 @@ def pick_device(device_flag, local_rank=0):
         kind = accelerator.type if accelerator is not None and accelerator.type in ACCELERATORS else "cpu"
     if kind == "cpu":
         return torch.device("cpu")
-    count = torch.accelerator.device_count()
-    if local_rank >= count:
+    gpus = getattr(torch, kind).device_count()  # torch.cuda, torch.mps or torch.xpu
+    if local_rank >= gpus:
         raise CliError(
-            f"This process would use {kind.upper()} device {local_rank}, but this machine has {count}: start at "
-            f"most {count} process(es) per machine (torchrun --nproc_per_node={count}), or train on the CPU with "
-            "--device cpu."
+            f"This process would use GPU {local_rank}, but this machine has {gpus} GPU(s): "
+            f"start at most {gpus} process(es) per machine (torchrun --nproc_per_node={gpus}), "
+            f"or train on the CPU with --device cpu."
         )
     if kind == "cuda":
         make_cuda_reproducible()
@@ -1082,15 +1081,17 @@ def evaluate(model, eval_set, split, runtime):
     )
 
 
-def log_accuracy(evaluation, dataset):
-    logger.info(
-        "Accuracy of the network on the {} {} images: {:.3f} %",
-        len(evaluation.labels),
-        evaluation.split,
-        evaluation.accuracy,
-    )
-    per_class = zip(dataset.classes, evaluation.class_accuracy())
-    logger.info("Accuracy per class: {}", ", ".join(f"{name} {accuracy:.1f} %" for name, accuracy in per_class))
+def log_accuracy(evaluation, dataset, images=None):
+    """'Accuracy of the network on the 10000 test images: 98.940 %', then each class's; `images`
+    names them otherwise ('images in my_digits'). A class without images has no accuracy."""
+    images = images or f"{evaluation.split} images"
+    logger.info("Accuracy of the network on the {} {}: {:.3f} %", len(evaluation.labels), images, evaluation.accuracy)
+    counts = evaluation.confusion_matrix().sum(1).tolist()
+    per_class = [
+        f"{name} {accuracy:.1f} %" if count else f"{name} (none)"
+        for name, accuracy, count in zip(dataset.classes, evaluation.class_accuracy(), counts)
+    ]
+    logger.info("Accuracy per class: {}", ", ".join(per_class))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1233,14 +1234,16 @@ def save_checkpoint(path, model, optimizer, schedule, progress, args, runtime):
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
 
-def save_model(path, model, config, evaluation):
-    """The model file: the trained weights, how they were trained, and the accuracy they reached."""
+def save_model(path, model, config, evaluation, **more):
+    """The model file: the trained weights, how they were trained, the accuracy they reached, and
+    `more` where a command records more (finetune: what it was fine-tuned on)."""
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "config": config,
         "eval_split": evaluation.split,
         "eval_accuracy": evaluation.accuracy,
+        **more,
     }
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
@@ -1405,8 +1408,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Everything is written. Spare the interpreter's last garbage collections over the millions of
-    # objects that torch's modules hold: the operating system takes the memory back at once anyway.
-    gc.freeze()
-    sys.exit(exit_code)
+    try:
+        exit_code = main()
+    except SystemExit as exit:  # --help, and flags that argparse refuses
+        exit_code = exit.code
+    # Everything is written and closed. Skip the interpreter's shutdown, its garbage collections
+    # over the millions of objects that torch's modules hold and their teardown: the operating
+    # system takes the memory back at once anyway.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code if isinstance(exit_code, int) else 1)

@@ -186,6 +186,9 @@ def export_description():
     )
 
 
+IMAGE_FOLDER = "a folder of your own labelled images: one sub-folder per class (0..9, or the dataset's class names)"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mnist_recognition.py",
@@ -216,7 +219,8 @@ def build_parser():
         "'serve' opens a page to draw a digit on and 'export' writes an ONNX file\n"
         "(mnist_recognition.py COMMAND --help).",
     )
-    add("evaluate", help="measure a trained model's accuracy on its dataset's test set")
+    evaluate = add("evaluate", help="measure a trained model's accuracy on its dataset's test set, or on your images")
+    evaluate.add_argument("--images", type=Path, default=None, help=f"{IMAGE_FOLDER}, measured instead of the test set")
     predict = add("predict", help="recognise digits (or clothes, with a Fashion-MNIST model) in your own images")
     predict.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, GIF, ...)")
     predict.add_argument("--json", action="store_true", help="print the results as one JSON document")
@@ -231,6 +235,17 @@ def build_parser():
         "--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 lets other machines reach the page"
     )
     serve.add_argument("--port", type=port_number, default=8000, help="the port to listen on (0: any free one)")
+    serve.add_argument("--collect", type=Path, default=None,
+                       help="save the drawings and images you label on the page into this folder, one sub-folder "
+                            "per class (off unless given)")  # fmt: skip
+    finetune = add("finetune", help="teach a trained model your own handwriting, from a folder of labelled images")
+    finetune.add_argument("--images", type=Path, required=True, help=IMAGE_FOLDER)
+    finetune.add_argument("--steps", type=positive_int, default=300, help="optimisation steps")
+    finetune.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's learning rate")
+    finetune.add_argument("--batch-size", type=positive_int, default=128,
+                          help="images per step: a quarter yours, augmented, the rest the dataset's")  # fmt: skip
+    finetune.add_argument("--hold-out", type=fraction, default=0.25,
+                          help="the share of each class of your images held out, to measure on")  # fmt: skip
     export = add(
         "export",
         help="write a trained model as one ONNX file, checked with ONNX Runtime",

@@ -1,18 +1,24 @@
-"""evaluate: a trained model's accuracy on its dataset's test set, with the evaluation's figures and report.
+"""evaluate: a trained model's accuracy on its dataset's test set, or on a folder of your own
+labelled images, with the evaluation's figures and report.
 
-python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt
+    python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt
+    python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt --images my_digits/
 """
+
+import json
 
 from loguru import logger
 
 import mnist_recognition as trainer
-from companions import report
+from companions import own_images, report
 
 
 def command(args):
     runtime = trainer.Runtime(trainer.pick_device(args.device))
     out_dir = trainer.prepare_out_dir(args.out_dir)
     model, payload, dataset = trainer.trained_model(args, runtime.device)
+    if args.images is not None:
+        return evaluate_images(args, runtime, out_dir, model, dataset)
     if payload.get("eval_split") == "test":
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["eval_accuracy"])
     trainer.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
@@ -27,3 +33,50 @@ def command(args):
     report.write_report(out_dir, title, headline, sections, report.EVALUATION_FIGURES)
     logger.info("Wrote {} and {} into {}/", ", ".join(report.EVALUATION_FIGURES), trainer.REPORT_FILE, out_dir)
     return 0
+
+
+def evaluate_images(args, runtime, out_dir, model, dataset):
+    """The accuracy on a folder of labelled images; exit code 1 where some could not be read."""
+    found = read_labelled(args.images, dataset)
+    images = (found.inputs.to(runtime.device), found.labels.to(runtime.device))
+    evaluation = trainer.evaluate(model, images, "labelled", runtime)
+    trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
+    report.write_evaluation_figures(out_dir, images, evaluation, args.seed, dataset)
+    metrics = {
+        "checkpoint": str(args.checkpoint),
+        "images": str(args.images),
+        "eval_images": len(evaluation.labels),
+        "eval_accuracy": evaluation.accuracy,
+        "classes": list(dataset.classes),
+        "class_images": found.per_class(dataset),
+        "class_accuracy": evaluation.class_accuracy(),
+        "confusion_matrix": evaluation.confusion_matrix().tolist(),
+        "not_read": found.problems,
+    }
+    text = json.dumps(metrics, indent=2).encode()
+    trainer.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(text))
+    settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
+    title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
+    headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
+    sections = report.report_sections(settings, report.environment(runtime), evaluation, dataset)
+    report.write_report(out_dir, title, headline, sections, report.EVALUATION_FIGURES)
+    written = ", ".join((trainer.METRICS_FILE, *report.EVALUATION_FIGURES))
+    logger.info("Wrote {} and {} into {}/", written, trainer.REPORT_FILE, out_dir)
+    return 1 if found.problems else 0
+
+
+def read_labelled(folder, dataset):
+    """The folder's images, each problem logged as one line; raises CliError where none can be read."""
+    if not folder.is_dir():
+        raise trainer.CliError(f"--images {folder}: not a folder. Give a folder with one sub-folder per class.")
+    found = own_images.read_folder(folder, dataset)
+    for problem in found.problems:
+        logger.error("{}", problem)
+    if not len(found.labels):
+        names = ", ".join(own_images.folder_name(name) for name in dataset.classes)
+        raise trainer.CliError(
+            f"--images {folder}: no image could be read. It needs one sub-folder per class ({names}) "
+            "with images in it.",
+            exit_code=1,
+        )
+    return found

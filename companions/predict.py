@@ -14,9 +14,14 @@ from loguru import logger
 import mnist_recognition as trainer
 from companions.prepare import ImageError, read_image
 
+# Below this probability an answer is called unsure ("sure": false): the lowest threshold that flags
+# at least half of the default model's wrong answers on the validation split (docs/predict.md).
+UNSURE_BELOW = 0.84
+
 
 def classify(model, network_input, device, dataset):
-    """The model's answer for one prepared input: class, name, probability and all probabilities."""
+    """The model's answer for one prepared input: class, name, probability, whether it is sure of
+    it, and all probabilities."""
     with torch.inference_mode():
         probabilities = F.softmax(model(network_input.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
     best = int(np.argmax(probabilities))
@@ -24,15 +29,17 @@ def classify(model, network_input, device, dataset):
         "class": best,
         "name": dataset.classes[best],
         "probability": probabilities[best],
+        "sure": probabilities[best] >= UNSURE_BELOW,
         "probabilities": probabilities,
     }
 
 
 def describe_prediction(result, classes):
-    """'my_digit.jpg: 7 (99.7 %), then 3 (0.2 %), 9 (0.0 %)'"""
+    """'my_digit.jpg: 7 (99.7 %), then 3 (0.2 %), 9 (0.0 %)', or '... 7 (51.2 %, not sure), then ...'"""
     ranked = np.argsort(result["probabilities"])[::-1]
     others = ", ".join(f"{classes[c]} ({100 * result['probabilities'][c]:.1f} %)" for c in ranked[1:3])
-    return f"{result['file']}: {result['name']} ({100 * result['probability']:.1f} %), then {others}"
+    unsure = "" if result["sure"] else ", not sure"
+    return f"{result['file']}: {result['name']} ({100 * result['probability']:.1f} %{unsure}), then {others}"
 
 
 def plot_inputs(inputs, results, path, dataset):

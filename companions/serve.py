@@ -27,12 +27,13 @@ from loguru import logger
 from PIL import Image
 
 import mnist_recognition as trainer
+from companions import own_images
 from companions.predict import classify
 from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
 
 PAGE_FILE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 10 * 1024 * 1024  # larger uploads are refused (413) before they are read
-ROUTES = {"/": "GET", "/predict": "POST"}
+ROUTES = {"/": ("GET",), "/predict": ("POST",), "/examples": ("GET", "POST")}
 # What each of the preparation's errors means to a client.
 STATUS_OF = {UnreadableImage: 400, ImageTooLarge: 413, NoInk: 422}
 
@@ -50,11 +51,12 @@ def describe_model(checkpoint, payload, dataset):
     return f"{checkpoint}: LeNet-5 trained on {dataset.title}, recipe {recipe}{accuracy}"
 
 
-def page_for(model_description, dataset):
-    """The page, with the model's class names and a line about the model."""
+def page_for(model_description, dataset, collecting=False):
+    """The page, with the model's class names, a line about the model, and whether it saves examples."""
     return (
         PAGE_FILE.read_text(encoding="utf-8")
         .replace("__CLASSES__", json.dumps(list(dataset.classes)))
+        .replace("__COLLECT__", json.dumps(collecting))
         .replace("__MODEL__", html.escape(model_description))
     )
 
@@ -73,8 +75,9 @@ class DigitServer(ThreadingHTTPServer):
     # when the interpreter ends can make torch abort the process ("terminate called ...").
     daemon_threads, block_on_close = False, True
 
-    def __init__(self, address, model, device, dataset, page):
+    def __init__(self, address, model, device, dataset, page, collect=None):
         self.model, self.device, self.dataset, self.page = model, device, dataset, page.encode()
+        self.collect = collect  # the folder that POST /examples saves into; None: off
         # The request threads share the model. A forward pass under inference_mode changes nothing
         # in it, so the lock is not for safety: one pass at a time is faster than several.
         self.model_lock = threading.Lock()
@@ -100,6 +103,9 @@ class DigitServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         logger.debug("A connection from {} broke off: {}", client_address, sys.exc_info()[1])
+
+    def collected(self):
+        return {"folder": str(self.collect), "counts": own_images.counts(self.collect, self.dataset)}
 
     def prediction_for(self, body):
         """The JSON-ready prediction for an image's bytes; raises the preparation's ImageError."""
@@ -131,11 +137,52 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         if path not in ROUTES:
             return self.send_error_json(404, f"nothing at {path}: the page is at / and answers come from POST /predict")
-        if method != ROUTES[path]:
-            return self.send_error_json(405, f"{path} takes {ROUTES[path]}, not {method}", Allow=ROUTES[path])
+        if method not in ROUTES[path]:
+            allowed = ", ".join(ROUTES[path])
+            return self.send_error_json(405, f"{path} takes {allowed}, not {method}", Allow=allowed)
         if path == "/":
             return self.send(200, self.server.page, "text/html; charset=utf-8")
-        self.predict()
+        if path == "/predict":
+            return self.predict()
+        if self.server.collect is None:
+            return self.send_error_json(403, "saving examples is off: start serve with --collect DIR")
+        if method == "GET":
+            return self.send(200, json.dumps(self.server.collected()).encode(), "application/json")
+        self.save_example()
+
+    def save_example(self):
+        """POST /examples?label=K: the image in the body saved as an example of class K (201)."""
+        label = self.label()
+        if label is None:
+            return self.send_error_json(
+                400, f"give the image's class as ?label=K, K from 0 to {len(self.server.dataset.classes) - 1}"
+            )
+        body = self.read_body()
+        if body is None:
+            return  # answered already
+        try:
+            if not body:
+                raise EmptyBody("the body is empty: send an image's bytes")
+            saved = own_images.save_example(self.server.collect, self.server.dataset, label, body)
+        except tuple(STATUS_OF) as error:
+            status = next(code for kind, code in STATUS_OF.items() if isinstance(error, kind))
+            return self.send_error_json(status, str(error), body_read=True)
+        except own_images.FolderNotWritable as error:
+            return self.send_error_json(413 if error.no_space else 403, str(error), body_read=True)
+        answer = {
+            "file": str(saved),
+            "class": label,
+            "name": self.server.dataset.classes[label],
+            **self.server.collected(),
+        }
+        self.send(201, json.dumps(answer).encode(), "application/json")
+
+    def label(self):
+        """The ?label=K of the request as a class index, or None where it is missing or no class."""
+        values = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("label", [])
+        if len(values) != 1 or not values[0].isdigit() or int(values[0]) >= len(self.server.dataset.classes):
+            return None
+        return int(values[0])
 
     def predict(self):
         body = self.read_body()
@@ -201,7 +248,8 @@ def start_server(args):
     model, payload, dataset = trainer.trained_model(args, device)
     description = describe_model(args.checkpoint, payload, dataset)
     try:
-        server = DigitServer((args.host, args.port), model, device, dataset, page_for(description, dataset))
+        page = page_for(description, dataset, collecting=args.collect is not None)
+        server = DigitServer((args.host, args.port), model, device, dataset, page, args.collect)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise trainer.CliError(
@@ -213,6 +261,8 @@ def start_server(args):
             f"of this machine, such as 127.0.0.1."
         ) from None
     logger.info("Model {}", description)
+    if args.collect is not None:
+        logger.info("Saving the images you label on the page into {}/, one sub-folder per class", args.collect)
     if not is_loopback(args.host):
         logger.warning(
             "Listening on {}: other machines that reach this one can use the page too. "

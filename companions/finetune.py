@@ -1,0 +1,121 @@
+"""finetune: teach a trained model a person's own handwriting, from a folder of their labelled images.
+
+    python mnist_recognition.py finetune --checkpoint outputs/lenet5_mnist.pt --images my_digits/ --out-dir outputs/mine
+
+It holds out a seeded share of the person's images (stratified by class), then trains from the
+model on batches that mix the rest, oversampled and augmented as the `best` recipe augments, with
+images of the model's own dataset, so that it learns the person without forgetting the dataset.
+It logs the accuracy on the held-out images and on the dataset's test set, before and after, and
+writes a normal model file (predict, serve, evaluate and export take it).
+"""
+
+import time
+
+import torch
+from loguru import logger
+
+import mnist_recognition as trainer
+from companions.evaluate import read_labelled
+
+FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
+OWN_SHARE_OF_BATCH = 0.25  # the person's images in each batch; the rest are the dataset's
+AUGMENT = ("affine", "elastic", "thickness")  # the `best` recipe's
+
+
+def command(args):
+    started = time.perf_counter()
+    runtime = trainer.Runtime(trainer.pick_device(args.device))
+    out_dir = trainer.prepare_out_dir(args.out_dir)
+    model, payload, dataset = trainer.trained_model(args, runtime.device)
+    found = read_labelled(args.images, dataset)
+    warn_about_small_classes(found, dataset)
+    held_out = stratified_hold_out(found.labels, args.hold_out, args.seed)
+    learn = torch.ones(len(found.labels), dtype=torch.bool)
+    learn[held_out] = False
+    own_train = (found.inputs[learn].to(runtime.device), found.labels[learn].to(runtime.device))
+    own_held_out = (found.inputs[held_out].to(runtime.device), found.labels[held_out].to(runtime.device))
+    logger.info("{} of your images to learn from, {} held out to measure on (seed {})", int(learn.sum()),
+                len(held_out), args.seed)  # fmt: skip
+    trainer.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
+    train_set = trainer.normalised_split(args.data_dir, dataset, True, None, runtime.device)
+    test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
+
+    own_before, test_before = measure(model, own_held_out, test_set, runtime)
+    fine_tune(model, own_train, train_set, dataset, args, runtime)
+    own_after, test_after = measure(model, own_held_out, test_set, runtime)
+    logger.info("Accuracy on the held-out images of yours: {} before, {} after", percent(own_before),
+                percent(own_after))  # fmt: skip
+    logger.info("Accuracy on the {} test images: {} before, {} after", len(test_set[1]),
+                percent(test_before.accuracy), percent(test_after.accuracy))  # fmt: skip
+    save(out_dir, model, payload, args, found, dataset, held_out, own_after, test_after)
+    logger.info("Wrote {} into {}/ in {:.1f} s", trainer.MODEL_FILE, out_dir, time.perf_counter() - started)
+    return 1 if found.problems else 0
+
+
+def warn_about_small_classes(found, dataset):
+    few = {name: count for name, count in found.per_class(dataset).items() if count < FEW_IMAGES}
+    if few:
+        listed = ", ".join(f"{name} ({count})" for name, count in few.items())
+        logger.warning("Fewer than {} images of {}: too few to learn a class from, or to measure it", FEW_IMAGES,
+                       listed)  # fmt: skip
+
+
+def stratified_hold_out(labels, share, seed):
+    """Indices of a seeded `share` of each class's images, at least one where a class has two or
+    more, never all of a class."""
+    generator = torch.Generator().manual_seed(seed)
+    held_out = []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().squeeze(1)
+        if len(members) < 2:
+            continue
+        count = min(len(members) - 1, max(1, round(share * len(members))))
+        held_out += members[torch.randperm(len(members), generator=generator)[:count]].tolist()
+    return sorted(held_out)
+
+
+def fine_tune(model, own, dataset_split, dataset, args, runtime):
+    """args.steps steps of Adam at args.lr: each batch a share of the person's images, drawn with
+    replacement and augmented anew, and the rest drawn from the dataset's training images."""
+    optimizer = trainer.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    own_count = max(1, round(OWN_SHARE_OF_BATCH * args.batch_size))
+    model.train()
+    for _ in range(args.steps):
+        own_index = torch.randint(len(own[1]), (own_count,), generator=generator).to(runtime.device)
+        data_index = torch.randint(len(dataset_split[1]), (args.batch_size - own_count,), generator=generator)
+        data_index = data_index.to(runtime.device)
+        own_images_now = trainer.augment_batch(own[0][own_index], AUGMENT, generator, own_count, slice(None),
+                                               dataset.augment_limits)  # fmt: skip
+        images = torch.cat([own_images_now, dataset_split[0][data_index]])
+        labels = torch.cat([own[1][own_index], dataset_split[1][data_index]])
+        trainer.train_step(model, optimizer, schedule, images, labels, len(labels))
+    model.eval()
+
+
+def measure(model, own_held_out, test_set, runtime):
+    """(the accuracy on the person's held-out images, None where none are held out; the test set's Evaluation)."""
+    own = trainer.evaluate(model, own_held_out, "held-out", runtime).accuracy if len(own_held_out[1]) else None
+    return own, trainer.evaluate(model, test_set, "test", runtime)
+
+
+def percent(accuracy):
+    return "no images" if accuracy is None else f"{accuracy:.2f} %"
+
+
+def save(out_dir, model, payload, args, found, dataset, held_out, own_after, test_after):
+    """A model file as training writes one, with what it was fine-tuned on."""
+    fine_tuned = {
+        "images": str(args.images),
+        "per_class": found.per_class(dataset),
+        "held_out": len(held_out),
+        "held_out_accuracy": own_after,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seed": args.seed,
+        "from": str(args.checkpoint),
+    }
+    trainer.save_model(
+        out_dir / trainer.MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned
+    )

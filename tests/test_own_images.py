@@ -1,0 +1,294 @@
+"""companions/own_images.py, and what uses it: serve --collect (POST /examples), evaluate --images
+and finetune on folders of labelled images."""
+
+import errno
+import io
+import json
+import threading
+
+import pytest
+import torch
+from conftest import draw_digit, paper_digit
+from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from test_serve import png_bytes, request, stop_serving
+
+import mnist_recognition as app
+from companions import own_images, serve
+
+MNIST_DATA = app.DATASETS["mnist"]
+
+
+def start_collecting(checkpoint, folder):
+    server = serve.start_server(
+        app.parse_args(
+            ["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", "--collect", str(folder)]
+        )  # fmt: skip
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def collecting(trained, tmp_path):
+    """(port, folder) of a server that saves examples into a new folder."""
+    folder = tmp_path / "mine"
+    server = start_collecting(trained[0] / "lenet5_mnist.pt", folder)
+    yield server.server_address[1], folder
+    stop_serving(server)
+
+
+def post_example(port, label, body):
+    status, headers, answer = request(port, "POST", f"/examples?label={label}", body)
+    return status, json.loads(answer)
+
+
+def files_in(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+# --- POST /examples ------------------------------------------------------------------------------------
+
+
+def test_a_labelled_image_is_saved_as_sent_under_its_class(collecting):
+    port, folder = collecting
+    drawing = png_bytes(paper_digit(3, size=200))
+    status, answer = post_example(port, 3, drawing)
+    assert status == 201
+    assert answer["file"] == str(folder / "3" / "1.png") and answer["class"] == 3 and answer["name"] == "3"
+    assert (folder / "3" / "1.png").read_bytes() == drawing  # the original, not the 28x28
+    assert answer["counts"]["3"] == 1 and sum(answer["counts"].values()) == 1
+    status, answer = post_example(port, 3, drawing)
+    assert status == 201 and answer["file"].endswith("3/2.png") and answer["counts"]["3"] == 2
+    status, _, listed = request(port, "GET", "/examples")
+    assert status == 200 and json.loads(listed)["counts"]["3"] == 2
+
+
+def test_a_jpeg_is_kept_pixel_for_pixel_as_png(collecting):
+    port, folder = collecting
+    photo = png_bytes(paper_digit(5, size=200).convert("RGB"), format="JPEG")
+    assert post_example(port, 5, photo)[0] == 201
+    with Image.open(folder / "5" / "1.png") as saved, Image.open(io.BytesIO(photo)) as sent:
+        assert saved.format == "PNG" and saved.tobytes() == sent.tobytes() and saved.mode == sent.mode
+
+
+def test_numbers_are_never_reused_and_nothing_is_overwritten(collecting):
+    port, folder = collecting
+    (folder / "7").mkdir(parents=True)
+    (folder / "7" / "4.png").write_bytes(b"a file of the person's own")
+    status, answer = post_example(port, 7, png_bytes(paper_digit(7, size=120)))
+    assert status == 201 and answer["file"].endswith("7/5.png")
+    assert (folder / "7" / "4.png").read_bytes() == b"a file of the person's own"
+
+
+def test_concurrent_examples_lose_nothing(collecting):
+    port, folder = collecting
+    bodies = [png_bytes(paper_digit(2, seed=seed, size=120)) for seed in range(24)]
+    answers = [None] * len(bodies)
+
+    def send(index):
+        answers[index] = post_example(port, 2, bodies[index])
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(status == 201 for status, _ in answers)
+    assert sorted(answer["file"] for _, answer in answers) == sorted(
+        str(folder / "2" / f"{n}.png") for n in range(1, 25)
+    )
+    assert sorted((folder / "2" / f"{n}.png").read_bytes() for n in range(1, 25)) == sorted(bodies)
+    assert files_in(folder) == sorted(f"2/{n}.png" for n in range(1, 25))  # no temporary file left
+
+
+BAD_EXAMPLES = {
+    "no label": ("/examples", lambda: png_bytes(paper_digit(1)), 400, "?label=K"),
+    "an unknown label": ("/examples?label=10", lambda: png_bytes(paper_digit(1)), 400, "?label=K"),
+    "a label that is no number": ("/examples?label=one", lambda: png_bytes(paper_digit(1)), 400, "?label=K"),
+    "not an image": ("/examples?label=1", lambda: b"just some text", 400, "not an image"),
+    "an empty body": ("/examples?label=1", lambda: b"", 400, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_EXAMPLES)
+def test_a_bad_example_gets_its_4xx_and_leaves_nothing(case, collecting):
+    port, folder = collecting
+    path, body, expected, reason = BAD_EXAMPLES[case]
+    status, _, answer = request(port, "POST", path, body())
+    assert status == expected and reason in json.loads(answer)["error"]
+    assert not folder.exists() or files_in(folder) == []
+
+
+def test_without_collect_examples_are_refused(trained):
+    server = serve.start_server(
+        app.parse_args(["serve", "--checkpoint", str(trained[0] / "lenet5_mnist.pt"), "--port", "0"])
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        status, answer = post_example(server.server_address[1], 1, png_bytes(paper_digit(1)))
+        assert status == 403 and "--collect" in answer["error"]
+    finally:
+        stop_serving(server)
+
+
+def test_a_folder_that_cannot_be_written_is_refused_and_left_as_it_was(trained, tmp_path):
+    in_the_way = tmp_path / "a file, not a folder"
+    in_the_way.write_text("the person's")
+    server = start_collecting(trained[0] / "lenet5_mnist.pt", in_the_way)
+    try:
+        status, answer = post_example(server.server_address[1], 1, png_bytes(paper_digit(1)))
+        assert status == 403 and "cannot save into" in answer["error"]
+        assert in_the_way.read_text() == "the person's"
+    finally:
+        stop_serving(server)
+
+
+def test_a_full_disk_is_refused_and_leaves_no_file(collecting, monkeypatch):
+    port, folder = collecting
+
+    def no_space(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(own_images.os, "fsync", no_space)
+    status, answer = post_example(port, 4, png_bytes(paper_digit(4)))
+    assert status == 413 and "no space is left" in answer["error"]
+    assert files_in(folder) == []
+
+
+# --- in a real browser -------------------------------------------------------------------------------
+
+
+def test_a_drawn_digit_labelled_on_the_page_is_saved_and_counted(trained, tmp_path, browser):
+    folder = tmp_path / "mine"
+    server = start_collecting(trained[0] / "lenet5_mnist.pt", folder)
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]'))
+        assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7 0")
+        canvas = browser.find_element(By.ID, "canvas")
+        stroke = ActionChains(browser).move_to_element_with_offset(canvas, -70, -80).click_and_hold()
+        for x, y in ((70, -80), (-10, 90)):  # a 7: the bar, then the stem
+            stroke = stroke.move_to_element_with_offset(canvas, x, y)
+        stroke.release().perform()
+        wait.until(lambda driver: driver.find_element(By.ID, "answer").get_attribute("data-class") is not None)
+        assert browser.find_element(By.ID, "label").is_displayed()
+        browser.find_element(By.CSS_SELECTOR, '#choices button[data-class="7"]').click()
+        wait.until(lambda driver: "Saved as 7" in driver.find_element(By.ID, "saved").text)
+        assert files_in(folder) == ["7/1.png"]
+        with Image.open(folder / "7" / "1.png") as saved:
+            assert saved.size == (280, 280)  # the canvas as drawn
+        assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7 1")
+    finally:
+        stop_serving(server)
+
+
+# --- reading a folder: evaluate --images and finetune ---------------------------------------------------
+
+
+def labelled_folder(folder, per_class=6, seed=0, classes=range(10)):
+    """Photos of drawn digits, dark on light, in one sub-folder per class."""
+    import random
+
+    rng = random.Random(seed)
+    for digit in classes:
+        (folder / str(digit)).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            draw_digit(digit, rng, size=28, ink=0, paper=255).resize((112, 112)).save(
+                folder / str(digit) / f"{index}.png"
+            )
+    return folder
+
+
+def test_evaluate_images_measures_the_folder_and_writes_its_report(trained, tmp_path, cli):
+    folder = labelled_folder(tmp_path / "mine")
+    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
+                 "--device", "cpu", "--out-dir", tmp_path / "out")  # fmt: skip
+    assert result.code == 0, result.log
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval_images"] == 60 and metrics["class_images"] == {str(d): 6 for d in range(10)}
+    line = f"Accuracy of the network on the 60 images in {folder}: {metrics['eval_accuracy']:.3f} %"
+    assert line in result.log and "Accuracy per class: 0 " in result.log
+    assert sum(map(sum, metrics["confusion_matrix"])) == 60
+    for name in ("confusion_matrix.png", "mistakes.png", "predictions.png", "report.html"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def test_evaluate_images_names_each_problem_and_reads_the_rest(trained, tmp_path, cli):
+    folder = labelled_folder(tmp_path / "mine", per_class=2, classes=(1, 2))
+    (folder / "eleven").mkdir()
+    (folder / "3").mkdir()
+    (folder / "2" / "broken.png").write_text("not an image")
+    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
+                 "--device", "cpu", "--out-dir", tmp_path / "out")  # fmt: skip
+    assert result.code == 1
+    errors = result.errors()
+    assert any(f"{folder / 'eleven'}: not a class of MNIST" in line for line in errors)
+    assert any(f"{folder / '3'}: no images in it" in line for line in errors)
+    assert any(f"{folder / '2' / 'broken.png'}: not an image" in line for line in errors)
+    assert "Accuracy of the network on the 4 images in" in result.log
+    assert "3 (none)" in result.log  # a class without images has no accuracy
+
+
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_evaluate_images_of_nothing_is_one_error(case, trained, tmp_path, cli):
+    folder = tmp_path / "mine"
+    if case == "empty":
+        folder.mkdir()
+    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
+                 "--device", "cpu", "--out-dir", tmp_path / "out")  # fmt: skip
+    assert result.code == (2 if case == "missing" else 1)
+    assert len(result.errors()) == 1 and f"--images {folder}" in result.errors()[0]
+
+
+def test_finetune_learns_a_folder_and_writes_a_model_the_other_commands_take(trained, synthetic_data, tmp_path, cli):
+    folder = labelled_folder(tmp_path / "mine", per_class=8, seed=1)
+    flags = ("--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder, "--data-dir", synthetic_data,
+             "--no-download", "--device", "cpu", "--steps", 40, "--batch-size", 32)  # fmt: skip
+    result = cli("finetune", *flags, "--out-dir", tmp_path / "tuned")
+    assert result.code == 0, result.log
+    assert "60 of your images to learn from, 20 held out to measure on (seed 0)" in result.log
+    assert "Accuracy on the held-out images of yours: " in result.log and " before, " in result.log
+    saved = torch.load(tmp_path / "tuned" / "lenet5_mnist.pt", weights_only=True)
+    assert saved["fine_tuned"]["per_class"] == {str(d): 8 for d in range(10)}
+    assert saved["fine_tuned"]["images"] == str(folder) and saved["fine_tuned"]["held_out"] == 20
+    assert saved["config"]["dataset"] == "mnist" and saved["eval_split"] == "test"
+    assert not torch.equal(
+        saved["model"]["features.0.weight"],
+        app.load_checkpoint(trained[0] / "lenet5_mnist.pt")["model"]["features.0.weight"],
+    )
+    assert cli("predict", folder / "3" / "0.png", "--checkpoint", tmp_path / "tuned" / "lenet5_mnist.pt").code == 0
+    # The same seed gives the same model, bit for bit.
+    assert cli("finetune", *flags, "--out-dir", tmp_path / "again").code == 0
+    again = torch.load(tmp_path / "again" / "lenet5_mnist.pt", weights_only=True)["model"]
+    assert all(torch.equal(tensor, again[name]) for name, tensor in saved["model"].items())
+
+
+def test_finetune_warns_about_small_classes_and_holds_out_one_of_each_pair(trained, synthetic_data, tmp_path, cli):
+    folder = labelled_folder(tmp_path / "mine", per_class=2, classes=(0, 1))
+    labelled_folder(folder, per_class=1, classes=(2,))
+    result = cli("finetune", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
+                 "--data-dir", synthetic_data, "--no-download", "--device", "cpu", "--steps", 5,
+                 "--out-dir", tmp_path / "tuned")  # fmt: skip
+    assert result.code == 0, result.log
+    assert "Fewer than 5 images of 0 (2), 1 (2), 2 (1)" in result.log
+    assert "3 of your images to learn from, 2 held out" in result.log
+
+
+def test_the_hold_out_is_stratified_seeded_and_never_a_whole_class():
+    from companions.finetune import stratified_hold_out
+
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 2 + [3])
+    held = stratified_hold_out(labels, 0.25, seed=0)
+    assert [int((labels[held] == c).sum()) for c in range(4)] == [2, 1, 1, 0]
+    assert held == stratified_hold_out(labels, 0.25, seed=0) and held != stratified_hold_out(labels, 0.25, seed=1)
+
+
+def test_folder_names_are_class_names_a_path_can_hold():
+    fashion = app.DATASETS["fashion-mnist"]
+    assert own_images.folder_name("T-shirt/top") == "T-shirt-top"
+    assert [own_images.folder_name(name) for name in MNIST_DATA.classes] == list("0123456789")
+    assert len({own_images.folder_name(name) for name in fashion.classes}) == 10
