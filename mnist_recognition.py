@@ -13,9 +13,10 @@
     torchrun --standalone --nproc_per_node=2 mnist_recognition.py
 
 This file is the training, in the order the data flows: the settings, LeNet-5, the data, the
-training loop, evaluation, the grids of images, checkpoints, and main. What uses a trained model
-(evaluate, predict, serve, export), the report and the command line's plumbing live in the
-companions/ package beside it, each imported only where it is needed.
+training loop, evaluation, the grids of images, and main. The companions/ package beside it holds
+the plumbing (the command line, fetching the dataset, atomic files and safe checkpoints) and what
+uses a trained model or decorates a run (evaluate, predict, serve, export, finetune, the report),
+each of those imported only by the command that needs it.
 
 Each split is loaded once into a normalised tensor on the training device, and batches are drawn
 by indexing it with a seeded permutation. On one machine every run with the same flags gives the
@@ -36,10 +37,8 @@ import math
 import os
 import shlex
 import signal
-import socket
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +64,14 @@ from companions.command_line import (
     parse_args,
     positive_float,
     positive_int,
+)
+from companions.dataset_files import prepare_files
+from companions.files import (
+    load_checkpoint,
+    prepare_out_dir,
+    save_checkpoint,
+    save_model,
+    write_atomically,
 )
 
 IMPORTED_AT = time.time()
@@ -260,65 +267,6 @@ def raw_dir(data_dir, dataset):
 def has_files(data_dir, dataset, names=IDX_FILES):
     """Whether the extracted IDX files `names` are all in the dataset's folder."""
     return all((raw_dir(data_dir, dataset) / name).is_file() for name in names)
-
-
-def prepare_files(data_dir, dataset, allow_download):
-    """Make sure the four extracted IDX files exist, using local .gz files before the network."""
-    if Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise CliError(f"The data folder {data_dir} is not a folder.")
-    if has_files(data_dir, dataset):
-        return  # read_idx_file checks each one as it reads it
-    from torchvision.datasets.utils import check_integrity
-
-    folder, missing = raw_dir(data_dir, dataset), []
-    for archive_name, md5 in dataset.torchvision_class().resources:
-        archive, extracted = folder / archive_name, folder / archive_name.removesuffix(".gz")
-        if extracted.is_file():
-            continue
-        if not archive.is_file():
-            missing.append(archive_name)
-        elif check_integrity(str(archive), md5):
-            extract_gz(archive, extracted)
-        else:
-            raise CliError(
-                f"{archive}: its MD5 checksum is not the official {md5}; the file is "
-                f"truncated, damaged or not the original. Replace it; it was left as it is."
-            )
-    if missing and not allow_download:
-        reason = f"{', '.join(missing)} missing and --no-download given"
-        raise CliError(missing_data_message(data_dir, dataset, reason))
-    if missing:
-        download(data_dir, dataset, missing)
-
-
-def extract_gz(archive, target):
-    """Extract next to the archive, then rename, so that a killed run leaves no half file."""
-    from torchvision.datasets.utils import extract_archive
-
-    with tempfile.TemporaryDirectory(dir=archive.parent) as scratch:
-        extract_archive(str(archive), scratch)
-        os.replace(Path(scratch) / target.name, target)
-
-
-def download(data_dir, dataset, missing):
-    logger.info("Downloading {} into {}", ", ".join(missing), raw_dir(data_dir, dataset))
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # a silent network should fail, not hang
-    try:
-        dataset.torchvision_class()(str(data_dir), train=True, download=True)
-    except Exception as error:  # torchvision reports mirror, HTTP and socket failures in many types
-        last_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise CliError(missing_data_message(data_dir, dataset, f"the download failed ({last_line})")) from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
-
-
-def missing_data_message(data_dir, dataset, reason):
-    names = ", ".join(f"{name}.gz" for name in IDX_FILES)
-    return (
-        f"{dataset.title} is not available: {reason}. Put the four files {names} "
-        f"(or their extracted versions without .gz) into {raw_dir(data_dir, dataset)}/ and run again."
-    )
 
 
 def read_idx_file(path, magic, item_shape):
@@ -1167,133 +1115,6 @@ def plot_predictions(eval_set, evaluation, seed, path, dataset):
     right = sum(p == t for p, t in zip(predicted, truth))
     heading = f"Predictions on {evaluation.split} images: {right} of 16 right"
     plot_digit_grid(images[chosen], titles, heading, path, dataset, colors)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files and checkpoints: written atomically, read without running any code they might carry
-# ----------------------------------------------------------------------------------------------
-
-
-def write_atomically(path, write):
-    """Write through `write(file)` into a temporary file, then rename it over `path`.
-
-    Killed or failing at any moment, `path` is either the old complete file or the new complete one.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise CliError(f"Cannot write {path}: {error.strerror or error}.") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(out_dir):
-    """Remove what write_atomically leaves behind when its process is killed mid-write."""
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def prepare_out_dir(out_dir):
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as error:
-        raise CliError(f"Cannot write into the output folder {out_dir}: {error.strerror}.") from None
-    remove_stale_temporaries(out_dir)
-    return out_dir
-
-
-def on_cpu(value):
-    """`value` with every tensor in it copied to the CPU, so that a plain torch.load works anywhere."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: on_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(item) for item in value)
-    return value
-
-
-def save_checkpoint(path, model, optimizer, schedule, progress, args, runtime):
-    """The checkpoint: everything that --resume needs to continue the run bit-exactly."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "config": training_config(args),
-        "progress": progress.state_dict(),
-        "ran_on": ran_on(runtime),
-    }
-    write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
-
-
-def save_model(path, model, config, evaluation, **more):
-    """The model file: the trained weights, how they were trained, the accuracy they reached, and
-    `more` where a command records more (finetune: what it was fine-tuned on)."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "config": config,
-        "eval_split": evaluation.split,
-        "eval_accuracy": evaluation.accuracy,
-        **more,
-    }
-    write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of this program with weights_only=True and check it holds LeNet-5 weights."""
-    if not path.is_file():
-        raise CliError(f"{path}: no such checkpoint file.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a foreign or damaged file fails in many ways; none runs code
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CliError(
-            f"{path}: not a readable checkpoint of this program ({reason}). Nothing in it was run."
-        ) from None
-    weights = payload.get("model") if isinstance(payload, dict) else None
-    if not isinstance(weights, dict):
-        raise CliError(f"{path}: not a checkpoint of this program (no 'model' weights in it).")
-    expected = LeNet5().state_dict()
-    mismatched = sorted(set(expected) ^ set(weights)) or [
-        name
-        for name in expected
-        if not isinstance(weights[name], torch.Tensor) or weights[name].shape != expected[name].shape
-    ]
-    if mismatched:
-        raise CliError(f"{path}: does not hold LeNet-5 weights (wrong or missing: {', '.join(mismatched)}).")
-    if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
-        raise CliError(f"{path}: holds weights that are not finite numbers.")
-    return payload
-
-
-def load_trained_model(path, device):
-    """(the model in a checkpoint file, ready to answer on `device`; the checkpoint)."""
-    payload = load_checkpoint(path)
-    model = LeNet5()
-    model.load_state_dict(payload["model"])
-    return to_device_and_format(model, device).eval(), payload
-
-
-def trained_model(args, device):
-    """(the model in --checkpoint on `device`, the checkpoint, its dataset): what every command that
-    uses a trained model starts with. An explicit --dataset must agree with the checkpoint's."""
-    model, payload = load_trained_model(args.checkpoint, device)
-    trained_on = payload.get("config", {}).get("dataset", "mnist")  # older checkpoints: MNIST
-    if "dataset" in args.given and args.dataset != trained_on:
-        raise CliError(
-            f"{args.checkpoint} was trained on {trained_on}, not {args.dataset}. Leave out --dataset "
-            f"(the checkpoint's is used), or give a checkpoint trained on {args.dataset}."
-        )
-    return model, payload, DATASETS[trained_on]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
 from companions import prepare  # noqa: E402
+from companions.files import load_trained_model  # noqa: E402
 from companions.serve import describe_model  # noqa: E402
 
 FONTS = [
@@ -204,7 +205,7 @@ def main():
     mnist = app.DATASETS["mnist"]
     right_now = {kind: [] for kind in kinds}  # per kind, each model's answers with today's preparation
     for checkpoint in args.checkpoints:
-        model, payload = app.load_trained_model(checkpoint, torch.device("cpu"))
+        model, payload = load_trained_model(checkpoint, torch.device("cpu"))
         print(f"\n{describe_model(checkpoint, payload, mnist)}")
         print(f"{'kind':<32} {'images':>6}" + "".join(f" {column:>8}" for column, _ in STEPS))
         for kind, (files, labels) in kinds.items():

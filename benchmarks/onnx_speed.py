@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
+from companions.files import load_trained_model  # noqa: E402
 from companions.report import cpu_name  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def parse_args():
 
 
 def torch_runner(checkpoint):
-    model, payload = app.load_trained_model(checkpoint, torch.device("cpu"))
+    model, payload = load_trained_model(checkpoint, torch.device("cpu"))
     dataset = app.DATASETS[payload.get("config", {}).get("dataset", "mnist")]
 
     def run(pixels):

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
+from companions.files import load_trained_model  # noqa: E402
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
     parser.add_argument("--wrong-share", type=float, default=0.5, help="the share of wrong answers to flag")
     args = parser.parse_args()
 
-    model, payload = app.load_trained_model(args.checkpoint, torch.device("cpu"))
+    model, payload = load_trained_model(args.checkpoint, torch.device("cpu"))
     held_out = payload.get("config", {}).get("validation", 0)
     if payload.get("eval_split") != "validation" or not held_out:
         sys.exit(f"{args.checkpoint} was not trained with --validation N: its held-out images are unknown")

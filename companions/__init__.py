@@ -1,6 +1,9 @@
-"""What sits beside mnist_recognition.py, one file per job, each imported only by the command that needs it:
+"""What sits beside mnist_recognition.py, one file per job. The script imports the first three at its top;
+each of the others is imported only by the command that needs it:
 
 command_line.py   the flags, made from the script's SETTINGS table, and their help
+dataset_files.py  a dataset's files found, checked, extracted or fetched
+files.py          every file written atomically; checkpoints read without running what they carry
 prepare.py        a photo, scan or drawing turned into the network's 28x28 input
 predict.py        predict: read your own images
 serve.py          serve: a page to draw on (page.html), and POST /predict

@@ -11,8 +11,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import mnist_recognition as trainer
-
 AUGMENTATIONS = ("affine", "elastic", "thickness")  # in the order they are drawn and applied
 
 # ----------------------------------------------------------------------------------------------
@@ -272,3 +270,8 @@ def parse_args(argv=None):
         parser.error(f"--device {device}: {device.upper()} is not available on this machine")
     args.argv = argv  # for the resume command that an interrupted run prints
     return args
+
+
+# Last: mnist_recognition.py imports this module at its top, so importing it first runs the
+# script's top, which imports this module back; by now everything it takes from here is defined.
+import mnist_recognition as trainer  # noqa: E402

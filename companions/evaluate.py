@@ -10,18 +10,18 @@ import json
 from loguru import logger
 
 import mnist_recognition as trainer
-from companions import own_images, report
+from companions import dataset_files, files, own_images, report
 
 
 def command(args):
     runtime = trainer.Runtime(trainer.pick_device(args.device))
-    out_dir = trainer.prepare_out_dir(args.out_dir)
-    model, payload, dataset = trainer.trained_model(args, runtime.device)
+    out_dir = files.prepare_out_dir(args.out_dir)
+    model, payload, dataset = files.trained_model(args, runtime.device)
     if args.images is not None:
         return evaluate_images(args, runtime, out_dir, model, dataset)
     if payload.get("eval_split") == "test":
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["eval_accuracy"])
-    trainer.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
+    dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
     evaluation = trainer.evaluate(model, test_set, "test", runtime)
     trainer.log_accuracy(evaluation, dataset)
@@ -54,7 +54,7 @@ def evaluate_images(args, runtime, out_dir, model, dataset):
         "not_read": found.problems,
     }
     text = json.dumps(metrics, indent=2).encode()
-    trainer.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(text))
+    files.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(text))
     settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
     title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"

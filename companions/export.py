@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 import mnist_recognition as trainer
-from companions import prepare, report
+from companions import files, prepare, report
 
 RANDOM_CHECK_IMAGES = 1000  # checked instead of the test set when its files are not on disk
 
@@ -95,8 +95,8 @@ def compare_with_onnx_runtime(file_bytes, expected, pixels):
 def command(args):
     """Export, check, then write; exit code 1 (and no file) where ONNX Runtime disagrees."""
     out = args.out or args.checkpoint.with_suffix(".onnx")
-    trainer.prepare_out_dir(out.parent)
-    model, payload, dataset = trainer.trained_model(args, torch.device("cpu"))
+    files.prepare_out_dir(out.parent)
+    model, payload, dataset = files.trained_model(args, torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # the plain layout, as the file stores it
     pixels, labels, described = check_images(args.data_dir, dataset)
     with torch.inference_mode():
@@ -124,7 +124,7 @@ def command(args):
             f"refused). Nothing was written to {out}.",
             exit_code=1,
         )
-    trainer.write_atomically(out, lambda file: file.write(file_bytes))
+    files.write_atomically(out, lambda file: file.write(file_bytes))
     accuracy = "" if test_accuracy is None else f", {test_accuracy:.3f} % test accuracy"
     logger.info(
         "Wrote {} ({:,} bytes): input 'image' [N, 1, 28, 28] pixels 0..1, outputs 'logits' and "

@@ -15,6 +15,7 @@ import torch
 from loguru import logger
 
 import mnist_recognition as trainer
+from companions import dataset_files, files
 from companions.evaluate import read_labelled
 
 FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
@@ -25,8 +26,8 @@ AUGMENT = ("affine", "elastic", "thickness")  # the `best` recipe's
 def command(args):
     started = time.perf_counter()
     runtime = trainer.Runtime(trainer.pick_device(args.device))
-    out_dir = trainer.prepare_out_dir(args.out_dir)
-    model, payload, dataset = trainer.trained_model(args, runtime.device)
+    out_dir = files.prepare_out_dir(args.out_dir)
+    model, payload, dataset = files.trained_model(args, runtime.device)
     found = read_labelled(args.images, dataset)
     warn_about_small_classes(found, dataset)
     held_out = stratified_hold_out(found.labels, args.hold_out, args.seed)
@@ -36,7 +37,7 @@ def command(args):
     own_held_out = (found.inputs[held_out].to(runtime.device), found.labels[held_out].to(runtime.device))
     logger.info("{} of your images to learn from, {} held out to measure on (seed {})", int(learn.sum()),
                 len(held_out), args.seed)  # fmt: skip
-    trainer.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
+    dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     train_set = trainer.normalised_split(args.data_dir, dataset, True, None, runtime.device)
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
 
@@ -116,6 +117,4 @@ def save(out_dir, model, payload, args, found, dataset, held_out, own_after, tes
         "seed": args.seed,
         "from": str(args.checkpoint),
     }
-    trainer.save_model(
-        out_dir / trainer.MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned
-    )
+    files.save_model(out_dir / trainer.MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned)

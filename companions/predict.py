@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 import mnist_recognition as trainer
+from companions import files
 from companions.prepare import ImageError, read_image
 
 # Below this probability an answer is called unsure ("sure": false): the lowest threshold that flags
@@ -64,7 +65,7 @@ def plot_inputs(inputs, results, path, dataset):
 def command(args):
     """Read each image, print the model's answers; exit code 1 if any image could not be read."""
     device = trainer.pick_device(args.device)
-    model, _, dataset = trainer.trained_model(args, device)
+    model, _, dataset = files.trained_model(args, device)
     inputs, results, failures = [], [], 0
     for path in args.images:
         try:

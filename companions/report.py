@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import mnist_recognition as trainer
+from companions import files
 from mnist_recognition import CONFUSION_PNG, CURVES_PNG, MISTAKES_PNG, PREDICTIONS_PNG, TRAIN_IMAGES_PNG
 
 PAGE_FILE = Path(__file__).with_name("report_page.html")
@@ -77,7 +78,7 @@ def write_training_report(out_dir, args, runtime, model, progress, evaluation, t
         "timeline": timeline,
     }
     metrics_json = json.dumps(metrics, indent=2).encode()
-    trainer.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(metrics_json))
+    files.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(metrics_json))
 
 
 @contextlib.contextmanager
@@ -231,7 +232,7 @@ def write_report(out_dir, title, headline, sections, figure_names):
         ),
         figures="".join(embedded_figure(out_dir / name, FIGURE_CAPTIONS[name]) for name in figure_names),
     )
-    trainer.write_atomically(out_dir / trainer.REPORT_FILE, lambda file: file.write(page.encode()))
+    files.write_atomically(out_dir / trainer.REPORT_FILE, lambda file: file.write(page.encode()))
 
 
 def report_sections(settings, environment_values, evaluation, dataset, history=()):

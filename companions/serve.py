@@ -27,7 +27,7 @@ from loguru import logger
 from PIL import Image
 
 import mnist_recognition as trainer
-from companions import own_images
+from companions import files, own_images
 from companions.predict import classify
 from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
 
@@ -245,7 +245,7 @@ def is_loopback(host):
 def start_server(args):
     """The server, listening; its model is the checkpoint's, on the device asked for."""
     device = trainer.pick_device(args.device)
-    model, payload, dataset = trainer.trained_model(args, device)
+    model, payload, dataset = files.trained_model(args, device)
     description = describe_model(args.checkpoint, payload, dataset)
     try:
         page = page_for(description, dataset, collecting=args.collect is not None)

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import mnist_recognition as app
 from companions import export as onnx_export
-from companions import prepare, report
+from companions import files, prepare, report
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -47,7 +47,7 @@ def exported(trained, synthetic_data, tmp_path_factory):
 
 def torch_probabilities(checkpoint, pixels):
     """The PyTorch model's probabilities for 0..1 pixels, normalised here as training does."""
-    model, _ = app.load_trained_model(checkpoint, torch.device("cpu"))
+    model, _ = files.load_trained_model(checkpoint, torch.device("cpu"))
     with torch.inference_mode():
         return torch.softmax(model((pixels - MNIST_DATA.mean) / MNIST_DATA.std), dim=1).numpy()
 
@@ -135,7 +135,7 @@ def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path
     assert props["preparation"] == prepare.describe(app.DATASETS["fashion-mnist"])
     # The graph normalises with Fashion-MNIST's statistics, not MNIST's.
     pixels = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    model, _ = app.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
+    model, _ = files.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
     fashion = app.DATASETS["fashion-mnist"]
     with torch.inference_mode():
         expected = torch.softmax(model((pixels - fashion.mean) / fashion.std), dim=1).numpy()

@@ -1,4 +1,4 @@
-"""Files and checkpoints: atomic writes, leftovers of killed writes, and checkpoints that are
+"""companions/files.py: atomic writes, leftovers of killed writes, and checkpoints that are
 refused without running anything in them."""
 
 import os
@@ -10,6 +10,7 @@ import torch
 from conftest import draw_digit
 
 import mnist_recognition as app
+from companions import files
 
 # --- atomic writes -------------------------------------------------------------------------------
 
@@ -28,7 +29,7 @@ def test_a_write_that_fails_part_way_leaves_the_old_file_and_no_temporary(tmp_pa
     path.write_bytes(b"the old complete file")
     expected = app.CliError if isinstance(error, OSError) else RuntimeError
     with pytest.raises(expected) as raised:
-        app.write_atomically(path, fails_part_way(error))
+        files.write_atomically(path, fails_part_way(error))
     if expected is app.CliError:
         assert str(path) in str(raised.value) and "No space left" in str(raised.value)
     assert path.read_bytes() == b"the old complete file"
@@ -38,7 +39,7 @@ def test_a_write_that_fails_part_way_leaves_the_old_file_and_no_temporary(tmp_pa
 def test_a_write_that_succeeds_replaces_the_file(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_bytes(b"old")
-    app.write_atomically(path, lambda file: file.write(b"new"))
+    files.write_atomically(path, lambda file: file.write(b"new"))
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["metrics.json"]
 
 
@@ -49,14 +50,14 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_run(tmp_path):
     (out_dir / "checkpoint.pt").write_bytes(b"complete")
     (out_dir / ".checkpoint.pt.12345.tmp").write_bytes(b"half")
     (out_dir / "notes.txt").write_text("the user's own file")
-    assert app.prepare_out_dir(out_dir) == out_dir
+    assert files.prepare_out_dir(out_dir) == out_dir
     assert sorted(os.listdir(out_dir)) == ["checkpoint.pt", "notes.txt"]
 
 
 def test_remove_stale_temporaries_keeps_everything_else(tmp_path):
     for name in (".metrics.json.1.tmp", ".lenet5_mnist.pt.2.tmp", "model.pt", "report.tmp.txt", ".hidden"):
         (tmp_path / name).write_text("x")
-    app.remove_stale_temporaries(tmp_path)
+    files.remove_stale_temporaries(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [".hidden", "model.pt", "report.tmp.txt"]
 
 
@@ -64,7 +65,7 @@ def test_an_output_folder_that_cannot_be_created_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     with pytest.raises(app.CliError, match="Cannot write into the output folder"):
-        app.prepare_out_dir(blocker / "out")
+        files.prepare_out_dir(blocker / "out")
 
 
 # --- checkpoints that are refused ----------------------------------------------------------------
@@ -169,7 +170,7 @@ def tensors_in(value):
 
 def test_on_cpu_copies_every_tensor_in_nested_containers():
     nested = on_another_device({"a": [torch.ones(2), (torch.zeros(1), 3)], "b": {"c": torch.arange(3)}, "d": "text"})
-    copied = app.on_cpu(nested)
+    copied = files.on_cpu(nested)
     assert copied["d"] == "text" and copied["a"][1][1] == 3 and isinstance(copied["a"][1], tuple)
     assert torch.equal(copied["b"]["c"], torch.arange(3)) and torch.equal(copied["a"][0], torch.ones(2))
     assert [type(tensor) for tensor in tensors_in(copied)] == [torch.Tensor] * 3
@@ -197,7 +198,7 @@ def model_on_another_device(monkeypatch):
 def test_a_checkpoint_of_a_run_on_another_device_holds_only_cpu_tensors(model_on_another_device, tmp_path):
     """So that a plain torch.load works on a machine without the GPU it was trained on."""
     args, model, optimizer, schedule, progress = model_on_another_device
-    app.save_checkpoint(
+    files.save_checkpoint(
         tmp_path / "checkpoint.pt", model, optimizer, schedule, progress, args, app.Runtime(torch.device("cpu"))
     )
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -211,8 +212,8 @@ def test_a_checkpoint_of_a_run_on_another_device_holds_only_cpu_tensors(model_on
 def test_a_model_file_of_a_run_on_another_device_loads_its_weights_on_the_cpu(model_on_another_device, tmp_path):
     _, model, _, _, _ = model_on_another_device
     evaluation = app.Evaluation("test", torch.tensor([1, 2]), torch.tensor([1, 3]), torch.ones(2), 0.5, 0.1)
-    app.save_model(tmp_path / "lenet5_mnist.pt", model, {"dataset": "mnist"}, evaluation)
-    loaded, payload = app.load_trained_model(tmp_path / "lenet5_mnist.pt", torch.device("cpu"))
+    files.save_model(tmp_path / "lenet5_mnist.pt", model, {"dataset": "mnist"}, evaluation)
+    loaded, payload = files.load_trained_model(tmp_path / "lenet5_mnist.pt", torch.device("cpu"))
     assert (payload["eval_split"], payload["eval_accuracy"], payload["format"]) == ("test", 50.0, app.CHECKPOINT_FORMAT)
     assert not loaded.training
     assert loaded.features[3].weight.is_contiguous(memory_format=torch.channels_last)  # the CPU's fastest layout

@@ -16,7 +16,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from test_serve import png_bytes, request, stop_serving
 
 import mnist_recognition as app
-from companions import own_images, serve
+from companions import files, own_images, serve
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -258,7 +258,7 @@ def test_finetune_learns_a_folder_and_writes_a_model_the_other_commands_take(tra
     assert saved["config"]["dataset"] == "mnist" and saved["eval_split"] == "test"
     assert not torch.equal(
         saved["model"]["features.0.weight"],
-        app.load_checkpoint(trained[0] / "lenet5_mnist.pt")["model"]["features.0.weight"],
+        files.load_checkpoint(trained[0] / "lenet5_mnist.pt")["model"]["features.0.weight"],
     )
     assert cli("predict", folder / "3" / "0.png", "--checkpoint", tmp_path / "tuned" / "lenet5_mnist.pt").code == 0
     # The same seed gives the same model, bit for bit.

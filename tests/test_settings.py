@@ -267,7 +267,7 @@ def test_importing_the_script_leaves_out_what_only_some_commands_need():
     assert result.stdout.strip() == "[]"
 
 
-def test_importing_the_script_loads_only_the_command_line_of_its_companions():
+def test_importing_the_script_loads_only_the_companions_every_command_needs():
     """predict, serve, export, evaluate and the report are imported by the command that runs them."""
     probe = (
         f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import mnist_recognition; "
@@ -275,4 +275,6 @@ def test_importing_the_script_loads_only_the_command_line_of_its_companions():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['companions', 'companions.command_line']"
+    assert result.stdout.strip() == str(
+        ["companions", "companions.command_line", "companions.dataset_files", "companions.files"]
+    )

@@ -1,0 +1,141 @@
+"""Files: each written atomically, and checkpoints read without running any code they might carry.
+
+A run killed at any moment leaves each file as the old complete one or the new complete one.
+Checkpoints and model files hold only tensors and plain values, loaded with weights_only=True and
+checked to hold LeNet-5's weights before anything uses them.
+
+mnist_recognition.py imports these while it is itself being imported: nothing here touches it
+but at call time.
+"""
+
+import os
+import tempfile
+
+import torch
+
+
+def write_atomically(path, write):
+    """Write through `write(file)` into a temporary file, then rename it over `path`.
+
+    Killed or failing at any moment, `path` is either the old complete file or the new complete one.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise trainer.CliError(f"Cannot write {path}: {error.strerror or error}.") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out_dir):
+    """Remove what write_atomically leaves behind when its process is killed mid-write."""
+    for stale in out_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def prepare_out_dir(out_dir):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise trainer.CliError(f"Cannot write into the output folder {out_dir}: {error.strerror}.") from None
+    remove_stale_temporaries(out_dir)
+    return out_dir
+
+
+def on_cpu(value):
+    """`value` with every tensor in it copied to the CPU, so that a plain torch.load works anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
+def save_checkpoint(path, model, optimizer, schedule, progress, args, runtime):
+    """The checkpoint: everything that --resume needs to continue the run bit-exactly."""
+    payload = {
+        "format": trainer.CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "config": trainer.training_config(args),
+        "progress": progress.state_dict(),
+        "ran_on": trainer.ran_on(runtime),
+    }
+    write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
+
+
+def save_model(path, model, config, evaluation, **more):
+    """The model file: the trained weights, how they were trained, the accuracy they reached, and
+    `more` where a command records more (finetune: what it was fine-tuned on)."""
+    payload = {
+        "format": trainer.CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "config": config,
+        "eval_split": evaluation.split,
+        "eval_accuracy": evaluation.accuracy,
+        **more,
+    }
+    write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
+
+
+def load_checkpoint(path):
+    """Load a checkpoint of this program with weights_only=True and check it holds LeNet-5 weights."""
+    if not path.is_file():
+        raise trainer.CliError(f"{path}: no such checkpoint file.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a foreign or damaged file fails in many ways; none runs code
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise trainer.CliError(
+            f"{path}: not a readable checkpoint of this program ({reason}). Nothing in it was run."
+        ) from None
+    weights = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(weights, dict):
+        raise trainer.CliError(f"{path}: not a checkpoint of this program (no 'model' weights in it).")
+    expected = trainer.LeNet5().state_dict()
+    mismatched = sorted(set(expected) ^ set(weights)) or [
+        name
+        for name in expected
+        if not isinstance(weights[name], torch.Tensor) or weights[name].shape != expected[name].shape
+    ]
+    if mismatched:
+        raise trainer.CliError(f"{path}: does not hold LeNet-5 weights (wrong or missing: {', '.join(mismatched)}).")
+    if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
+        raise trainer.CliError(f"{path}: holds weights that are not finite numbers.")
+    return payload
+
+
+def load_trained_model(path, device):
+    """(the model in a checkpoint file, ready to answer on `device`; the checkpoint)."""
+    payload = load_checkpoint(path)
+    model = trainer.LeNet5()
+    model.load_state_dict(payload["model"])
+    return trainer.to_device_and_format(model, device).eval(), payload
+
+
+def trained_model(args, device):
+    """(the model in --checkpoint on `device`, the checkpoint, its dataset): what every command that
+    uses a trained model starts with. An explicit --dataset must agree with the checkpoint's."""
+    model, payload = load_trained_model(args.checkpoint, device)
+    trained_on = payload.get("config", {}).get("dataset", "mnist")  # older checkpoints: MNIST
+    if "dataset" in args.given and args.dataset != trained_on:
+        raise trainer.CliError(
+            f"{args.checkpoint} was trained on {trained_on}, not {args.dataset}. Leave out --dataset "
+            f"(the checkpoint's is used), or give a checkpoint trained on {args.dataset}."
+        )
+    return model, payload, trainer.DATASETS[trained_on]
+
+
+# Last: mnist_recognition.py imports this module at its top, so importing it first runs the
+# script's top, which imports this module back; by now everything it takes from here is defined.
+import mnist_recognition as trainer  # noqa: E402
