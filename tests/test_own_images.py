@@ -168,7 +168,7 @@ def test_a_drawn_digit_labelled_on_the_page_is_saved_and_counted(trained, tmp_pa
         browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]'))
-        assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7 0")
+        assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7: 0")
         canvas = browser.find_element(By.ID, "canvas")
         stroke = ActionChains(browser).move_to_element_with_offset(canvas, -70, -80).click_and_hold()
         for x, y in ((70, -80), (-10, 90)):  # a 7: the bar, then the stem
@@ -181,7 +181,7 @@ def test_a_drawn_digit_labelled_on_the_page_is_saved_and_counted(trained, tmp_pa
         assert files_in(folder) == ["7/1.png"]
         with Image.open(folder / "7" / "1.png") as saved:
             assert saved.size == (280, 280)  # the canvas as drawn
-        assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7 1")
+        assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7: 1")
     finally:
         stop_serving(server)
 
