@@ -5,6 +5,7 @@ import random
 import re
 
 import pytest
+import torch
 from conftest import draw_digit, huge_png, run_process, script_command, without
 from PIL import Image
 
@@ -139,3 +140,21 @@ def test_a_companion_run_as_part_of_the_script_shares_its_module(tmp_path):
     result = run_process(script_command("predict", tmp_path / "digit.png", "--checkpoint", tmp_path / "missing.pt"))
     assert result.returncode == 2, result.stderr
     assert "missing.pt: no such checkpoint file." in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_answer_below_the_threshold_is_called_unsure_and_kept():
+    from companions import predict
+
+    model = app.LeNet5().eval()
+    with torch.no_grad():  # a model whose answer is class 3 with the probability the bias gives it
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.classifier[-1].bias[3] = 2.0
+    unsure = predict.classify(model, torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
+    assert unsure["class"] == 3 and unsure["probability"] < predict.UNSURE_BELOW and unsure["sure"] is False
+    assert ", not sure), then" in predict.describe_prediction({"file": "x.png", **unsure}, MNIST_DATA.classes)
+    with torch.no_grad():
+        model.classifier[-1].bias[3] = 8.0
+    sure = predict.classify(model, torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
+    assert sure["class"] == 3 and sure["probability"] >= predict.UNSURE_BELOW and sure["sure"] is True
+    assert "not sure" not in predict.describe_prediction({"file": "x.png", **sure}, MNIST_DATA.classes)
