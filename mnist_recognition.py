@@ -502,9 +502,19 @@ class Adam(torch.optim.Optimizer):
 
 
 # torch.optim.Adam's settings, as its param_groups hold them: fused, no weight decay.
-ADAM_DEFAULTS = {"lr": None, "betas": None, "eps": 1e-8, "weight_decay": 0, "amsgrad": False, "maximize": False,
-                 "foreach": None, "capturable": False, "differentiable": False, "fused": True,
-                 "decoupled_weight_decay": False}  # fmt: skip
+ADAM_DEFAULTS = {
+    "lr": None,
+    "betas": None,
+    "eps": 1e-8,
+    "weight_decay": 0,
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "fused": True,
+    "decoupled_weight_decay": False,
+}
 
 
 def new_adam_state(parameter):

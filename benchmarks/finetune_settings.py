@@ -74,9 +74,12 @@ def main():
             finetune.fine_tune(model, (found.inputs[learn], found.labels[learn]), train, mnist, settings, runtime)
             held_accuracies.append(app.evaluate(model, (found.inputs[held], found.labels[held]), "h", runtime).accuracy)
             validation_accuracies.append(app.evaluate(model, validation, "validation", runtime).accuracy)
-        print(f"lr {lr:g}, own share {share:g}, {steps} steps: held-out images mean {np.mean(held_accuracies):.2f} %, "
-              f"lowest {min(held_accuracies):.2f} %; validation mean {np.mean(validation_accuracies):.2f} %, "
-              f"lowest {min(validation_accuracies):.2f} %", flush=True)  # fmt: skip
+        print(
+            f"lr {lr:g}, own share {share:g}, {steps} steps: held-out images mean {np.mean(held_accuracies):.2f} %, "
+            f"lowest {min(held_accuracies):.2f} %; validation mean {np.mean(validation_accuracies):.2f} %, "
+            f"lowest {min(validation_accuracies):.2f} %",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,13 @@ def written(font_path, digit, rng):
         ((280 - right - left) / 2 + shift[0], (280 - bottom - top) / 2 + shift[1]), str(digit), fill=ink, font=font
     )
     slant = rng.uniform(-0.15, 0.15)
-    canvas = canvas.transform(canvas.size, Image.Transform.AFFINE, (1, slant, -slant * 140, 0, 1, 0),
-                              resample=Image.Resampling.BILINEAR, fillcolor=paper)  # fmt: skip
+    canvas = canvas.transform(
+        canvas.size,
+        Image.Transform.AFFINE,
+        (1, slant, -slant * 140, 0, 1, 0),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=paper,
+    )
     canvas = canvas.rotate(rng.uniform(-6, 6), resample=Image.Resampling.BILINEAR, fillcolor=paper)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
@@ -76,8 +81,21 @@ def write_unseen(folder, font_path, per_class, rng):
 
 def collect(checkpoint, folder, font_path, per_class, rng):
     """Start `serve --collect folder`, send per_class drawings of each digit to POST /examples, stop it."""
-    server = subprocess.Popen([sys.executable, str(SCRIPT), "serve", "--checkpoint", str(checkpoint), "--port", "0",
-                               "--collect", str(folder)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            "0",
+            "--collect",
+            str(folder),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         deadline = time.monotonic() + 60
@@ -136,8 +154,19 @@ def main():
             write_unseen(work / "unseen", font_path, args.unseen, rng)
             collect(args.checkpoint, work / "collected", font_path, args.collect, rng)
             started = time.perf_counter()
-            log = run("finetune", "--checkpoint", args.checkpoint, "--images", work / "collected", "--data-dir",
-                      args.data_dir, "--no-download", "--out-dir", work / "tuned", *args.finetune_flags)  # fmt: skip
+            log = run(
+                "finetune",
+                "--checkpoint",
+                args.checkpoint,
+                "--images",
+                work / "collected",
+                "--data-dir",
+                args.data_dir,
+                "--no-download",
+                "--out-dir",
+                work / "tuned",
+                *args.finetune_flags,
+            )
             seconds = time.perf_counter() - started
             tests = re.search(r"test images: ([\d.]+) % before, ([\d.]+) % after", log)
             held = re.search(r"held-out images of yours: ([\d.]+) % before, ([\d.]+) % after", log)
@@ -146,8 +175,11 @@ def main():
             rows.append(
                 (name, before, after, float(held[1]), float(held[2]), float(tests[1]), float(tests[2]), seconds)
             )
-            print(f"{name:<16} unseen {before:6.2f} -> {after:6.2f} %   held out {held[1]} -> {held[2]} %   "
-                  f"test {tests[1]} -> {tests[2]} %   finetune {seconds:.1f} s", flush=True)  # fmt: skip
+            print(
+                f"{name:<16} unseen {before:6.2f} -> {after:6.2f} %   held out {held[1]} -> {held[2]} %   "
+                f"test {tests[1]} -> {tests[2]} %   finetune {seconds:.1f} s",
+                flush=True,
+            )
     columns = ("unseen before", "unseen after", "held out before", "held out after", "test before", "test after")
     means = ", ".join(
         f"{column} {statistics.mean(row[k + 1] for row in rows):.2f} %" for k, column in enumerate(columns)

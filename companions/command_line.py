@@ -233,17 +233,26 @@ def build_parser():
         "--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 lets other machines reach the page"
     )
     serve.add_argument("--port", type=port_number, default=8000, help="the port to listen on (0: any free one)")
-    serve.add_argument("--collect", type=Path, default=None,
-                       help="save the drawings and images you label on the page into this folder, one sub-folder "
-                            "per class (off unless given)")  # fmt: skip
+    serve.add_argument(
+        "--collect",
+        type=Path,
+        default=None,
+        help="save the drawings and images you label on the page into this folder, one sub-folder "
+        "per class (off unless given)",
+    )
     finetune = add("finetune", help="teach a trained model your own handwriting, from a folder of labelled images")
     finetune.add_argument("--images", type=Path, required=True, help=IMAGE_FOLDER)
     finetune.add_argument("--steps", type=positive_int, default=300, help="optimisation steps")
     finetune.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's learning rate")
-    finetune.add_argument("--batch-size", type=positive_int, default=128,
-                          help="images per step: a quarter yours, augmented, the rest the dataset's")  # fmt: skip
-    finetune.add_argument("--hold-out", type=fraction, default=0.25,
-                          help="the share of each class of your images held out, to measure on")  # fmt: skip
+    finetune.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=128,
+        help="images per step: a quarter yours, augmented, the rest the dataset's",
+    )
+    finetune.add_argument(
+        "--hold-out", type=fraction, default=0.25, help="the share of each class of your images held out, to measure on"
+    )
     export = add(
         "export",
         help="write a trained model as one ONNX file, checked with ONNX Runtime",

@@ -35,8 +35,12 @@ def command(args):
     learn[held_out] = False
     own_train = (found.inputs[learn].to(runtime.device), found.labels[learn].to(runtime.device))
     own_held_out = (found.inputs[held_out].to(runtime.device), found.labels[held_out].to(runtime.device))
-    logger.info("{} of your images to learn from, {} held out to measure on (seed {})", int(learn.sum()),
-                len(held_out), args.seed)  # fmt: skip
+    logger.info(
+        "{} of your images to learn from, {} held out to measure on (seed {})",
+        int(learn.sum()),
+        len(held_out),
+        args.seed,
+    )
     dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     train_set = trainer.normalised_split(args.data_dir, dataset, True, None, runtime.device)
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
@@ -44,10 +48,15 @@ def command(args):
     own_before, test_before = measure(model, own_held_out, test_set, runtime)
     fine_tune(model, own_train, train_set, dataset, args, runtime)
     own_after, test_after = measure(model, own_held_out, test_set, runtime)
-    logger.info("Accuracy on the held-out images of yours: {} before, {} after", percent(own_before),
-                percent(own_after))  # fmt: skip
-    logger.info("Accuracy on the {} test images: {} before, {} after", len(test_set[1]),
-                percent(test_before.accuracy), percent(test_after.accuracy))  # fmt: skip
+    logger.info(
+        "Accuracy on the held-out images of yours: {} before, {} after", percent(own_before), percent(own_after)
+    )
+    logger.info(
+        "Accuracy on the {} test images: {} before, {} after",
+        len(test_set[1]),
+        percent(test_before.accuracy),
+        percent(test_after.accuracy),
+    )
     save(out_dir, model, payload, args, found, dataset, held_out, own_after, test_after)
     logger.info("Wrote {} into {}/ in {:.1f} s", trainer.MODEL_FILE, out_dir, time.perf_counter() - started)
     return 1 if found.problems else 0
@@ -57,8 +66,9 @@ def warn_about_small_classes(found, dataset):
     few = {name: count for name, count in found.per_class(dataset).items() if count < FEW_IMAGES}
     if few:
         listed = ", ".join(f"{name} ({count})" for name, count in few.items())
-        logger.warning("Fewer than {} images of {}: too few to learn a class from, or to measure it", FEW_IMAGES,
-                       listed)  # fmt: skip
+        logger.warning(
+            "Fewer than {} images of {}: too few to learn a class from, or to measure it", FEW_IMAGES, listed
+        )
 
 
 def stratified_hold_out(labels, share, seed):
@@ -87,8 +97,9 @@ def fine_tune(model, own, dataset_split, dataset, args, runtime):
         own_index = torch.randint(len(own[1]), (own_count,), generator=generator).to(runtime.device)
         data_index = torch.randint(len(dataset_split[1]), (args.batch_size - own_count,), generator=generator)
         data_index = data_index.to(runtime.device)
-        own_images_now = trainer.augment_batch(own[0][own_index], AUGMENT, generator, own_count, slice(None),
-                                               dataset.augment_limits)  # fmt: skip
+        own_images_now = trainer.augment_batch(
+            own[0][own_index], AUGMENT, generator, own_count, slice(None), dataset.augment_limits
+        )
         images = torch.cat([own_images_now, dataset_split[0][data_index]])
         labels = torch.cat([own[1][own_index], dataset_split[1][data_index]])
         trainer.train_step(model, optimizer, schedule, images, labels, len(labels))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from companions.prepare import ImageError, open_grayscale, read_image
 
@@ -47,8 +48,7 @@ def save_example(root, dataset, label, body):
     whole or not at all, never over another file, and no number used twice. A PNG is kept as it
     was sent; another format is stored as PNG, pixel for pixel. Returns the path; raises an
     ImageError for a body that is not an image, FolderNotWritable where the disk says no."""
-    image = open_grayscale(io.BytesIO(body))  # raises for anything that is not an image
-    del image
+    open_grayscale(io.BytesIO(body))  # raises for anything that is not an image
     png = body if body.startswith(b"\x89PNG\r\n\x1a\n") else as_png(body)
     folder = Path(root) / folder_name(dataset.classes[label])
     with SAVING:
@@ -62,8 +62,6 @@ def save_example(root, dataset, label, body):
 
 
 def as_png(body):
-    from PIL import Image
-
     buffer = io.BytesIO()
     with Image.open(io.BytesIO(body)) as image:
         image.save(buffer, format="PNG")

@@ -38,6 +38,11 @@ ROUTES = {"/": ("GET",), "/predict": ("POST",), "/examples": ("GET", "POST")}
 STATUS_OF = {UnreadableImage: 400, ImageTooLarge: 413, NoInk: 422}
 
 
+def status_of(error):
+    """The HTTP status for one of the preparation's errors."""
+    return next(code for kind, code in STATUS_OF.items() if isinstance(error, kind))
+
+
 class EmptyBody(UnreadableImage):
     """A request without an image in it."""
 
@@ -165,8 +170,7 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
                 raise EmptyBody("the body is empty: send an image's bytes")
             saved = own_images.save_example(self.server.collect, self.server.dataset, label, body)
         except tuple(STATUS_OF) as error:
-            status = next(code for kind, code in STATUS_OF.items() if isinstance(error, kind))
-            return self.send_error_json(status, str(error), body_read=True)
+            return self.send_error_json(status_of(error), str(error), body_read=True)
         except own_images.FolderNotWritable as error:
             return self.send_error_json(413 if error.no_space else 403, str(error), body_read=True)
         answer = {
@@ -191,8 +195,7 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
         try:
             prediction = self.server.prediction_for(body)
         except tuple(STATUS_OF) as error:
-            status = next(code for kind, code in STATUS_OF.items() if isinstance(error, kind))
-            return self.send_error_json(status, str(error), body_read=True)
+            return self.send_error_json(status_of(error), str(error), body_read=True)
         self.send(200, json.dumps(prediction).encode(), "application/json")
 
     def read_body(self):

@@ -25,7 +25,7 @@ def start_collecting(checkpoint, folder):
     server = serve.start_server(
         app.parse_args(
             ["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", "--collect", str(folder)]
-        )  # fmt: skip
+        )
     )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -205,8 +205,17 @@ def labelled_folder(folder, per_class=6, seed=0, classes=range(10)):
 
 def test_evaluate_images_measures_the_folder_and_writes_its_report(trained, tmp_path, cli):
     folder = labelled_folder(tmp_path / "mine")
-    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
-                 "--device", "cpu", "--out-dir", tmp_path / "out")  # fmt: skip
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--images",
+        folder,
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "out",
+    )
     assert result.code == 0, result.log
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_images"] == 60 and metrics["class_images"] == {str(d): 6 for d in range(10)}
@@ -222,8 +231,17 @@ def test_evaluate_images_names_each_problem_and_reads_the_rest(trained, tmp_path
     (folder / "eleven").mkdir()
     (folder / "3").mkdir()
     (folder / "2" / "broken.png").write_text("not an image")
-    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
-                 "--device", "cpu", "--out-dir", tmp_path / "out")  # fmt: skip
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--images",
+        folder,
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "out",
+    )
     assert result.code == 1
     errors = result.errors()
     assert any(f"{folder / 'eleven'}: not a class of MNIST" in line for line in errors)
@@ -238,16 +256,38 @@ def test_evaluate_images_of_nothing_is_one_error(case, trained, tmp_path, cli):
     folder = tmp_path / "mine"
     if case == "empty":
         folder.mkdir()
-    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
-                 "--device", "cpu", "--out-dir", tmp_path / "out")  # fmt: skip
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--images",
+        folder,
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "out",
+    )
     assert result.code == (2 if case == "missing" else 1)
     assert len(result.errors()) == 1 and f"--images {folder}" in result.errors()[0]
 
 
 def test_finetune_learns_a_folder_and_writes_a_model_the_other_commands_take(trained, synthetic_data, tmp_path, cli):
     folder = labelled_folder(tmp_path / "mine", per_class=8, seed=1)
-    flags = ("--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder, "--data-dir", synthetic_data,
-             "--no-download", "--device", "cpu", "--steps", 40, "--batch-size", 32)  # fmt: skip
+    flags = (
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--images",
+        folder,
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--steps",
+        40,
+        "--batch-size",
+        32,
+    )
     result = cli("finetune", *flags, "--out-dir", tmp_path / "tuned")
     assert result.code == 0, result.log
     assert "60 of your images to learn from, 20 held out to measure on (seed 0)" in result.log
@@ -270,9 +310,22 @@ def test_finetune_learns_a_folder_and_writes_a_model_the_other_commands_take(tra
 def test_finetune_warns_about_small_classes_and_holds_out_one_of_each_pair(trained, synthetic_data, tmp_path, cli):
     folder = labelled_folder(tmp_path / "mine", per_class=2, classes=(0, 1))
     labelled_folder(folder, per_class=1, classes=(2,))
-    result = cli("finetune", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder,
-                 "--data-dir", synthetic_data, "--no-download", "--device", "cpu", "--steps", 5,
-                 "--out-dir", tmp_path / "tuned")  # fmt: skip
+    result = cli(
+        "finetune",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--images",
+        folder,
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--steps",
+        5,
+        "--out-dir",
+        tmp_path / "tuned",
+    )
     assert result.code == 0, result.log
     assert "Fewer than 5 images of 0 (2), 1 (2), 2 (1)" in result.log
     assert "3 of your images to learn from, 2 held out" in result.log
