@@ -25,12 +25,12 @@ def command(args):
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
     evaluation = trainer.evaluate(model, test_set, "test", runtime)
     trainer.log_accuracy(evaluation, dataset)
-    report.write_evaluation_figures(out_dir, test_set, evaluation, args.seed, dataset)
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     title = f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right"
-    sections = report.report_sections(settings, report.environment(runtime), evaluation, dataset)
-    report.write_report(out_dir, title, headline, sections, report.EVALUATION_FIGURES)
+    report.write_evaluation_report(
+        out_dir, runtime, test_set, evaluation, dataset, args.seed, settings, title, headline
+    )
     logger.info("Wrote {} and {} into {}/", ", ".join(report.EVALUATION_FIGURES), trainer.REPORT_FILE, out_dir)
     return 0
 
@@ -41,7 +41,6 @@ def evaluate_images(args, runtime, out_dir, model, dataset):
     images = (found.inputs.to(runtime.device), found.labels.to(runtime.device))
     evaluation = trainer.evaluate(model, images, "labelled", runtime)
     trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
-    report.write_evaluation_figures(out_dir, images, evaluation, args.seed, dataset)
     metrics = {
         "checkpoint": str(args.checkpoint),
         "images": str(args.images),
@@ -58,8 +57,7 @@ def evaluate_images(args, runtime, out_dir, model, dataset):
     settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
     title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
-    sections = report.report_sections(settings, report.environment(runtime), evaluation, dataset)
-    report.write_report(out_dir, title, headline, sections, report.EVALUATION_FIGURES)
+    report.write_evaluation_report(out_dir, runtime, images, evaluation, dataset, args.seed, settings, title, headline)
     written = ", ".join((trainer.METRICS_FILE, *report.EVALUATION_FIGURES))
     logger.info("Wrote {} and {} into {}/", written, trainer.REPORT_FILE, out_dir)
     return 1 if found.problems else 0

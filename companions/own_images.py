@@ -18,7 +18,6 @@ from PIL import Image
 
 from companions.prepare import ImageError, open_grayscale, read_image
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # what is read as an image
 NUMBERED = re.compile(r"(\d+)\.png")
 
 
@@ -96,10 +95,15 @@ def highest_number(folder):
 
 def counts(root, dataset):
     """How many images each class has in the folder, by class name."""
-    return {
-        name: sum(1 for path in (Path(root) / folder_name(name)).glob("*") if path.suffix.lower() in SUFFIXES)
-        for name in dataset.classes
-    }
+    return {name: len(class_files(Path(root) / folder_name(name))) for name in dataset.classes}
+
+
+def class_files(folder):
+    """The files of a class's sub-folder that are read as its images: all but hidden ones (such as
+    save_example's temporaries), in name order; none where the folder is missing."""
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def read_folder(root, dataset):
             expected = ", ".join(classes)
             problems.append(f"{folder}: not a class of {dataset.title} (the sub-folders are named {expected})")
             continue
-        images = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+        images = class_files(folder)
         if not images:
             problems.append(f"{folder}: no images in it")
         for path in images:

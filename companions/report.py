@@ -6,6 +6,7 @@ report of its own. The page's layout is report_page.html beside this file.
 
 import base64
 import contextlib
+import functools
 import hashlib
 import html
 import importlib.metadata
@@ -115,6 +116,13 @@ def exit_code_of(draw, *args):
 # ----------------------------------------------------------------------------------------------
 # Figures of an evaluation: which classes it confuses, and its worst mistakes
 # ----------------------------------------------------------------------------------------------
+
+
+def write_evaluation_report(out_dir, runtime, eval_set, evaluation, dataset, seed, settings, title, headline):
+    """What evaluate writes: the evaluation's figures, then a report.html that shows them."""
+    write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset)
+    sections = report_sections(settings, environment(runtime), evaluation, dataset)
+    write_report(out_dir, title, headline, sections, EVALUATION_FIGURES)
 
 
 def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset):
@@ -329,6 +337,7 @@ def precision_settings(device):
     return settings
 
 
+@functools.cache
 def source_hash():
     """A short hash of the program's source (mnist_recognition.py and this package's files), so that
     a result can be traced to the code that made it."""

@@ -203,9 +203,8 @@ def labelled_folder(folder, per_class=6, seed=0, classes=range(10)):
     return folder
 
 
-def test_evaluate_images_measures_the_folder_and_writes_its_report(trained, tmp_path, cli):
-    folder = labelled_folder(tmp_path / "mine")
-    result = cli(
+def evaluate_images(cli, trained, folder, out_dir):
+    return cli(
         "evaluate",
         "--checkpoint",
         trained[0] / "lenet5_mnist.pt",
@@ -214,8 +213,13 @@ def test_evaluate_images_measures_the_folder_and_writes_its_report(trained, tmp_
         "--device",
         "cpu",
         "--out-dir",
-        tmp_path / "out",
+        out_dir,
     )
+
+
+def test_evaluate_images_measures_the_folder_and_writes_its_report(trained, tmp_path, cli):
+    folder = labelled_folder(tmp_path / "mine")
+    result = evaluate_images(cli, trained, folder, tmp_path / "out")
     assert result.code == 0, result.log
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval_images"] == 60 and metrics["class_images"] == {str(d): 6 for d in range(10)}
@@ -231,17 +235,7 @@ def test_evaluate_images_names_each_problem_and_reads_the_rest(trained, tmp_path
     (folder / "eleven").mkdir()
     (folder / "3").mkdir()
     (folder / "2" / "broken.png").write_text("not an image")
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        trained[0] / "lenet5_mnist.pt",
-        "--images",
-        folder,
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path / "out",
-    )
+    result = evaluate_images(cli, trained, folder, tmp_path / "out")
     assert result.code == 1
     errors = result.errors()
     assert any(f"{folder / 'eleven'}: not a class of MNIST" in line for line in errors)
@@ -256,17 +250,7 @@ def test_evaluate_images_of_nothing_is_one_error(case, trained, tmp_path, cli):
     folder = tmp_path / "mine"
     if case == "empty":
         folder.mkdir()
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        trained[0] / "lenet5_mnist.pt",
-        "--images",
-        folder,
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path / "out",
-    )
+    result = evaluate_images(cli, trained, folder, tmp_path / "out")
     assert result.code == (2 if case == "missing" else 1)
     assert len(result.errors()) == 1 and f"--images {folder}" in result.errors()[0]
 
