@@ -67,6 +67,10 @@ from companions.command_line import (
 )
 from companions.dataset_files import prepare_files
 from companions.files import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
     load_checkpoint,
     prepare_out_dir,
     save_checkpoint,
@@ -85,9 +89,7 @@ FIGURE_INCHES, FIGURE_DPI = 6, 100  # every 4x4 figure is 600x600 pixels
 CHECKPOINT_FORMAT = 2  # written into every checkpoint and model file; --resume takes only this one
 ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that export accepts
 
-# Every file a run writes into --out-dir, named here once.
-MODEL_FILE, CHECKPOINT_FILE = "lenet5_mnist.pt", "checkpoint.pt"
-METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
+# The figures a run writes into --out-dir beside MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE and REPORT_FILE.
 CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
 PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
 
@@ -95,6 +97,12 @@ PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
 def split_images_png(split):
     """test_images.png, or validation_images.png under --validation."""
     return f"{split}_images.png"
+
+
+def training_files(split):
+    """Every file a training run writes into --out-dir."""
+    figures = (CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG, TRAIN_IMAGES_PNG, split_images_png(split))
+    return (MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, *figures)
 
 
 COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune")
@@ -141,8 +149,7 @@ SETTINGS = (
             choices=("mnist", "fashion-mnist", "kmnist"), commands=COMMANDS, must_match=True),
     Setting("data_dir", Path("data"), "folder that holds (or receives) MNIST/raw/, FashionMNIST/raw/ or "
             "KMNIST/raw/", Path, commands=(*DATA_COMMANDS, "export")),
-    Setting("out_dir", Path("outputs"), "folder for figures, metrics, the model and checkpoints", Path,
-            commands=DATA_COMMANDS),
+    Setting("out_dir", Path("outputs"), "folder for figures, metrics, the model and checkpoints", Path),
     Setting("no_download", False, "never touch the network; the dataset's files must already be present",
             commands=DATA_COMMANDS, recorded=False),
     Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
@@ -679,10 +686,11 @@ def train(args, runtime):
     # Where the wall time goes, in seconds since the epoch, for benchmarks/time_to_accuracy.py. For a
     # run in a process of its own: in-process (the tests), the first two are when the module was imported.
     timeline = {"started": STARTED_AT, "imported": IMPORTED_AT, "main": time.time()}
-    out_dir = prepare_out_dir(args.out_dir) if runtime.is_main else args.out_dir
-    checkpoint_path = out_dir / CHECKPOINT_FILE
-    train_set, eval_set = load_data(args, runtime)
+    train_set, eval_set = load_data(args, runtime)  # first: where the data is bad, no folder is made
     timeline["data_loaded"] = time.time()
+    writes = training_files(evaluation_split(args))
+    out_dir = prepare_out_dir(args.out_dir, "train", writes) if runtime.is_main else args.out_dir
+    checkpoint_path = out_dir / CHECKPOINT_FILE
     model = new_model(args.seed, runtime.device)
     optimizer = new_optimizer(model, args)
     schedule = new_schedule(optimizer, args, steps_per_epoch=batches_per_epoch(len(train_set[1]), args))
@@ -895,7 +903,8 @@ class StopOnInterrupt:
 
 
 def log_how_to_resume(args, progress, checkpoint_path):
-    command = shlex.join(["python", Path(__file__).name, *args.argv[1:]] + ([] if args.resume else ["--resume"]))
+    script = [shown_path(sys.executable), shown_path(Path(__file__))]
+    command = shlex.join(script + args.argv[1:] + ([] if args.resume else ["--resume"]))
     logger.warning(
         "Interrupted in epoch {} after batch {}; saved {}. Continue with: {}",
         progress.epoch + 1,
@@ -903,6 +912,12 @@ def log_how_to_resume(args, progress, checkpoint_path):
         checkpoint_path,
         command,
     )
+
+
+def shown_path(path):
+    """`path` relative to the current folder where it lies inside it (venv/bin/python), else whole."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path):
@@ -1238,6 +1253,17 @@ def main(argv=None):
         return 130
 
 
+def exit_status(code):
+    """The process's exit status for main's result or a SystemExit's code, as Python's own exit
+    makes it: None is success, a number is itself, anything else is printed and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
     try:
         exit_code = main()
@@ -1246,6 +1272,7 @@ if __name__ == "__main__":
     # Everything is written and closed. Skip the interpreter's shutdown, its garbage collections
     # over the millions of objects that torch's modules hold and their teardown: the operating
     # system takes the memory back at once anyway.
+    status = exit_status(exit_code)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(exit_code if isinstance(exit_code, int) else 1)
+    os._exit(status)

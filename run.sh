@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up ./venv from requirements.txt, then train (bash run.sh [flags]), test (bash run.sh test [pytest args])
-# or check the format and lint (bash run.sh lint).
+# Set up ./venv from requirements.txt, then train (bash run.sh [flags]); or from requirements-dev.txt too,
+# then test (bash run.sh test [pytest args]) or check the format and lint (bash run.sh lint).
 # PYTHON names the interpreter that makes the venv (default python3; it must be 3.11 or newer).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,15 +31,22 @@ elif ! is_3_11_or_newer venv/bin/python; then
          "(rm -rf venv) and run again; PYTHON=python3.12 bash run.sh names the interpreter to use." >&2
     exit 2
 fi
-# Install only when requirements.txt changed since the last successful install.
-if ! cmp -s requirements.txt venv/.installed-requirements.txt; then
+# The program needs requirements.txt; the tests and the lint need requirements-dev.txt too.
+requirements=requirements.txt
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "lint" ]; then
+    requirements=requirements-dev.txt
+fi
+# Install only when the requirements changed since the last successful install of that file.
+stamp="venv/.installed-$requirements"
+if ! cmp -s "$requirements" "$stamp" || ! cmp -s requirements.txt venv/.installed-requirements.txt; then
     if ! venv/bin/python -m pip --version >/dev/null 2>&1; then
         echo "run.sh: venv/ has no pip (it was made without Debian's python3-venv). Remove it (rm -rf venv)," \
              "install python3-venv (apt-get install python3-venv), and run again." >&2
         exit 2
     fi
-    venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt
+    venv/bin/python -m pip install --disable-pip-version-check -r "$requirements"
     cp requirements.txt venv/.installed-requirements.txt
+    cp "$requirements" "$stamp"
 fi
 
 if [ "${1:-}" = "test" ]; then

@@ -6,6 +6,7 @@ for its table while it is itself still being imported.
 """
 
 import argparse
+import difflib
 import math
 import sys
 from dataclasses import dataclass
@@ -106,6 +107,13 @@ def flag_for(name):
 # ----------------------------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line that points to --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show each flag's default, except where it would only say None or False; keep the line
     breaks of descriptions and epilogues as written."""
@@ -168,10 +176,20 @@ def recipes_epilog():
     return "\n".join(lines)
 
 
-OTHER_COMMANDS = (
-    "'evaluate' re-checks a trained model, 'predict' reads your own images, 'serve' opens a\n"
-    "page to draw a digit on, 'export' writes an ONNX file"
-)
+# Each command and what it does, in the order --help lists them.
+COMMAND_HELP = {
+    "train": "train LeNet-5 (what runs when no command is given)",
+    "evaluate": "measure a trained model's accuracy on its dataset's test set, or on your images",
+    "predict": "recognise digits (or clothes, with a Fashion-MNIST model) in your own images",
+    "serve": "a page to draw a digit or drop a photo on, and see what the network reads",
+    "finetune": "teach a trained model your own handwriting, from a folder of labelled images",
+    "export": "write a trained model as one ONNX file, checked with ONNX Runtime",
+}
+
+
+def commands_listed():
+    """The commands, a line each, for the descriptions of --help."""
+    return "\n".join(f"  {name:<9} {text}" for name, text in COMMAND_HELP.items())
 
 
 def export_description():
@@ -187,16 +205,21 @@ def export_description():
 IMAGE_FOLDER = "a folder of your own labelled images: one sub-folder per class (0..9, or the dataset's class names)"
 
 
+def default_beside_checkpoint(folder):
+    return f"{folder}/ beside --checkpoint: outputs/{folder}/ for the default checkpoint"
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mnist_recognition.py",
         formatter_class=HelpFormatter,
-        description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST (the default command). Other commands:\n"
-        f"{OTHER_COMMANDS}; see\n'mnist_recognition.py COMMAND --help'.",
+        description=f"LeNet-5 on MNIST, Fashion-MNIST or KMNIST. The commands:\n{commands_listed()}\n"
+        "See 'mnist_recognition.py COMMAND --help'.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name, **kwargs):
+        kwargs.setdefault("help", COMMAND_HELP[name])
         command = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
         add_settings(command, name)
         if name != "train":
@@ -210,16 +233,21 @@ def build_parser():
 
     add(
         "train",
-        help="train LeNet-5 (what runs when no command is given)",
         epilog=recipes_epilog(),
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST; this runs when no command is given.\n"
-        "Other commands: 'evaluate' re-checks a trained model, 'predict' reads your own images,\n"
-        "'serve' opens a page to draw a digit on and 'export' writes an ONNX file\n"
-        "(mnist_recognition.py COMMAND --help).",
+        f"Re-running into the same --out-dir replaces that run's files. The commands:\n{commands_listed()}\n"
+        "See 'mnist_recognition.py COMMAND --help'.",
     )
-    evaluate = add("evaluate", help="measure a trained model's accuracy on its dataset's test set, or on your images")
+    evaluate = add("evaluate")
     evaluate.add_argument("--images", type=Path, default=None, help=f"{IMAGE_FOLDER}, measured instead of the test set")
-    predict = add("predict", help="recognise digits (or clothes, with a Fashion-MNIST model) in your own images")
+    evaluate.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for the evaluation's figures, report.html and metrics.json (default: "
+        f"{default_beside_checkpoint('evaluation')}; evaluation-FOLDER/ with --images FOLDER)",
+    )
+    predict = add("predict")
     predict.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, BMP, GIF, ...)")
     predict.add_argument("--json", action="store_true", help="print the results as one JSON document")
     predict.add_argument(
@@ -228,7 +256,7 @@ def build_parser():
         default=None,
         help="write a figure of each input, what the network sees, and its probabilities",
     )
-    serve = add("serve", help="a page to draw a digit or drop a photo on, and see what the network reads")
+    serve = add("serve")
     serve.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 lets other machines reach the page"
     )
@@ -240,8 +268,15 @@ def build_parser():
         help="save the drawings and images you label on the page into this folder, one sub-folder "
         "per class (off unless given)",
     )
-    finetune = add("finetune", help="teach a trained model your own handwriting, from a folder of labelled images")
+    finetune = add("finetune")
     finetune.add_argument("--images", type=Path, required=True, help=IMAGE_FOLDER)
+    finetune.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for the fine-tuned model and its metrics.json; never the folder of --checkpoint "
+        f"(default: {default_beside_checkpoint('finetuned')})",
+    )
     finetune.add_argument("--steps", type=positive_int, default=300, help="optimisation steps")
     finetune.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's learning rate")
     finetune.add_argument(
@@ -253,11 +288,7 @@ def build_parser():
     finetune.add_argument(
         "--hold-out", type=fraction, default=0.25, help="the share of each class of your images held out, to measure on"
     )
-    export = add(
-        "export",
-        help="write a trained model as one ONNX file, checked with ONNX Runtime",
-        description=export_description(),
-    )
+    export = add("export", description=export_description())
     export.add_argument(
         "--out",
         type=Path,
@@ -270,15 +301,22 @@ def build_parser():
 
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in trainer.COMMANDS:
+        parser.error(f"'{argv[0]}' is not a command{did_you_mean(argv[0])}; the commands are {', '.join(COMMAND_HELP)}")
     if not argv or argv[0] not in trainer.COMMANDS:
         argv.insert(0, "train")  # plain `mnist_recognition.py [flags]` trains, as it always did
-    parser = build_parser()
     args = resolve_settings(parser.parse_args(argv))
     device = getattr(args, "device", "auto")
     if not trainer.is_available(device):
         parser.error(f"--device {device}: {device.upper()} is not available on this machine")
     args.argv = argv  # for the resume command that an interrupted run prints
     return args
+
+
+def did_you_mean(word):
+    close = difflib.get_close_matches(word, COMMAND_HELP, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 # Last: mnist_recognition.py imports this module at its top, so importing it first runs the

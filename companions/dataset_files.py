@@ -13,10 +13,23 @@ from loguru import logger
 
 def prepare_files(data_dir, dataset, allow_download):
     """Make sure the four extracted IDX files exist, using local .gz files before the network."""
-    if Path(data_dir).exists() and not Path(data_dir).is_dir():
-        raise trainer.CliError(f"The data folder {data_dir} is not a folder.")
-    if trainer.has_files(data_dir, dataset):
-        return  # read_idx_file checks each one as it reads it
+    try:
+        if Path(data_dir).exists() and not Path(data_dir).is_dir():
+            raise trainer.CliError(f"The data folder {data_dir} is not a folder.")
+        if not trainer.has_files(data_dir, dataset):  # read_idx_file checks each one as it reads it
+            find_or_fetch(data_dir, dataset, allow_download)
+    except OSError as error:
+        folder = trainer.raw_dir(data_dir, dataset)
+        raise trainer.CliError(
+            f"Cannot use the data folder {folder} ({error.filename or folder}: {error.strerror or error}). Make it "
+            f"readable, and writable where .gz files are to be extracted there, extract them yourself (gunzip -k "
+            f"{folder}/*.gz), or give another --data-dir."
+        ) from None
+
+
+def find_or_fetch(data_dir, dataset, allow_download):
+    """Extract the missing IDX files from their .gz beside them, after checking its MD5 sum; fetch those
+    that are not there at all."""
     from torchvision.datasets.utils import check_integrity
 
     folder, missing = trainer.raw_dir(data_dir, dataset), []

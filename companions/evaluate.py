@@ -1,73 +1,98 @@
 """evaluate: a trained model's accuracy on its dataset's test set, or on a folder of your own
-labelled images, with the evaluation's figures and report.
+labelled images, with the evaluation's figures, report and metrics.json in a folder of its own.
 
-    python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt
-    python mnist_recognition.py evaluate --checkpoint outputs/lenet5_mnist.pt --images my_digits/
+    python mnist_recognition.py evaluate                          # -> outputs/evaluation/
+    python mnist_recognition.py evaluate --images my_digits/      # -> outputs/evaluation-my_digits/
+
+The default folder lies beside the checkpoint, so that a training run's own report, figures and
+metrics are never replaced.
 """
-
-import json
 
 from loguru import logger
 
 import mnist_recognition as trainer
 from companions import dataset_files, files, own_images, report
 
+WRITES = (trainer.METRICS_FILE, trainer.REPORT_FILE, *report.EVALUATION_FIGURES)
+
 
 def command(args):
+    """Every input is checked (the model, the images or the dataset's files) before the folder is made."""
     runtime = trainer.Runtime(trainer.pick_device(args.device))
-    out_dir = files.prepare_out_dir(args.out_dir)
     model, payload, dataset = files.trained_model(args, runtime.device)
     if args.images is not None:
-        return evaluate_images(args, runtime, out_dir, model, dataset)
+        return evaluate_images(args, runtime, model, dataset)
     if payload.get("eval_split") == "test":
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["eval_accuracy"])
     dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
+    out_dir = prepare_out_dir(args)
     evaluation = trainer.evaluate(model, test_set, "test", runtime)
     trainer.log_accuracy(evaluation, dataset)
+    files.write_json(out_dir / trainer.METRICS_FILE, evaluation_metrics(args, evaluation, dataset))
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     title = f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right"
     report.write_evaluation_report(
         out_dir, runtime, test_set, evaluation, dataset, args.seed, settings, title, headline
     )
-    logger.info("Wrote {} and {} into {}/", ", ".join(report.EVALUATION_FIGURES), trainer.REPORT_FILE, out_dir)
+    log_written(out_dir)
     return 0
 
 
-def evaluate_images(args, runtime, out_dir, model, dataset):
+def prepare_out_dir(args):
+    """--out-dir, or by default evaluation/ beside the checkpoint (evaluation-FOLDER/ for --images FOLDER)."""
+    name = "evaluation" if args.images is None else f"evaluation-{args.images.resolve().name}"
+    return files.prepare_out_dir(args.out_dir or args.checkpoint.parent / name, "evaluate", WRITES)
+
+
+def evaluate_images(args, runtime, model, dataset):
     """The accuracy on a folder of labelled images; exit code 1 where some could not be read."""
     found = read_labelled(args.images, dataset)
+    out_dir = prepare_out_dir(args)
     images = (found.inputs.to(runtime.device), found.labels.to(runtime.device))
     evaluation = trainer.evaluate(model, images, "labelled", runtime)
     trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
-    metrics = {
-        "checkpoint": str(args.checkpoint),
-        "images": str(args.images),
-        "eval_images": len(evaluation.labels),
-        "eval_accuracy": evaluation.accuracy,
-        "classes": list(dataset.classes),
-        "class_images": found.per_class(dataset),
-        "class_accuracy": evaluation.class_accuracy(),
-        "confusion_matrix": evaluation.confusion_matrix().tolist(),
-        "not_read": found.problems,
-    }
-    text = json.dumps(metrics, indent=2).encode()
-    files.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(text))
+    metrics = evaluation_metrics(args, evaluation, dataset, class_images=found.per_class(dataset))
+    files.write_json(out_dir / trainer.METRICS_FILE, {**metrics, "not_read": found.problems})
     settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
     title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
     report.write_evaluation_report(out_dir, runtime, images, evaluation, dataset, args.seed, settings, title, headline)
-    written = ", ".join((trainer.METRICS_FILE, *report.EVALUATION_FIGURES))
-    logger.info("Wrote {} and {} into {}/", written, trainer.REPORT_FILE, out_dir)
+    log_written(out_dir)
     return 1 if found.problems else 0
+
+
+def evaluation_metrics(args, evaluation, dataset, **more):
+    """What metrics.json records of an evaluation: the model, the images, the accuracy overall and per class."""
+    return {
+        "command": "evaluate",
+        "checkpoint": str(args.checkpoint),
+        "dataset": dataset.name,
+        "images": None if args.images is None else str(args.images),  # None: the dataset's test split
+        "eval_split": evaluation.split,
+        "eval_images": len(evaluation.labels),
+        "eval_accuracy": evaluation.accuracy,
+        "eval_loss": evaluation.loss,
+        "classes": list(dataset.classes),
+        "class_accuracy": evaluation.class_accuracy(),
+        "confusion_matrix": evaluation.confusion_matrix().tolist(),
+        **more,
+    }
+
+
+def log_written(out_dir):
+    logger.info("Wrote {} into {}/", ", ".join(WRITES), out_dir)
 
 
 def read_labelled(folder, dataset):
     """The folder's images, each problem logged as one line; raises CliError where none can be read."""
     if not folder.is_dir():
         raise trainer.CliError(f"--images {folder}: not a folder. Give a folder with one sub-folder per class.")
-    found = own_images.read_folder(folder, dataset)
+    try:
+        found = own_images.read_folder(folder, dataset)
+    except own_images.FolderNotReadable as error:
+        raise trainer.CliError(f"--images {error}. Give a folder you can read.") from None
     for problem in found.problems:
         logger.error("{}", problem)
     if not len(found.labels):

@@ -95,7 +95,7 @@ def compare_with_onnx_runtime(file_bytes, expected, pixels):
 def command(args):
     """Export, check, then write; exit code 1 (and no file) where ONNX Runtime disagrees."""
     out = args.out or args.checkpoint.with_suffix(".onnx")
-    files.prepare_out_dir(out.parent)
+    files.prepare_folder(out.parent)
     model, payload, dataset = files.trained_model(args, torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # the plain layout, as the file stores it
     pixels, labels, described = check_images(args.data_dir, dataset)

@@ -1,17 +1,28 @@
-"""Files: each written atomically, and checkpoints read without running any code they might carry.
+"""Files: each written atomically, never over what another command made, and checkpoints read
+without running any code they might carry.
 
-A run killed at any moment leaves each file as the old complete one or the new complete one.
-Checkpoints and model files hold only tensors and plain values, loaded with weights_only=True and
-checked to hold LeNet-5's weights before anything uses them.
+A run killed at any moment leaves each file as the old complete one or the new complete one. A
+folder of results belongs to the command that wrote it (its metrics.json says which): another
+command refuses to write into it. Checkpoints and model files hold only tensors and plain values,
+loaded with weights_only=True and checked to hold LeNet-5's weights before anything uses them.
 
 mnist_recognition.py imports these while it is itself being imported: nothing here touches it
 but at call time.
 """
 
+import json
 import os
+import re
 import tempfile
 
 import torch
+
+# Every file a command writes into its folder, named here once.
+MODEL_FILE, CHECKPOINT_FILE = "lenet5_mnist.pt", "checkpoint.pt"
+METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
+
+# write_atomically's temporary files: .NAME.mnist_recognition-PID.tmp, a name no other program uses.
+TEMPORARY = re.compile(r"\..+\.mnist_recognition-(\d+)\.tmp")
 
 
 def write_atomically(path, write):
@@ -19,7 +30,7 @@ def write_atomically(path, write):
 
     Killed or failing at any moment, `path` is either the old complete file or the new complete one.
     """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.mnist_recognition-{os.getpid()}.tmp")
     try:
         with open(temporary, "wb") as file:
             write(file)
@@ -27,26 +38,92 @@ def write_atomically(path, write):
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:
-        raise trainer.CliError(f"Cannot write {path}: {error.strerror or error}.") from None
+        raise trainer.CliError(f"Cannot write {path}: {os_reason(error)}.") from None
     finally:
         temporary.unlink(missing_ok=True)
 
 
+def os_reason(error):
+    """An OSError in the system's words: 'No space left on device', 'Permission denied'."""
+    return error.strerror or str(error)
+
+
 def remove_stale_temporaries(out_dir):
-    """Remove what write_atomically leaves behind when its process is killed mid-write."""
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    """Remove what write_atomically left behind in `out_dir` when its process was killed mid-write:
+    only its own temporary files, and only those of processes that are no longer running."""
+    for path in out_dir.iterdir():
+        match = TEMPORARY.fullmatch(path.name)
+        if match and not is_running(int(match[1])):
+            path.unlink(missing_ok=True)
 
 
-def prepare_out_dir(out_dir):
+def is_running(pid):
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
+        os.kill(pid, 0)  # signal 0 checks that the process exists, and sends nothing
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to another user
+        return True
+    return True
+
+
+def prepare_folder(folder):
+    """`folder`, made if needed, once it is checked to take new files; what write_atomically left
+    there when killed is removed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
+        remove_stale_temporaries(folder)
     except OSError as error:
-        raise trainer.CliError(f"Cannot write into the output folder {out_dir}: {error.strerror}.") from None
-    remove_stale_temporaries(out_dir)
+        raise trainer.CliError(f"Cannot write into the output folder {folder}: {os_reason(error)}.") from None
+    return folder
+
+
+def prepare_out_dir(out_dir, command, writes=()):
+    """`out_dir`, prepared for `command`'s results: a folder that holds another command's results,
+    or any of the files `writes` that no command of this program made there, is refused."""
+    prepare_folder(out_dir)
+    try:
+        owner = owner_of(out_dir)
+    except OSError as error:
+        raise trainer.CliError(f"Cannot read {out_dir / METRICS_FILE}: {os_reason(error)}.") from None
+    if owner not in (None, command):
+        held = f"the results of '{owner}'" if owner != FOREIGN else f"a {METRICS_FILE} that this program did not write"
+        raise trainer.CliError(
+            f"{out_dir} holds {held}, and '{command}' does not write over them. Give another --out-dir."
+        )
+    foreign = [name for name in writes if owner is None and (out_dir / name).exists()]
+    if foreign:
+        raise trainer.CliError(
+            f"{out_dir} already holds {', '.join(foreign)}, which '{command}' did not write; it was left as "
+            f"it is. Give another --out-dir, or move the file away."
+        )
     return out_dir
+
+
+FOREIGN = "another program"
+
+
+def owner_of(out_dir):
+    """The command whose results `out_dir` holds: the one its metrics.json names ('train' for a run
+    stopped before it wrote one, which leaves its checkpoint), or None."""
+    metrics = out_dir / METRICS_FILE
+    if metrics.is_file():
+        try:
+            recorded = json.loads(metrics.read_bytes())
+        except ValueError:
+            return FOREIGN
+        if not isinstance(recorded, dict):
+            return FOREIGN
+        # Files written before metrics.json named their command: only training's has epochs.
+        return recorded.get("command") or ("train" if "epochs" in recorded else "evaluate")
+    return "train" if (out_dir / CHECKPOINT_FILE).is_file() else None
+
+
+def write_json(path, value):
+    text = json.dumps(value, indent=2).encode()
+    write_atomically(path, lambda file: file.write(text))
 
 
 def on_cpu(value):

@@ -1,12 +1,14 @@
 """finetune: teach a trained model a person's own handwriting, from a folder of their labelled images.
 
-    python mnist_recognition.py finetune --checkpoint outputs/lenet5_mnist.pt --images my_digits/ --out-dir outputs/mine
+    python mnist_recognition.py finetune --images my_digits/      # -> outputs/finetuned/lenet5_mnist.pt
 
 It holds out a seeded share of the person's images (stratified by class), then trains from the
 model on batches that mix the rest, oversampled and augmented as the `best` recipe augments, with
 images of the model's own dataset, so that it learns the person without forgetting the dataset.
 It logs the accuracy on the held-out images and on the dataset's test set, before and after, and
-writes a normal model file (predict, serve, evaluate and export take it).
+writes a normal model file (predict, serve, evaluate and export take it) and a metrics.json into a
+folder of its own, by default finetuned/ beside the checkpoint: it never writes over the model it
+started from, nor into a folder that another command wrote.
 """
 
 import time
@@ -21,12 +23,12 @@ from companions.evaluate import read_labelled
 FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
 OWN_SHARE_OF_BATCH = 0.25  # the person's images in each batch; the rest are the dataset's
 AUGMENT = ("affine", "elastic", "thickness")  # the `best` recipe's
+WRITES = (trainer.MODEL_FILE, trainer.METRICS_FILE)
 
 
 def command(args):
     started = time.perf_counter()
     runtime = trainer.Runtime(trainer.pick_device(args.device))
-    out_dir = files.prepare_out_dir(args.out_dir)
     model, payload, dataset = files.trained_model(args, runtime.device)
     found = read_labelled(args.images, dataset)
     warn_about_small_classes(found, dataset)
@@ -44,6 +46,7 @@ def command(args):
     dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
     train_set = trainer.normalised_split(args.data_dir, dataset, True, None, runtime.device)
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
+    out_dir = prepare_out_dir(args)
 
     own_before, test_before = measure(model, own_held_out, test_set, runtime)
     fine_tune(model, own_train, train_set, dataset, args, runtime)
@@ -57,9 +60,48 @@ def command(args):
         percent(test_before.accuracy),
         percent(test_after.accuracy),
     )
-    save(out_dir, model, payload, args, found, dataset, held_out, own_after, test_after)
-    logger.info("Wrote {} into {}/ in {:.1f} s", trainer.MODEL_FILE, out_dir, time.perf_counter() - started)
+    before, after = (own_before, test_before.accuracy), (own_after, test_after.accuracy)
+    save(out_dir, model, payload, test_after, what_was_done(args, found, dataset, held_out, before, after))
+    logger.info("Wrote {} into {}/ in {:.1f} s", ", ".join(WRITES), out_dir, time.perf_counter() - started)
+    logger.info("Use it with --checkpoint {}", out_dir / trainer.MODEL_FILE)
     return 1 if found.problems else 0
+
+
+def what_was_done(args, found, dataset, held_out, before, after):
+    """The fine-tuning as the model file and metrics.json record it: from what, on what, and the
+    accuracies (on the held-out images of yours, on the test set) before and after."""
+    return {
+        "from": str(args.checkpoint),
+        "images": str(args.images),
+        "per_class": found.per_class(dataset),
+        "held_out": len(held_out),
+        "held_out_accuracy_before": before[0],
+        "held_out_accuracy": after[0],
+        "test_accuracy_before": before[1],
+        "test_accuracy": after[1],
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+
+
+def save(out_dir, model, payload, test_after, fine_tuned):
+    """A model file as training writes one, with what it was fine-tuned on; then metrics.json."""
+    files.save_model(out_dir / trainer.MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned)
+    files.write_json(out_dir / trainer.METRICS_FILE, {"command": "finetune", **fine_tuned})
+
+
+def prepare_out_dir(args):
+    """--out-dir, or by default finetuned/ beside the checkpoint; never the checkpoint's own file."""
+    out_dir = args.out_dir or args.checkpoint.parent / "finetuned"
+    model_path = out_dir / trainer.MODEL_FILE
+    if model_path.exists() and model_path.resolve() == args.checkpoint.resolve():
+        raise trainer.CliError(
+            f"--out-dir {out_dir}: its {trainer.MODEL_FILE} is the --checkpoint that finetune starts from, "
+            "and finetune never writes over it. Give another --out-dir (by default finetuned/ beside the checkpoint)."
+        )
+    return files.prepare_out_dir(out_dir, "finetune", WRITES)
 
 
 def warn_about_small_classes(found, dataset):
@@ -114,18 +156,3 @@ def measure(model, own_held_out, test_set, runtime):
 
 def percent(accuracy):
     return "no images" if accuracy is None else f"{accuracy:.2f} %"
-
-
-def save(out_dir, model, payload, args, found, dataset, held_out, own_after, test_after):
-    """A model file as training writes one, with what it was fine-tuned on."""
-    fine_tuned = {
-        "images": str(args.images),
-        "per_class": found.per_class(dataset),
-        "held_out": len(held_out),
-        "held_out_accuracy": own_after,
-        "steps": args.steps,
-        "lr": args.lr,
-        "seed": args.seed,
-        "from": str(args.checkpoint),
-    }
-    files.save_model(out_dir / trainer.MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned)

@@ -126,18 +126,30 @@ class LabelledImages:
         return dict(zip(dataset.classes, found))
 
 
+class FolderNotReadable(Exception):
+    """The folder of images cannot be listed: no permission, or it is gone."""
+
+
 def read_folder(root, dataset):
     """Every image in root's class sub-folders, prepared as predict prepares one. A sub-folder
-    that names no class, an empty one or a file that cannot be read becomes one line in
-    `problems`; the rest is still read."""
+    that names no class, an empty or unreadable one, or a file that cannot be read becomes one
+    line in `problems`; the rest is still read. Raises FolderNotReadable where root cannot be listed."""
     classes = {folder_name(name): index for index, name in enumerate(dataset.classes)}
     inputs, labels, files, problems = [], [], [], []
-    for folder in sorted(path for path in Path(root).iterdir() if path.is_dir() and not path.name.startswith(".")):
+    try:
+        folders = sorted(path for path in Path(root).iterdir() if path.is_dir() and not path.name.startswith("."))
+    except OSError as error:
+        raise FolderNotReadable(f"{root}: cannot be read ({error.strerror or error})") from None
+    for folder in folders:
         if folder.name not in classes:
             expected = ", ".join(classes)
             problems.append(f"{folder}: not a class of {dataset.title} (the sub-folders are named {expected})")
             continue
-        images = class_files(folder)
+        try:
+            images = class_files(folder)
+        except OSError as error:
+            problems.append(f"{folder}: cannot be read ({error.strerror or error})")
+            continue
         if not images:
             problems.append(f"{folder}: no images in it")
         for path in images:

@@ -10,7 +10,6 @@ import functools
 import hashlib
 import html
 import importlib.metadata
-import json
 import multiprocessing
 import platform
 import sys
@@ -59,6 +58,7 @@ def write_training_report(out_dir, args, runtime, model, progress, evaluation, t
     write_report(out_dir, title, headline, sections, training_figures(split))
     timeline["written"] = time.time()
     metrics = {
+        "command": "train",
         "config": config,
         "versions": {"torch": torch.__version__, "torchvision": importlib.metadata.version("torchvision")},
         "script_sha256": source_hash(),
@@ -78,8 +78,7 @@ def write_training_report(out_dir, args, runtime, model, progress, evaluation, t
         "total_seconds": timeline["written"] - timeline["main"],  # from the start of training to here
         "timeline": timeline,
     }
-    metrics_json = json.dumps(metrics, indent=2).encode()
-    files.write_atomically(out_dir / trainer.METRICS_FILE, lambda file: file.write(metrics_json))
+    files.write_json(out_dir / trainer.METRICS_FILE, metrics)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised
 
 PAGE_FILE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 10 * 1024 * 1024  # larger uploads are refused (413) before they are read
-ROUTES = {"/": ("GET",), "/predict": ("POST",), "/examples": ("GET", "POST")}
+ROUTES = {"/": ("GET", "HEAD"), "/predict": ("POST",), "/examples": ("GET", "HEAD", "POST")}
 # What each of the preparation's errors means to a client.
 STATUS_OF = {UnreadableImage: 400, ImageTooLarge: 413, NoInk: 422}
 
@@ -151,7 +151,7 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
             return self.predict()
         if self.server.collect is None:
             return self.send_error_json(403, "saving examples is off: start serve with --collect DIR")
-        if method == "GET":
+        if method in ("GET", "HEAD"):
             return self.send(200, json.dumps(self.server.collected()).encode(), "application/json")
         self.save_example()
 
@@ -171,8 +171,8 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
             saved = own_images.save_example(self.server.collect, self.server.dataset, label, body)
         except tuple(STATUS_OF) as error:
             return self.send_error_json(status_of(error), str(error), body_read=True)
-        except own_images.FolderNotWritable as error:
-            return self.send_error_json(413 if error.no_space else 403, str(error), body_read=True)
+        except own_images.FolderNotWritable as error:  # 507: Insufficient Storage
+            return self.send_error_json(507 if error.no_space else 403, str(error), body_read=True)
         answer = {
             "file": str(saved),
             "class": label,
@@ -184,7 +184,7 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
     def label(self):
         """The ?label=K of the request as a class index, or None where it is missing or no class."""
         values = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("label", [])
-        if len(values) != 1 or not values[0].isdigit() or int(values[0]) >= len(self.server.dataset.classes):
+        if len(values) != 1 or not is_count(values[0]) or int(values[0]) >= len(self.server.dataset.classes):
             return None
         return int(values[0])
 
@@ -203,7 +203,7 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return self.send_error_json(411, "send the image with a Content-Length header")
-        if not length.isdigit():
+        if not is_count(length):
             return self.send_error_json(400, f"Content-Length {length!r} is not a byte count")
         if int(length) > MAX_BODY_BYTES:
             return self.send_error_json(413, f"the image is over {MAX_BODY_BYTES // 2**20} MB")
@@ -236,6 +236,11 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         pass  # one line per request would drown the log; errors are logged where they happen
+
+
+def is_count(text):
+    """Whether `text` is a whole number written in the digits 0-9 (str.isdigit also takes '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def is_loopback(host):

@@ -11,6 +11,9 @@ REQUIRE_ALL_TESTS=1 in the environment (CI sets it) it fails instead, so that CI
 by skipping them.
 """
 
+import builtins
+import errno
+import io
 import os
 import queue
 import random
@@ -71,6 +74,18 @@ def huge_png(path):
     data[16:24] = struct.pack(">II", 100_000, 100_000)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     path.write_bytes(bytes(data))
+
+
+def labelled_folder(folder, per_class=6, seed=0, classes=range(10)):
+    """Photos of drawn digits, dark on light, in one sub-folder per class."""
+    rng = random.Random(seed)
+    for digit in classes:
+        (folder / str(digit)).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            draw_digit(digit, rng, size=28, ink=0, paper=255).resize((112, 112)).save(
+                folder / str(digit) / f"{index}.png"
+            )
+    return folder
 
 
 def write_idx_images(path, images):
@@ -161,6 +176,70 @@ def browser(tmp_path):
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+# --- a file system that says no --------------------------------------------------------------------
+
+
+class RefusingFiles:
+    """This process's file operations under chosen folders fail as the operating system fails them:
+    writes into a read-only folder or onto a full disk, reads of an unreadable folder. The tests run
+    as root, whom chmod does not stop, so the refusal is made here, at the os and open functions
+    that every writer and reader in the program goes through."""
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def __init__(self, monkeypatch):
+        self.refused = []  # (folder, "write" or "read", errno)
+        real = {name: getattr(os, name) for name in ("open", "mkdir", "replace", "link", "listdir", "scandir")}
+        real_open = builtins.open
+
+        def checked(name, kind_of):
+            def call(*args, **kwargs):
+                self.check(args, kwargs, kind_of)
+                return real[name](*args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(
+            os, "open", checked("open", lambda a, k: [(a[0], "write" if a[1] & self.WRITE_FLAGS else "read")])
+        )
+        monkeypatch.setattr(os, "mkdir", checked("mkdir", lambda a, k: [(Path(os.fsdecode(a[0])).parent, "write")]))
+        monkeypatch.setattr(os, "replace", checked("replace", lambda a, k: [(a[1], "write")]))
+        monkeypatch.setattr(os, "link", checked("link", lambda a, k: [(a[1], "write")]))
+        monkeypatch.setattr(os, "listdir", checked("listdir", lambda a, k: [(a[0] if a else ".", "read")]))
+        monkeypatch.setattr(os, "scandir", checked("scandir", lambda a, k: [(a[0] if a else ".", "read")]))
+
+        def opened(file, mode="r", *args, **kwargs):
+            self.check((file,), {}, lambda a, k: [(file, "write" if set(mode) & set("wax+") else "read")])
+            return real_open(file, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", opened)
+        monkeypatch.setattr(io, "open", opened)
+
+    def check(self, args, kwargs, kind_of):
+        for path, kind in kind_of(args, kwargs):
+            if isinstance(path, int):
+                continue  # a file descriptor: opened, and checked, already
+            where = Path(os.fsdecode(path)).absolute()
+            for folder, refused_kind, code in self.refused:
+                if where.is_relative_to(folder) and (kind == refused_kind or refused_kind == "read"):
+                    raise OSError(code, os.strerror(code), str(where))
+
+    def read_only(self, folder):
+        self.refused.append((Path(folder).absolute(), "write", errno.EACCES))
+
+    def full(self, folder):
+        self.refused.append((Path(folder).absolute(), "write", errno.ENOSPC))
+
+    def unreadable(self, folder):
+        self.refused.append((Path(folder).absolute(), "read", errno.EACCES))
+
+
+@pytest.fixture
+def refusing(monkeypatch):
+    """refusing.read_only(folder), .full(folder), .unreadable(folder): see RefusingFiles."""
+    return RefusingFiles(monkeypatch)
 
 
 # --- the command line, in-process ----------------------------------------------------------------

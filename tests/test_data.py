@@ -36,11 +36,12 @@ def test_the_files_are_read_as_torchvision_reads_them(synthetic_data):
     assert labels.dtype == reference.targets.dtype == torch.int64
 
 
+@pytest.mark.slow
 def test_training_and_evaluating_on_files_present_need_no_torchvision(synthetic_data, tmp_path, monkeypatch, cli):
     """Importing torchvision takes longer than reading the files; it is needed only to check, extract or fetch them."""
     without(monkeypatch, "torchvision")
-    flags = (*NO_DOWNLOAD, "--test-limit", 32, "--data-dir", synthetic_data, "--out-dir", tmp_path)
-    assert cli("--epochs", 1, "--train-limit", 64, *flags).code == 0
+    flags = (*NO_DOWNLOAD, "--test-limit", 32, "--data-dir", synthetic_data)
+    assert cli("--epochs", 1, "--train-limit", 64, *flags, "--out-dir", tmp_path).code == 0
     assert cli("evaluate", "--checkpoint", tmp_path / "lenet5_mnist.pt", *flags).code == 0
 
 
@@ -70,6 +71,15 @@ def test_limits_take_the_first_samples(synthetic_data):
 def test_official_gz_files_are_checked_and_extracted(data_copy, monkeypatch):
     """A .gz whose MD5 is the one torchvision lists is extracted in place; nothing is downloaded."""
     raw = data_copy / "MNIST" / "raw"
+    official_gz_only(raw, monkeypatch)
+    app.prepare_files(data_copy, MNIST_DATA, allow_download=False)
+    for name in DATASET_FILES:
+        assert (raw / name).read_bytes() == (raw / f"{name}.original").read_bytes()
+
+
+def official_gz_only(raw, monkeypatch):
+    """The folder's four files gzipped, with MD5 sums made official for this test, and the extracted
+    files moved away: as a user's folder holding only the files they downloaded."""
     resources = []
     for name in DATASET_FILES:
         with gzip.open(raw / f"{name}.gz", "wb") as archive:
@@ -77,9 +87,27 @@ def test_official_gz_files_are_checked_and_extracted(data_copy, monkeypatch):
         resources.append((f"{name}.gz", hashlib.md5((raw / f"{name}.gz").read_bytes()).hexdigest()))
         (raw / name).rename(raw / f"{name}.original")
     monkeypatch.setattr(MNIST, "resources", resources)
-    app.prepare_files(data_copy, MNIST_DATA, allow_download=False)
-    for name in DATASET_FILES:
-        assert (raw / name).read_bytes() == (raw / f"{name}.original").read_bytes()
+
+
+def test_a_read_only_data_folder_that_needs_extracting_is_one_line(data_copy, tmp_path, monkeypatch, cli, refusing):
+    raw = data_copy / "MNIST" / "raw"
+    official_gz_only(raw, monkeypatch)
+    before = fingerprint(raw)
+    refusing.read_only(raw)
+    result = cli(*NO_DOWNLOAD, "--data-dir", data_copy, "--out-dir", tmp_path / "out")
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"Cannot use the data folder {raw}" in result.errors()[0] and "Permission denied" in result.errors()[0]
+    assert "gunzip -k" in result.errors()[0]
+    assert fingerprint(raw) == before and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_data_folder_is_one_line(data_copy, tmp_path, cli, refusing):
+    raw = data_copy / "MNIST" / "raw"
+    refusing.unreadable(raw)
+    result = cli(*NO_DOWNLOAD, "--data-dir", data_copy, "--out-dir", tmp_path / "out")
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert "cannot be read (Permission denied)" in result.errors()[0] and str(raw) in result.errors()[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("download_flag", [["--no-download"], []])
@@ -164,6 +192,7 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path, cli):
     assert not_a_folder.read_text() == "not a folder"
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path, cli):
     folder = real_dataset_folder("mnist", "MNIST")
@@ -250,6 +279,7 @@ def test_a_fashion_gz_with_the_wrong_md5_is_reported(synthetic_kin, tmp_path, cl
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fashion-mnist", "kmnist"])
 def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, synthetic_kin, tmp_path, cli):
     dataset = app.DATASETS[name]
@@ -281,6 +311,7 @@ def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, s
     torch.testing.assert_close(images * dataset.std + dataset.mean, pixels)  # its own normalisation, undone
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 @pytest.mark.parametrize("name, shared_name", [("mnist", "mnist"), ("fashion-mnist", "fashion-mnist")])
 def test_the_normalisation_is_the_mean_and_std_of_the_real_training_pixels(name, shared_name, tmp_path):
@@ -292,6 +323,7 @@ def test_the_normalisation_is_the_mean_and_std_of_the_real_training_pixels(name,
     assert (round(pixels.mean().item(), 4), round(pixels.std(unbiased=False).item(), 4)) == (dataset.mean, dataset.std)
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_one_epoch_on_real_fashion_mnist_reaches_85_percent(tmp_path, cli):
     folder = real_dataset_folder("fashion-mnist", "FashionMNIST")

@@ -26,6 +26,7 @@ def two_processes(tmp_path_factory, synthetic_data):
     return out_dir, result
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_steps_of_one(two_processes, synthetic_data, tmp_path):
     two, result = two_processes
     train_quietly(*TEN_STEPS, "--data-dir", synthetic_data, "--out-dir", tmp_path)
@@ -42,6 +43,7 @@ def test_two_processes_make_the_steps_of_one(two_processes, synthetic_data, tmp_
     assert_same_weights(two, tmp_path, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, synthetic_data, tmp_path, cli):
     for name in ("checkpoint.pt", "lenet5_mnist.pt"):
         (tmp_path / name).write_bytes((two_processes[0] / name).read_bytes())
@@ -80,6 +82,7 @@ def is_running(pid):
         return False
 
 
+@pytest.mark.slow
 def test_a_dead_worker_ends_the_job_with_an_error(synthetic_data, tmp_path, background):
     job = background(
         torchrun_command(

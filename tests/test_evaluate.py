@@ -1,7 +1,13 @@
-"""companions/evaluate.py: a trained model re-checked on its test set."""
+"""companions/evaluate.py: a trained model re-checked on its test set or on a folder of labelled
+images, into a folder of its own beside the checkpoint; the training run's files are never touched."""
 
+import hashlib
+import json
+import shutil
+
+import pytest
 import torch
-from conftest import QUICK, TEST_COUNT
+from conftest import QUICK, TEST_COUNT, labelled_folder
 from PIL import Image
 
 import mnist_recognition as app
@@ -33,6 +39,7 @@ def test_evaluate_reproduces_the_accuracy_recorded_by_training(trained, syntheti
         assert image.size == (600, 600)
 
 
+@pytest.mark.slow
 def test_evaluate_claims_no_recorded_test_accuracy_for_a_model_chosen_on_validation(synthetic_data, tmp_path, cli):
     flags = (*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data)
     assert cli(*flags, "--out-dir", tmp_path).code == 0
@@ -87,3 +94,104 @@ def test_evaluate_uses_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
     )
     assert result.code == 0  # there is no MNIST/ in data_dir: the checkpoint's FashionMNIST/ was read
     assert f"test images: {recorded:.3f} %" in result.log and "Accuracy per class: T-shirt/top" in result.log
+
+
+# --- a folder of its own: the training run's files stay as training wrote them ----------------------
+
+
+def digests(folder):
+    """Every file under `folder` (not in sub-folders) by name, with its sha256."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir() if path.is_file()}
+
+
+@pytest.mark.slow
+def test_the_commands_after_training_leave_its_files_as_they_were(trained, synthetic_data, tmp_path, cli):
+    """As a new user runs them, with every default folder: train, finetune, evaluate, evaluate --images."""
+    outputs = tmp_path / "outputs"
+    shutil.copytree(trained[0], outputs)
+    as_trained = digests(outputs)
+    mine = labelled_folder(tmp_path / "mine", per_class=3)
+    model = outputs / "lenet5_mnist.pt"
+    data = ("--data-dir", synthetic_data, "--no-download", "--device", "cpu")
+    finetuned = cli("finetune", "--checkpoint", model, "--images", mine, "--steps", 2, *data)
+    evaluated = cli("evaluate", "--checkpoint", model, *data)
+    on_mine = cli("evaluate", "--checkpoint", model, "--images", mine, "--device", "cpu")
+    assert (finetuned.code, evaluated.code, on_mine.code) == (0, 0, 0)
+    assert digests(outputs) == as_trained
+    written = "metrics.json, report.html, confusion_matrix.png, mistakes.png, predictions.png"
+    assert f"into {outputs / 'finetuned'}/" in finetuned.log
+    assert f"Wrote {written} into {outputs / 'evaluation'}/" in evaluated.log
+    assert f"Wrote {written} into {outputs / 'evaluation-mine'}/" in on_mine.log
+    on_test_set = json.loads((outputs / "evaluation" / "metrics.json").read_text())
+    assert on_test_set["command"] == "evaluate" and on_test_set["eval_split"] == "test"
+    assert on_test_set["eval_images"] == TEST_COUNT and on_test_set["images"] is None
+    recorded = json.loads((outputs / "metrics.json").read_text())
+    assert on_test_set["eval_accuracy"] == recorded["eval_accuracy"]
+    assert on_test_set["confusion_matrix"] == recorded["confusion_matrix"]
+    assert json.loads((outputs / "evaluation-mine" / "metrics.json").read_text())["images"] == str(mine)
+
+
+def test_evaluate_refuses_a_folder_that_holds_a_training_run(trained, synthetic_data, tmp_path, cli):
+    outputs = tmp_path / "outputs"
+    shutil.copytree(trained[0], outputs)
+    as_trained = digests(outputs)
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        outputs / "lenet5_mnist.pt",
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--out-dir",
+        outputs,
+    )
+    assert result.code == 2 and len(result.errors()) == 1
+    assert f"{outputs} holds the results of 'train', and 'evaluate' does not write over them" in result.errors()[0]
+    assert digests(outputs) == as_trained
+
+
+# --- bad input: one line, an exit code, nothing written ---------------------------------------------
+
+
+def test_an_unreadable_images_folder_is_one_line_and_no_folder_is_made(trained, tmp_path, cli, refusing):
+    mine = labelled_folder(tmp_path / "mine", per_class=2)
+    refusing.unreadable(mine)
+    result = cli(
+        "evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", mine, "--out-dir", tmp_path / "out"
+    )
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"--images {mine}: cannot be read (Permission denied)" in result.errors()[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_class_folder_is_named_and_the_rest_is_read(trained, tmp_path, cli, refusing):
+    mine = labelled_folder(tmp_path / "mine", per_class=2)
+    refusing.unreadable(mine / "3")
+    result = cli(
+        "evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", mine, "--out-dir", tmp_path / "out"
+    )
+    assert result.code == 1 and result.errors() and "Traceback" not in result.log
+    assert f"{mine / '3'}: cannot be read (Permission denied)" in result.errors()[0]
+    assert "Accuracy of the network on the 18 images in" in result.log
+
+
+def test_a_read_only_output_folder_is_one_line(trained, synthetic_data, tmp_path, cli, refusing):
+    (tmp_path / "out").mkdir()
+    refusing.read_only(tmp_path / "out")
+    result = cli(
+        "evaluate",
+        "--checkpoint",
+        trained[0] / "lenet5_mnist.pt",
+        "--data-dir",
+        synthetic_data,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--out-dir",
+        tmp_path / "out",
+    )
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"Cannot write into the output folder {tmp_path / 'out'}: Permission denied" in result.errors()[0]
+    assert list((tmp_path / "out").iterdir()) == []

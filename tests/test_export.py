@@ -119,6 +119,7 @@ def test_the_export_logs_the_comparison_on_the_test_images(trained, synthetic_da
     assert f"Wrote {tmp_path / 'model.onnx'}" in result.log
 
 
+@pytest.mark.slow
 def test_without_test_files_random_images_are_checked(trained, tmp_path, cli):
     result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", tmp_path / "no-data")
     assert result.code == 0
@@ -127,6 +128,7 @@ def test_without_test_files_random_images_are_checked(trained, tmp_path, cli):
     assert metadata(tmp_path / "model.onnx")["test_accuracy"] == f"{recorded:.3f}"  # as training measured it
 
 
+@pytest.mark.slow
 def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path, cli):
     data_dir, out_dir = fashion_trained
     assert export(cli, out_dir / "lenet5_mnist.pt", tmp_path / "fashion.onnx", data_dir).code == 0
@@ -143,6 +145,7 @@ def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path
     assert np.abs(session.run(["probabilities"], {"image": pixels.numpy()})[0] - expected).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_the_default_file_is_the_checkpoints_path_with_onnx(trained, synthetic_data, tmp_path, cli):
     checkpoint = tmp_path / "my_model.pt"
     checkpoint.write_bytes((trained[0] / "lenet5_mnist.pt").read_bytes())
@@ -150,7 +153,26 @@ def test_the_default_file_is_the_checkpoints_path_with_onnx(trained, synthetic_d
     assert (tmp_path / "my_model.onnx").is_file()
 
 
+def test_a_file_of_someone_elses_beside_the_export_is_left_alone(trained, synthetic_data, tmp_path, cli):
+    """Only this program's own leftovers of a killed write are cleaned up, never another's .x.tmp."""
+    folder = tmp_path / "some folder"
+    folder.mkdir()
+    for name in (".notes.tmp", ".x.tmp", "m.onnx.tmp"):
+        (folder / name).write_text("someone else's")
+    assert export(cli, trained[0] / "lenet5_mnist.pt", folder / "m.onnx", synthetic_data).code == 0
+    assert sorted(path.name for path in folder.iterdir()) == [".notes.tmp", ".x.tmp", "m.onnx", "m.onnx.tmp"]
+    assert all((folder / name).read_text() == "someone else's" for name in (".notes.tmp", ".x.tmp", "m.onnx.tmp"))
+
+
 # --- refusals ----------------------------------------------------------------------------------------
+
+
+def test_a_read_only_folder_is_one_line_and_nothing_is_written(trained, synthetic_data, tmp_path, cli, refusing):
+    refusing.read_only(tmp_path)
+    result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "m.onnx", synthetic_data)
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"Cannot write into the output folder {tmp_path}: Permission denied" in result.errors()[0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def with_altered_bias(original):
@@ -167,6 +189,7 @@ def with_altered_bias(original):
     return altered
 
 
+@pytest.mark.slow
 def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
     trained, synthetic_data, tmp_path, cli, monkeypatch
 ):
@@ -179,6 +202,7 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_difference_over_the_tolerance_is_refused(trained, synthetic_data, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(app, "ONNX_TOLERANCE", 0.0)
     monkeypatch.setattr(

@@ -1,9 +1,12 @@
 """companions/files.py: atomic writes, leftovers of killed writes, and checkpoints that are
 refused without running anything in them."""
 
+import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,28 +47,85 @@ def test_a_write_that_succeeds_replaces_the_file(tmp_path):
 
 
 def test_a_killed_writes_temporary_file_is_removed_by_the_next_run(tmp_path):
-    """A process killed inside write_atomically leaves `.NAME.PID.tmp`; the next run removes it."""
+    """A process killed inside write_atomically leaves `.NAME.mnist_recognition-PID.tmp`; the next run removes it."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "checkpoint.pt").write_bytes(b"complete")
-    (out_dir / ".checkpoint.pt.12345.tmp").write_bytes(b"half")
+    (out_dir / f".checkpoint.pt.mnist_recognition-{dead_pid()}.tmp").write_bytes(b"half")
     (out_dir / "notes.txt").write_text("the user's own file")
-    assert files.prepare_out_dir(out_dir) == out_dir
+    assert files.prepare_out_dir(out_dir, "train") == out_dir
     assert sorted(os.listdir(out_dir)) == ["checkpoint.pt", "notes.txt"]
 
 
-def test_remove_stale_temporaries_keeps_everything_else(tmp_path):
-    for name in (".metrics.json.1.tmp", ".lenet5_mnist.pt.2.tmp", "model.pt", "report.tmp.txt", ".hidden"):
+def dead_pid():
+    """The pid of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_only_this_programs_temporaries_of_ended_processes_are_removed(tmp_path):
+    ours_of_an_ended_process = f".metrics.json.mnist_recognition-{dead_pid()}.tmp"
+    ours_still_being_written = f".lenet5_mnist.pt.mnist_recognition-{os.getpid()}.tmp"
+    foreign = (
+        ".notes.tmp",
+        ".metrics.json.1.tmp",
+        "model.pt",
+        "report.tmp.txt",
+        ".hidden",
+        ".x.mnist_recognition-a.tmp",
+    )
+    for name in (ours_of_an_ended_process, ours_still_being_written, *foreign):
         (tmp_path / name).write_text("x")
     files.remove_stale_temporaries(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [".hidden", "model.pt", "report.tmp.txt"]
+    assert sorted(os.listdir(tmp_path)) == sorted([ours_still_being_written, *foreign])
 
 
 def test_an_output_folder_that_cannot_be_created_is_refused(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a folder should be")
     with pytest.raises(app.CliError, match="Cannot write into the output folder"):
-        files.prepare_out_dir(blocker / "out")
+        files.prepare_out_dir(blocker / "out", "train")
+
+
+# --- a folder belongs to the command that wrote it -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metrics, owner",
+    [
+        ({"command": "finetune"}, "finetune"),
+        ({"command": "evaluate"}, "evaluate"),
+        ({"config": {}, "epochs": []}, "train"),  # written before metrics.json named its command
+        ({"images": "mine", "eval_accuracy": 90.0}, "evaluate"),
+    ],
+)
+def test_a_folder_belongs_to_the_command_its_metrics_name(metrics, owner, tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert files.owner_of(tmp_path) == owner
+    others = {"train", "evaluate", "finetune"} - {owner}
+    for command in others:
+        with pytest.raises(app.CliError, match=f"holds the results of '{owner}', and '{command}' does not write"):
+            files.prepare_out_dir(tmp_path, command)
+    assert files.prepare_out_dir(tmp_path, owner) == tmp_path
+
+
+def test_a_stopped_training_runs_folder_is_trainings(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"a training state")
+    assert files.owner_of(tmp_path) == "train"
+    with pytest.raises(app.CliError, match="'evaluate' does not write over them"):
+        files.prepare_out_dir(tmp_path, "evaluate")
+
+
+def test_a_folder_with_a_foreign_metrics_file_or_a_file_no_command_wrote_is_refused(tmp_path):
+    (tmp_path / "metrics.json").write_text("not json")
+    with pytest.raises(app.CliError, match="holds a metrics.json that this program did not write"):
+        files.prepare_out_dir(tmp_path, "train")
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "report.html").write_text("the user's own page")
+    with pytest.raises(app.CliError, match=r"already holds report.html, which 'train' did not write"):
+        files.prepare_out_dir(tmp_path, "train", ("lenet5_mnist.pt", "report.html"))
+    assert (tmp_path / "report.html").read_text() == "the user's own page"
 
 
 # --- checkpoints that are refused ----------------------------------------------------------------

@@ -79,6 +79,19 @@ def test_predict_reports_a_figure_it_cannot_write(trained, tmp_path, cli):
     assert result.stdout.startswith(str(path))  # the prediction itself was still printed
 
 
+def test_a_figure_into_a_read_only_folder_is_one_line(trained, tmp_path, cli, refusing):
+    [path] = digit_files(tmp_path, digits=[1])
+    (tmp_path / "figures").mkdir()
+    refusing.read_only(tmp_path / "figures")
+    checkpoint = trained[0] / "lenet5_mnist.pt"
+    result = cli(
+        "predict", path, "--device", "cpu", "--checkpoint", checkpoint, "--show", tmp_path / "figures" / "a.png"
+    )
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"Cannot write {tmp_path / 'figures' / 'a.png'}: Permission denied" in result.errors()[0]
+    assert list((tmp_path / "figures").iterdir()) == []
+
+
 BAD_INPUTS = {
     "not an image": (lambda path: path.write_text("just some text"), "not an image"),
     "empty": (lambda path: path.write_bytes(b""), "empty"),
@@ -118,6 +131,7 @@ def test_predict_names_the_classes_of_the_checkpoints_dataset(fashion_trained, t
     assert re.fullmatch("".join(f"{re.escape(str(path))}{line}\n" for path in paths), text), text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
 def test_a_dataset_that_disagrees_with_the_checkpoint_is_refused(command, fashion_trained, tmp_path, cli):
     data_dir, out_dir = fashion_trained
@@ -132,6 +146,7 @@ def test_a_dataset_that_disagrees_with_the_checkpoint_is_refused(command, fashio
     assert agreeing.code == 0
 
 
+@pytest.mark.slow
 def test_a_companion_run_as_part_of_the_script_shares_its_module(tmp_path):
     """`python mnist_recognition.py predict` runs the script as __main__, and the predict module
     imports mnist_recognition: were that a second copy, its CliError would be another class than

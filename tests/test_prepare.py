@@ -208,6 +208,7 @@ def test_a_dataset_without_known_stroke_widths_keeps_every_stroke():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_mnists_stroke_widths_and_its_photographed_digits(tmp_path):
     """The widths in the DATASETS table are MNIST's own, and MNIST's test digits photographed (enlarged,

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import sys
 
 import pytest
@@ -88,6 +87,7 @@ def test_evaluate_writes_the_figures_and_a_report_for_its_model(trained, synthet
         "confusion_matrix.png",
         "mistakes.png",
         "report.html",
+        "metrics.json",
     }
     page = (tmp_path / "report.html").read_text()
     assert re.findall(r'alt="([^"]+)"', page) == ["confusion_matrix.png", "mistakes.png", "predictions.png"]
@@ -95,6 +95,7 @@ def test_evaluate_writes_the_figures_and_a_report_for_its_model(trained, synthet
     assert "<h2>Per epoch</h2>" not in page  # evaluate has no epochs to show
 
 
+@pytest.mark.slow
 def test_a_real_browser_shows_every_figure_and_the_accuracy(trained, tmp_path, browser):
     browser.get((trained[0] / "report.html").as_uri())
     widths = browser.execute_script(
@@ -110,26 +111,7 @@ def test_a_real_browser_shows_every_figure_and_the_accuracy(trained, tmp_path, b
     assert colours is not None and len(colours) > 50  # text and figures, not a blank page
 
 
-def test_evaluate_in_the_training_folder_embeds_only_its_own_figures(trained, synthetic_data, tmp_path, cli):
-    """evaluate's default --out-dir is training's: the training curves left there are not its own."""
-    shutil.copytree(trained[0], tmp_path / "outputs")
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        tmp_path / "outputs" / "lenet5_mnist.pt",
-        "--data-dir",
-        synthetic_data,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path / "outputs",
-    )
-    assert result.code == 0
-    page = (tmp_path / "outputs" / "report.html").read_text()
-    assert page.count("<img ") == 3 and "training_curves.png" not in page
-
-
+@pytest.mark.slow
 def test_a_one_epoch_report_says_epoch(synthetic_data, tmp_path, cli):
     assert (
         cli(
@@ -180,6 +162,7 @@ def test_where_the_copy_fails_this_process_draws_and_reports_its_error(tmp_path,
         pass
 
 
+@pytest.mark.slow
 def test_a_run_writes_the_same_figures_whichever_process_draws_them(synthetic_data, tmp_path, monkeypatch):
     flags = (*QUICK, "--epochs", 1, "--train-limit", 256, "--data-dir", synthetic_data)
     train_quietly(*flags, "--out-dir", tmp_path / "two")

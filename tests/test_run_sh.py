@@ -12,8 +12,8 @@ from conftest import REPO
 
 @pytest.fixture
 def project(tmp_path):
-    """A copy of run.sh and requirements.txt, with a folder for stand-in interpreters."""
-    for name in ("run.sh", "requirements.txt"):
+    """A copy of run.sh and the requirements, with a folder for stand-in interpreters."""
+    for name in ("run.sh", "requirements.txt", "requirements-dev.txt"):
         shutil.copy(REPO / name, tmp_path / name)
     (tmp_path / "stand-ins").mkdir()
     return tmp_path
@@ -93,3 +93,42 @@ exit 1""",
     result = run_sh(project, "--help", python=python)
     assert result.returncode == 2 and "needs Python 3.11 or newer" in result.stderr and "3.9.2" in result.stderr
     assert not (project / "venv").exists()
+
+
+def recording_venv(project):
+    """A venv whose python only writes down each command it is given, as one line of venv/calls."""
+    (project / "venv" / "bin").mkdir(parents=True)
+    stand_in(
+        project,
+        "recording-python",
+        """
+if [ "$1" = "-c" ]; then exit 0; fi  # the version check: 3.11 or newer
+echo "$*" >> "$(dirname "$0")/../calls" """,
+    ).rename(project / "venv" / "bin" / "python")
+    return project / "venv" / "calls"
+
+
+def test_the_program_installs_only_what_it_runs_with_and_the_tests_add_theirs(project):
+    calls = recording_venv(project)
+    assert run_sh(project, "--epochs", "1").returncode == 0
+    assert run_sh(project, "--epochs", "2").returncode == 0  # installed already: nothing again
+    assert run_sh(project, "test", "-q").returncode == 0
+    assert run_sh(project, "test", "-x").returncode == 0
+    assert calls.read_text().splitlines() == [
+        "-m pip --version",
+        "-m pip install --disable-pip-version-check -r requirements.txt",
+        "mnist_recognition.py --epochs 1",
+        "mnist_recognition.py --epochs 2",
+        "-m pip --version",
+        "-m pip install --disable-pip-version-check -r requirements-dev.txt",
+        "-m pytest -q",
+        "-m pytest -x",
+    ]
+
+
+def test_the_tools_of_the_tests_are_not_the_programs_requirements():
+    runtime = (REPO / "requirements.txt").read_text().lower()
+    development = (REPO / "requirements-dev.txt").read_text().lower()
+    for tool in ("pytest", "selenium", "ruff"):
+        assert tool not in runtime and f"{tool}==" in development
+    assert "-r requirements.txt" in development

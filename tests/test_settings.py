@@ -9,6 +9,7 @@ import torch
 from conftest import QUICK, SCRIPT
 
 import mnist_recognition as app
+from companions import command_line
 
 
 def help_text(capsys, *args):
@@ -34,12 +35,41 @@ def test_help_lists_every_training_setting_with_its_default_and_each_recipes_val
     assert "evaluate" in text and "predict" in text
 
 
-@pytest.mark.parametrize("command", ["evaluate", "predict", "serve"])
+@pytest.mark.parametrize("command", ["evaluate", "predict", "serve", "finetune", "export"])
 def test_other_commands_have_help_with_their_settings(command, capsys):
     text = help_text(capsys, command)
     assert "--checkpoint" in text
+    # Flags of the same name that these commands declare themselves, with defaults of their own.
+    own = {"evaluate": {"out_dir"}, "finetune": {"out_dir", "lr", "batch_size"}}.get(command, set())
     for setting in app.SETTINGS:
-        assert (setting.flag in text) == (command in setting.commands)
+        assert (setting.flag in text) == (command in setting.commands or setting.name in own), setting.flag
+
+
+@pytest.mark.parametrize("args", [[], ["train"]])
+def test_help_lists_every_command(args, capsys):
+    """`mnist_recognition.py --help` is train's help, which names every command, finetune too."""
+    text = help_text(capsys, *args)
+    assert all(f"\n  {command} " in text for command in app.COMMANDS) and "finetune" in app.COMMANDS
+
+
+def test_the_parsers_own_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        command_line.build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"\n  {command} " in text for command in app.COMMANDS)
+
+
+@pytest.mark.parametrize("typo, suggestion", [("trian", "train"), ("evalute", "evaluate"), ("fine-tune", "finetune")])
+def test_a_mistyped_command_is_named_with_the_commands_in_one_line(typo, suggestion, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        app.main([typo, "--epochs", "1", "--out-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"'{typo}' is not a command (did you mean '{suggestion}'?)" in err
+    assert "the commands are train, evaluate, predict, serve, finetune, export" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -215,6 +245,7 @@ def test_the_recorded_config_is_every_recorded_training_setting():
     assert "resume" not in config and "no_download" not in config
 
 
+@pytest.mark.slow
 def test_a_setting_added_to_the_table_is_a_flag_recorded_and_checked_on_resume(
     monkeypatch, synthetic_data, tmp_path, cli
 ):
@@ -255,6 +286,7 @@ def test_positive_number_types_refuse_zero_and_non_numbers():
     assert app.positive_int("7") == 7 and app.positive_float("1e-3") == 1e-3
 
 
+@pytest.mark.slow
 def test_importing_the_script_leaves_out_what_only_some_commands_need():
     """torchvision (fetching data), matplotlib (figures) and ONNX (export) are imported where they are used."""
     probe = (
@@ -267,6 +299,7 @@ def test_importing_the_script_leaves_out_what_only_some_commands_need():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_importing_the_script_loads_only_the_companions_every_command_needs():
     """predict, serve, export, evaluate and the report are imported by the command that runs them."""
     probe = (

@@ -1,10 +1,13 @@
 """Training through the command line: outputs, determinism, resume, interruptions, failures."""
 
 import copy
+import errno
 import hashlib
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -14,7 +17,16 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUICK, SCRIPT, TEST_COUNT, assert_same_weights, paused_command, train_quietly, trained_weights
+from conftest import (
+    QUICK,
+    SCRIPT,
+    TEST_COUNT,
+    assert_same_weights,
+    paused_command,
+    run_process,
+    train_quietly,
+    trained_weights,
+)
 from PIL import Image
 
 import mnist_recognition as app
@@ -90,6 +102,7 @@ def test_a_run_writes_every_output(trained):
     assert saved["eval_split"] == "test" and saved["format"] == app.CHECKPOINT_FORMAT
 
 
+@pytest.mark.slow
 def test_evaluation_is_timed_apart_from_the_training_epochs(synthetic_data, tmp_path, monkeypatch, cli):
     """Each epoch's seconds are its training alone; the total counts everything."""
     evaluate, pause = app.evaluate, 1.5
@@ -147,11 +160,13 @@ def test_a_run_logs_what_the_original_did(trained):
 # --- determinism ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_results_in_process_and_as_a_process(synthetic_data, tmp_path, trained):
     train_quietly(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert_same_run(trained[0], tmp_path)
 
 
+@pytest.mark.slow
 def test_another_seed_gives_other_weights(synthetic_data, tmp_path):
     for seed in (0, 1):
         train_quietly(
@@ -206,6 +221,7 @@ def uninterrupted(tmp_path_factory, synthetic_data):
     return out_dir
 
 
+@pytest.mark.slow
 def test_resume_from_the_end_of_an_epoch_is_bit_exact(synthetic_data, tmp_path, uninterrupted, cli):
     flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert cli(*flags, "--epochs", 1).code == 0
@@ -215,6 +231,7 @@ def test_resume_from_the_end_of_an_epoch_is_bit_exact(synthetic_data, tmp_path, 
     assert_same_run(uninterrupted, tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_can_train_longer(synthetic_data, tmp_path, uninterrupted, cli):
     shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
     result = cli(*RESUMABLE, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path, "--resume")
@@ -290,6 +307,7 @@ def signalled_mid_epoch(background, flags, sig):
     return job.finish()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted, cli):
     flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     code, log = signalled_mid_epoch(background, flags, signal.SIGKILL)
@@ -301,17 +319,21 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(synthetic_data, tmp_path, ba
     assert_same_run(uninterrupted, tmp_path)
 
 
+@pytest.mark.slow
 def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path, background, uninterrupted, cli):
     flags = (*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     code, log = signalled_mid_epoch(background, flags, signal.SIGINT)
     assert code == 130, log
     assert "Traceback" not in log
     assert "Interrupted in epoch 2 after batch 10" in log
-    assert f"Continue with: python mnist_recognition.py {' '.join(map(str, flags))} --resume" in log
+    # The hint names this interpreter (the venv's), not a bare `python`; run as printed, it resumes.
+    hint = shlex.join([app.shown_path(sys.executable), app.shown_path(SCRIPT), *map(str, flags), "--resume"])
+    assert f"Continue with: {hint}\n" in log and not hint.startswith("python ")
     progress = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]
     assert (progress["epoch"], progress["batches_done"]) == (1, 10)  # saved right where the signal landed
     assert not (tmp_path / "metrics.json").exists()
-    assert cli(*flags, "--resume").code == 0
+    resumed = run_process(shlex.split(hint))
+    assert resumed.returncode == 0, resumed.stderr
     assert_same_run(uninterrupted, tmp_path)
 
 
@@ -523,6 +545,7 @@ def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(sy
         torch.testing.assert_close(share, whole[rank::2], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_augmentation_never_touches_the_evaluation_images(synthetic_data, tmp_path, cli):
     """The accuracy measured at the end of augmented training is what evaluate, which has no
     augmentation, measures again on the same images."""
@@ -556,6 +579,7 @@ def interrupt_at(monkeypatch, epoch, batch):
     monkeypatch.setattr(app.Progress, "record_batch", record_then_interrupt)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_augmentation_and_a_schedule_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
     flags = (
         *QUICK,
@@ -583,6 +607,7 @@ def test_resume_mid_epoch_with_augmentation_and_a_schedule_is_bit_exact(syntheti
     assert_same_run(tmp_path / "whole", tmp_path / "resumed")
 
 
+@pytest.mark.slow
 def test_resume_with_a_schedule_cannot_change_the_epochs(synthetic_data, tmp_path, cli):
     flags = (*QUICK, "--epochs", 1, "--schedule", "cosine", "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert cli(*flags).code == 0
@@ -590,6 +615,7 @@ def test_resume_with_a_schedule_cannot_change_the_epochs(synthetic_data, tmp_pat
     assert result.code == 2 and "--epochs 1 (now 2)" in result.errors()[0]
 
 
+@pytest.mark.slow
 def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path, cli):
     result = cli(*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert result.code == 0
@@ -645,6 +671,7 @@ RECIPE_SETTINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPE_SETTINGS)
 def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthetic_data, tmp_path, cli):
     # The recipes' batches are sized for 60,000 images; on 1,200 they would make only a few steps.
@@ -674,6 +701,7 @@ def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthet
 # --- evaluation during training ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every, evaluated", [(0, [3]), (2, [2, 3]), (1, [1, 2, 3])])
 def test_eval_every_n_epochs_and_always_after_the_last(every, evaluated, synthetic_data, tmp_path, cli):
     result = cli(*QUICK, "--epochs", 3, "--eval-every", every, "--data-dir", synthetic_data, "--out-dir", tmp_path)
@@ -774,6 +802,7 @@ print("none")
 """
 
 
+@pytest.mark.slow
 def test_no_command_but_export_imports_torch_dynamo(synthetic_data, tmp_path):
     """torch.optim's Optimizer imports torch._dynamo (seconds) for torch.compile's sake; training,
     evaluate, predict and serve never compile, so none of them may import it."""
@@ -822,3 +851,37 @@ def test_adam_steps_as_torch_optim_adam_does_with_the_same_state(recipe):
     further = run(torch.optim.Adam, 3, copy.deepcopy(theirs[0]), (copy.deepcopy(reference), theirs[2].state_dict()))
     for mine, reference in zip(continued[0].state_dict().values(), further[0].state_dict().values()):
         assert torch.equal(mine, reference)
+
+
+# --- bad input: one line, exit code 2, nothing left behind -------------------------------------------
+
+
+@pytest.mark.parametrize("refusal, reason", [("read_only", "Permission denied"), ("full", "No space left on device")])
+def test_an_output_folder_that_takes_no_file_is_one_line(refusal, reason, synthetic_data, tmp_path, cli, refusing):
+    (tmp_path / "out").mkdir()
+    getattr(refusing, refusal)(tmp_path / "out")
+    result = cli(*QUICK, "--epochs", 1, "--data-dir", synthetic_data, "--out-dir", tmp_path / "out")
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"Cannot write into the output folder {tmp_path / 'out'}: {reason}" in result.errors()[0]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_writing_the_model_is_one_line(synthetic_data, tmp_path, cli, monkeypatch):
+    out_dir = tmp_path / "out"
+    real_fsync = os.fsync
+
+    def full_once_the_checkpoint_is_written(descriptor):
+        if (out_dir / "checkpoint.pt").exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full_once_the_checkpoint_is_written)
+    result = cli(*QUICK, "--epochs", 1, "--data-dir", synthetic_data, "--out-dir", out_dir)
+    assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
+    assert f"Cannot write {out_dir / 'lenet5_mnist.pt'}: No space left on device." in result.errors()[0]
+    assert sorted(path.name for path in out_dir.iterdir()) == ["checkpoint.pt"]  # no half file, no temporary
+
+
+def test_the_process_exits_as_python_does_for_each_kind_of_exit_code(capsys):
+    assert [app.exit_status(code) for code in (None, 0, 2, 130)] == [0, 0, 2, 130]
+    assert app.exit_status("a message") == 1 and capsys.readouterr().err == "a message\n"
