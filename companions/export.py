@@ -18,6 +18,7 @@ import mnist_recognition as trainer
 from companions import files, prepare, report
 
 RANDOM_CHECK_IMAGES = 1000  # checked instead of the test set when its files are not on disk
+OPSET = 20  # the ONNX operator set the file is written in, named so that another torch cannot change it
 
 
 class PixelsToProbabilities(nn.Module):
@@ -68,6 +69,7 @@ def onnx_bytes(model, dataset, metadata):
         PixelsToProbabilities(model, dataset).eval(),
         (torch.rand(2, 1, 28, 28),),
         dynamo=True,
+        opset_version=OPSET,
         input_names=["image"],
         output_names=["logits", "probabilities"],
         dynamic_shapes={"image": {0: torch.export.Dim("batch")}},

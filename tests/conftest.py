@@ -42,6 +42,42 @@ TRAIN_COUNT, TEST_COUNT = 1200, 300
 QUICK = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cpu")
 
 
+# Each recipe as the README and --help promise it, written out once for every test that checks one (as
+# metrics.json records them): a typo in the script's RECIPES table must fail a test.
+PROMISED_RECIPES = {
+    "original": {
+        "epochs": 10,
+        "batch_size": 64,
+        "lr": 0.001,
+        "schedule": "constant",
+        "warmup": 0.25,
+        "adam_betas": [0.9, 0.999],
+        "label_smoothing": 0.0,
+        "augment": "none",
+    },
+    "fast": {
+        "epochs": 1,
+        "batch_size": 128,
+        "lr": 0.015,
+        "schedule": "onecycle",
+        "warmup": 0.35,
+        "adam_betas": [0.7, 0.9],
+        "label_smoothing": 0.1,
+        "augment": "none",
+    },
+    "best": {
+        "epochs": 30,
+        "batch_size": 128,
+        "lr": 0.003,
+        "schedule": "onecycle",
+        "warmup": 0.25,
+        "adam_betas": [0.9, 0.999],
+        "label_smoothing": 0.1,
+        "augment": "affine,elastic,thickness",
+    },
+}
+
+
 def draw_digit(digit, rng, size=28, ink=255, paper=0, mode="L"):
     """One digit drawn with Pillow, jittered: like a (very tidy) handwritten digit."""
     font = ImageFont.load_default(size=rng.uniform(0.6, 0.8) * size)

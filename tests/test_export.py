@@ -153,6 +153,11 @@ def test_the_default_file_is_the_checkpoints_path_with_onnx(trained, synthetic_d
     assert (tmp_path / "my_model.onnx").is_file()
 
 
+def test_the_file_is_written_in_the_operator_set_the_docs_name(exported):
+    assert [(entry.domain, entry.version) for entry in onnx.load(exported).opset_import] == [("", onnx_export.OPSET)]
+    assert f"opset {onnx_export.OPSET})" in (REPO / "docs" / "export.md").read_text()
+
+
 def test_a_file_of_someone_elses_beside_the_export_is_left_alone(trained, synthetic_data, tmp_path, cli):
     """Only this program's own leftovers of a killed write are cleaned up, never another's .x.tmp."""
     folder = tmp_path / "some folder"

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    PROMISED_RECIPES,
     QUICK,
     SCRIPT,
     TEST_COUNT,
@@ -643,36 +644,8 @@ def test_validation_larger_than_the_training_set_is_refused(synthetic_data, tmp_
     assert result.code == 2 and "only 1200 images" in result.errors()[0]
 
 
-# What the README promises of each recipe, besides its epochs and batch size.
-RECIPE_SETTINGS = {
-    "original": {
-        "lr": 0.001,
-        "schedule": "constant",
-        "adam_betas": [0.9, 0.999],
-        "label_smoothing": 0.0,
-        "augment": "none",
-    },
-    "fast": {
-        "lr": 0.015,
-        "schedule": "onecycle",
-        "warmup": 0.35,
-        "adam_betas": [0.7, 0.9],
-        "label_smoothing": 0.1,
-        "augment": "none",
-    },
-    "best": {
-        "lr": 0.003,
-        "schedule": "onecycle",
-        "warmup": 0.25,
-        "adam_betas": [0.9, 0.999],
-        "label_smoothing": 0.1,
-        "augment": "affine,elastic,thickness",
-    },
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", RECIPE_SETTINGS)
+@pytest.mark.parametrize("recipe", PROMISED_RECIPES)
 def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthetic_data, tmp_path, cli):
     # The recipes' batches are sized for 60,000 images; on 1,200 they would make only a few steps.
     # Two epochs each: the recipes' own epochs are pinned in test_settings.py.
@@ -694,7 +667,8 @@ def test_every_recipe_learns_the_synthetic_data_far_above_chance(recipe, synthet
     assert result.code == 0 and f"Recipe {recipe}:" in result.log
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["recipe"] == recipe and metrics["config"]["batch_size"] == 32
-    assert {name: metrics["config"][name] for name in RECIPE_SETTINGS[recipe]} == RECIPE_SETTINGS[recipe]
+    promised = {name: value for name, value in PROMISED_RECIPES[recipe].items() if name not in ("epochs", "batch_size")}
+    assert {name: metrics["config"][name] for name in promised} == promised
     assert metrics["eval_accuracy"] > 60  # chance is 10 %
 
 
