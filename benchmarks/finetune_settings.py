@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import personal_handwriting  # noqa: E402
 
 import mnist_recognition as app  # noqa: E402
-from companions import files, finetune, own_images  # noqa: E402
+from companions import devices, finetune, own_images, trained  # noqa: E402
 
 SETTINGS = [(3e-4, 0.25, 300), (1e-4, 0.25, 300), (3e-4, 0.125, 300), (1e-4, 0.125, 300), (3e-4, 0.25, 150)]
 
@@ -54,12 +54,12 @@ def main():
     args = parser.parse_args()
 
     cpu, mnist = torch.device("cpu"), app.DATASETS["mnist"]
-    base, payload = files.load_trained_model(args.checkpoint, cpu)
+    base, payload = trained.load_trained_model(args.checkpoint, cpu)
     if payload.get("config", {}).get("validation") != 10000:
         sys.exit(f"{args.checkpoint} was not trained with --validation 10000")
     images, labels = app.normalised_split(args.data_dir, mnist, True, None, cpu)
     train, validation = (images[:50000], labels[:50000]), (images[50000:], labels[50000:])
-    runtime = app.Runtime(cpu)
+    runtime = devices.Runtime(cpu)
     print(f"validation accuracy before: {app.evaluate(base, validation, 'validation', runtime).accuracy:.2f} %")
     writers = writers_images(args.per_class, mnist)
     for lr, share, steps in SETTINGS:

@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
 from companions import prepare  # noqa: E402
-from companions.files import load_trained_model  # noqa: E402
 from companions.serve import describe_model  # noqa: E402
+from companions.trained import load_trained_model  # noqa: E402
 
 FONTS = [
     "/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf",

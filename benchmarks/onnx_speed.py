@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
-from companions.files import load_trained_model  # noqa: E402
 from companions.report import cpu_name  # noqa: E402
+from companions.trained import load_trained_model  # noqa: E402
 
 
 def parse_args():

@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
-from companions.files import load_trained_model  # noqa: E402
+from companions.devices import Runtime  # noqa: E402
+from companions.trained import load_trained_model  # noqa: E402
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
     dataset = app.DATASETS[payload["config"]["dataset"]]
     images, labels = app.normalised_split(args.data_dir, dataset, True, None, torch.device("cpu"))
     validation = (images[-held_out:], labels[-held_out:])
-    evaluation = app.evaluate(model, validation, "validation", app.Runtime(torch.device("cpu")))
+    evaluation = app.evaluate(model, validation, "validation", Runtime(torch.device("cpu")))
     right = evaluation.predicted == evaluation.labels
     wrong_confidence = evaluation.confidence[~right].sort().values
     # The lowest threshold that flags (probability below it) at least this share of the wrong answers.

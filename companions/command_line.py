@@ -1,8 +1,6 @@
-"""The command line: argparse made from the SETTINGS table of mnist_recognition.py, each flag's
-type, and the help that shows every default and each recipe's value.
-
-Nothing here runs at import but definitions, so that mnist_recognition.py can import the types
-for its table while it is itself still being imported.
+"""The command line: argparse made from the settings table and the recipes that
+mnist_recognition.py declares and hands in, each flag's type, and the help that shows every
+default and each recipe's value.
 """
 
 import argparse
@@ -11,6 +9,9 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from companions.devices import is_available
+from companions.files import CHECKPOINT_FILE, MODEL_FILE
 
 AUGMENTATIONS = ("affine", "elastic", "thickness")  # in the order they are drawn and applied
 
@@ -128,22 +129,25 @@ def as_text(value):
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def help_with_defaults(setting):
+def plural(count, word):
+    """'1 epoch', '10 epochs'"""
+    return f"{count} {word}{'s' * (count != 1)}"
+
+
+def help_with_defaults(setting, recipes):
     """The setting's help, then its default and what each recipe sets it to."""
     by_recipe = [
-        f"{recipe}: {as_text(values[setting.name])}"
-        for recipe, values in trainer.RECIPES.items()
-        if setting.name in values
+        f"{recipe}: {as_text(values[setting.name])}" for recipe, values in recipes.items() if setting.name in values
     ]
     if (setting.default is None or setting.default is False) and not by_recipe:
         return setting.help
     return f"{setting.help} (default: {'; '.join([as_text(setting.default)] + by_recipe)})"
 
 
-def add_settings(parser, command):
+def add_settings(parser, command, settings, recipes):
     """Add the settings this command takes. Those it does not get on the command line stay unset
     here and are filled in by resolve_settings, from the recipe or the table."""
-    for setting in trainer.SETTINGS:
+    for setting in settings:
         if command not in setting.commands:
             continue
         if setting.type is None and setting.choices is None:
@@ -154,23 +158,23 @@ def add_settings(parser, command):
                 type=setting.type,
                 choices=setting.choices,
                 default=argparse.SUPPRESS,
-                help=help_with_defaults(setting),
+                help=help_with_defaults(setting, recipes),
             )
 
 
-def resolve_settings(args):
+def resolve_settings(args, settings, recipes):
     """Fill every setting not given on the command line: from the recipe, else from the table."""
-    recipe = trainer.RECIPES[getattr(args, "recipe", "original")]
-    args.given = {setting.name for setting in trainer.SETTINGS if hasattr(args, setting.name)}  # on the command line
-    for setting in trainer.SETTINGS:
+    recipe = recipes[getattr(args, "recipe", "original")]
+    args.given = {setting.name for setting in settings if hasattr(args, setting.name)}  # on the command line
+    for setting in settings:
         if args.command in setting.commands and not hasattr(args, setting.name):
             setattr(args, setting.name, recipe.get(setting.name, setting.default))
     return args
 
 
-def recipes_epilog():
+def recipes_epilog(recipes):
     lines = ["recipes (a flag given explicitly wins over its recipe's value):"]
-    for name, values in trainer.RECIPES.items():
+    for name, values in recipes.items():
         flags = " ".join(f"{flag_for(key)} {as_text(value)}" for key, value in values.items())
         lines.append(f"  {name:<8} {flags or 'the original design: every default above'}")
     return "\n".join(lines)
@@ -192,13 +196,16 @@ def commands_listed():
     return "\n".join(f"  {name:<9} {text}" for name, text in COMMAND_HELP.items())
 
 
+ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that export accepts
+
+
 def export_description():
     return (
         "Write a trained model as one self-contained ONNX file: input 'image' [N, 1, 28, 28], pixels\n"
         "0..1, light on dark (the dataset's normalisation is inside); outputs 'logits' and\n"
         "'probabilities' [N, 10]. Before it is written, ONNX Runtime runs it on the test images (or on\n"
         "random ones when they are not on disk) next to PyTorch; it is refused (exit code 1) unless\n"
-        f"every answer is the same and no probability differs by more than {trainer.ONNX_TOLERANCE:.0e}."
+        f"every answer is the same and no probability differs by more than {ONNX_TOLERANCE:.0e}."
     )
 
 
@@ -209,7 +216,7 @@ def default_beside_checkpoint(folder):
     return f"{folder}/ beside --checkpoint: outputs/{folder}/ for the default checkpoint"
 
 
-def build_parser():
+def build_parser(settings, recipes):
     parser = ArgumentParser(
         prog="mnist_recognition.py",
         formatter_class=HelpFormatter,
@@ -221,19 +228,19 @@ def build_parser():
     def add(name, **kwargs):
         kwargs.setdefault("help", COMMAND_HELP[name])
         command = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
-        add_settings(command, name)
+        add_settings(command, name, settings, recipes)
         if name != "train":
             command.add_argument(
                 "--checkpoint",
                 type=Path,
-                default=Path("outputs") / trainer.MODEL_FILE,
-                help=f"a model written by training ({trainer.MODEL_FILE} or {trainer.CHECKPOINT_FILE})",
+                default=Path("outputs") / MODEL_FILE,
+                help=f"a model written by training ({MODEL_FILE} or {CHECKPOINT_FILE})",
             )
         return command
 
     add(
         "train",
-        epilog=recipes_epilog(),
+        epilog=recipes_epilog(recipes),
         description="Train LeNet-5 on MNIST, Fashion-MNIST or KMNIST; this runs when no command is given.\n"
         f"Re-running into the same --out-dir replaces that run's files. The commands:\n{commands_listed()}\n"
         "See 'mnist_recognition.py COMMAND --help'.",
@@ -294,21 +301,22 @@ def build_parser():
         type=Path,
         default=None,
         help="the ONNX file to write (default: the checkpoint's path with .onnx, "
-        f"outputs/{Path(trainer.MODEL_FILE).with_suffix('.onnx')} for the default checkpoint)",
+        f"outputs/{Path(MODEL_FILE).with_suffix('.onnx')} for the default checkpoint)",
     )
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv, settings, recipes):
+    """The command and its settings, each from the command line, else its recipe, else the table."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv and not argv[0].startswith("-") and argv[0] not in trainer.COMMANDS:
+    parser = build_parser(settings, recipes)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMAND_HELP:
         parser.error(f"'{argv[0]}' is not a command{did_you_mean(argv[0])}; the commands are {', '.join(COMMAND_HELP)}")
-    if not argv or argv[0] not in trainer.COMMANDS:
+    if not argv or argv[0] not in COMMAND_HELP:
         argv.insert(0, "train")  # plain `mnist_recognition.py [flags]` trains, as it always did
-    args = resolve_settings(parser.parse_args(argv))
+    args = resolve_settings(parser.parse_args(argv), settings, recipes)
     device = getattr(args, "device", "auto")
-    if not trainer.is_available(device):
+    if not is_available(device):
         parser.error(f"--device {device}: {device.upper()} is not available on this machine")
     args.argv = argv  # for the resume command that an interrupted run prints
     return args
@@ -317,8 +325,3 @@ def parse_args(argv=None):
 def did_you_mean(word):
     close = difflib.get_close_matches(word, COMMAND_HELP, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-# Last: mnist_recognition.py imports this module at its top, so importing it first runs the
-# script's top, which imports this module back; by now everything it takes from here is defined.
-import mnist_recognition as trainer  # noqa: E402

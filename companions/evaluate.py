@@ -12,14 +12,18 @@ from loguru import logger
 
 import mnist_recognition as trainer
 from companions import dataset_files, files, own_images, report
+from companions.devices import Runtime, pick_device
+from companions.errors import CliError
+from companions.files import METRICS_FILE, REPORT_FILE
+from companions.trained import trained_model
 
-WRITES = (trainer.METRICS_FILE, trainer.REPORT_FILE, *report.EVALUATION_FIGURES)
+WRITES = (METRICS_FILE, REPORT_FILE, *report.EVALUATION_FIGURES)
 
 
 def command(args):
     """Every input is checked (the model, the images or the dataset's files) before the folder is made."""
-    runtime = trainer.Runtime(trainer.pick_device(args.device))
-    model, payload, dataset = files.trained_model(args, runtime.device)
+    runtime = Runtime(pick_device(args.device))
+    model, payload, dataset = trained_model(args, runtime.device)
     if args.images is not None:
         return evaluate_images(args, runtime, model, dataset)
     if payload.get("eval_split") == "test":
@@ -29,13 +33,11 @@ def command(args):
     out_dir = prepare_out_dir(args)
     evaluation = trainer.evaluate(model, test_set, "test", runtime)
     trainer.log_accuracy(evaluation, dataset)
-    files.write_json(out_dir / trainer.METRICS_FILE, evaluation_metrics(args, evaluation, dataset))
+    files.write_json(out_dir / METRICS_FILE, evaluation_metrics(args, evaluation, dataset))
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     title = f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right"
-    report.write_evaluation_report(
-        out_dir, runtime, test_set, evaluation, dataset, args.seed, settings, title, headline
-    )
+    write_figures_and_report(out_dir, runtime, test_set, evaluation, dataset, args.seed, settings, title, headline)
     log_written(out_dir)
     return 0
 
@@ -54,13 +56,19 @@ def evaluate_images(args, runtime, model, dataset):
     evaluation = trainer.evaluate(model, images, "labelled", runtime)
     trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
     metrics = evaluation_metrics(args, evaluation, dataset, class_images=found.per_class(dataset))
-    files.write_json(out_dir / trainer.METRICS_FILE, {**metrics, "not_read": found.problems})
+    files.write_json(out_dir / METRICS_FILE, {**metrics, "not_read": found.problems})
     settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
     title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
-    report.write_evaluation_report(out_dir, runtime, images, evaluation, dataset, args.seed, settings, title, headline)
+    write_figures_and_report(out_dir, runtime, images, evaluation, dataset, args.seed, settings, title, headline)
     log_written(out_dir)
     return 1 if found.problems else 0
+
+
+def write_figures_and_report(out_dir, runtime, eval_set, evaluation, dataset, seed, settings, title, headline):
+    """The evaluation's three figures, as training draws them, then a report.html that shows them."""
+    trainer.draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset)
+    report.write_evaluation_report(out_dir, runtime, evaluation, dataset, settings, title, headline)
 
 
 def evaluation_metrics(args, evaluation, dataset, **more):
@@ -88,16 +96,16 @@ def log_written(out_dir):
 def read_labelled(folder, dataset):
     """The folder's images, each problem logged as one line; raises CliError where none can be read."""
     if not folder.is_dir():
-        raise trainer.CliError(f"--images {folder}: not a folder. Give a folder with one sub-folder per class.")
+        raise CliError(f"--images {folder}: not a folder. Give a folder with one sub-folder per class.")
     try:
         found = own_images.read_folder(folder, dataset)
     except own_images.FolderNotReadable as error:
-        raise trainer.CliError(f"--images {error}. Give a folder you can read.") from None
+        raise CliError(f"--images {error}. Give a folder you can read.") from None
     for problem in found.problems:
         logger.error("{}", problem)
     if not len(found.labels):
         names = ", ".join(own_images.folder_name(name) for name in dataset.classes)
-        raise trainer.CliError(
+        raise CliError(
             f"--images {folder}: no image could be read. It needs one sub-folder per class ({names}) "
             "with images in it.",
             exit_code=1,

@@ -16,6 +16,11 @@ from loguru import logger
 
 import mnist_recognition as trainer
 from companions import files, prepare, report
+from companions.augment import generator_for
+from companions.command_line import ONNX_TOLERANCE
+from companions.dataset_files import TEST_FILES, has_files, raw_dir
+from companions.errors import CliError
+from companions.trained import trained_model
 
 RANDOM_CHECK_IMAGES = 1000  # checked instead of the test set when its files are not on disk
 OPSET = 20  # the ONNX operator set the file is written in, named so that another torch cannot change it
@@ -36,11 +41,11 @@ class PixelsToProbabilities(nn.Module):
 def check_images(data_dir, dataset):
     """(0..1 pixels, labels or None, what they are): the test split when its files are on disk,
     else a fixed batch of random pixels."""
-    folder = trainer.raw_dir(data_dir, dataset)
-    if trainer.has_files(data_dir, dataset, trainer.TEST_FILES):
+    folder = raw_dir(data_dir, dataset)
+    if has_files(data_dir, dataset, TEST_FILES):
         pixels, labels = trainer.pixel_split(data_dir, dataset, False, None)
         return pixels, labels, f"the {len(labels):,} test images in {folder}"
-    pixels = torch.rand(RANDOM_CHECK_IMAGES, 1, 28, 28, generator=trainer.generator_for(0))
+    pixels = torch.rand(RANDOM_CHECK_IMAGES, 1, 28, 28, generator=generator_for(0))
     return (
         pixels,
         None,
@@ -98,7 +103,7 @@ def command(args):
     """Export, check, then write; exit code 1 (and no file) where ONNX Runtime disagrees."""
     out = args.out or args.checkpoint.with_suffix(".onnx")
     files.prepare_folder(out.parent)
-    model, payload, dataset = files.trained_model(args, torch.device("cpu"))
+    model, payload, dataset = trained_model(args, torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # the plain layout, as the file stores it
     pixels, labels, described = check_images(args.data_dir, dataset)
     with torch.inference_mode():
@@ -119,10 +124,10 @@ def command(args):
         differing,
         largest,
     )
-    if differing or not largest <= trainer.ONNX_TOLERANCE:
-        raise trainer.CliError(
+    if differing or not largest <= ONNX_TOLERANCE:
+        raise CliError(
             f"Export refused: ONNX Runtime and PyTorch disagree ({differing} answers differ, the "
-            f"largest difference in a probability is {largest:.2e}, over {trainer.ONNX_TOLERANCE:.0e} is "
+            f"largest difference in a probability is {largest:.2e}, over {ONNX_TOLERANCE:.0e} is "
             f"refused). Nothing was written to {out}.",
             exit_code=1,
         )

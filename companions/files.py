@@ -6,8 +6,6 @@ folder of results belongs to the command that wrote it (its metrics.json says wh
 command refuses to write into it. Checkpoints and model files hold only tensors and plain values,
 loaded with weights_only=True and checked to hold LeNet-5's weights before anything uses them.
 
-mnist_recognition.py imports these while it is itself being imported: nothing here touches it
-but at call time.
 """
 
 import json
@@ -17,9 +15,21 @@ import tempfile
 
 import torch
 
+from companions.errors import CliError
+
+CHECKPOINT_FORMAT = 2  # written into every checkpoint and model file; --resume takes only this one
+
 # Every file a command writes into its folder, named here once.
 MODEL_FILE, CHECKPOINT_FILE = "lenet5_mnist.pt", "checkpoint.pt"
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
+CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
+PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
+
+
+def split_images_png(split):
+    """test_images.png, or validation_images.png under --validation."""
+    return f"{split}_images.png"
+
 
 # write_atomically's temporary files: .NAME.mnist_recognition-PID.tmp, a name no other program uses.
 TEMPORARY = re.compile(r"\..+\.mnist_recognition-(\d+)\.tmp")
@@ -38,7 +48,7 @@ def write_atomically(path, write):
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:
-        raise trainer.CliError(f"Cannot write {path}: {os_reason(error)}.") from None
+        raise CliError(f"Cannot write {path}: {os_reason(error)}.") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -76,7 +86,7 @@ def prepare_folder(folder):
             pass
         remove_stale_temporaries(folder)
     except OSError as error:
-        raise trainer.CliError(f"Cannot write into the output folder {folder}: {os_reason(error)}.") from None
+        raise CliError(f"Cannot write into the output folder {folder}: {os_reason(error)}.") from None
     return folder
 
 
@@ -87,15 +97,13 @@ def prepare_out_dir(out_dir, command, writes=()):
     try:
         owner = owner_of(out_dir)
     except OSError as error:
-        raise trainer.CliError(f"Cannot read {out_dir / METRICS_FILE}: {os_reason(error)}.") from None
+        raise CliError(f"Cannot read {out_dir / METRICS_FILE}: {os_reason(error)}.") from None
     if owner not in (None, command):
         held = f"the results of '{owner}'" if owner != FOREIGN else f"a {METRICS_FILE} that this program did not write"
-        raise trainer.CliError(
-            f"{out_dir} holds {held}, and '{command}' does not write over them. Give another --out-dir."
-        )
+        raise CliError(f"{out_dir} holds {held}, and '{command}' does not write over them. Give another --out-dir.")
     foreign = [name for name in writes if owner is None and (out_dir / name).exists()]
     if foreign:
-        raise trainer.CliError(
+        raise CliError(
             f"{out_dir} already holds {', '.join(foreign)}, which '{command}' did not write; it was left as "
             f"it is. Give another --out-dir, or move the file away."
         )
@@ -137,16 +145,16 @@ def on_cpu(value):
     return value
 
 
-def save_checkpoint(path, model, optimizer, schedule, progress, args, runtime):
+def save_checkpoint(path, model, optimizer, schedule, progress, config, ran_on):
     """The checkpoint: everything that --resume needs to continue the run bit-exactly."""
     payload = {
-        "format": trainer.CHECKPOINT_FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
-        "config": trainer.training_config(args),
+        "config": config,
         "progress": progress.state_dict(),
-        "ran_on": trainer.ran_on(runtime),
+        "ran_on": ran_on,
     }
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
@@ -155,7 +163,7 @@ def save_model(path, model, config, evaluation, **more):
     """The model file: the trained weights, how they were trained, the accuracy they reached, and
     `more` where a command records more (finetune: what it was fine-tuned on)."""
     payload = {
-        "format": trainer.CHECKPOINT_FORMAT,
+        "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "config": config,
         "eval_split": evaluation.split,
@@ -165,54 +173,29 @@ def save_model(path, model, config, evaluation, **more):
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
 
-def load_checkpoint(path):
-    """Load a checkpoint of this program with weights_only=True and check it holds LeNet-5 weights."""
+def load_checkpoint(path, model):
+    """Load a checkpoint of this program with weights_only=True and check that it holds weights of
+    `model`'s shapes (LeNet-5's), all finite."""
     if not path.is_file():
-        raise trainer.CliError(f"{path}: no such checkpoint file.")
+        raise CliError(f"{path}: no such checkpoint file.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign or damaged file fails in many ways; none runs code
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise trainer.CliError(
+        raise CliError(
             f"{path}: not a readable checkpoint of this program ({reason}). Nothing in it was run."
         ) from None
     weights = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(weights, dict):
-        raise trainer.CliError(f"{path}: not a checkpoint of this program (no 'model' weights in it).")
-    expected = trainer.LeNet5().state_dict()
+        raise CliError(f"{path}: not a checkpoint of this program (no 'model' weights in it).")
+    expected = model.state_dict()
     mismatched = sorted(set(expected) ^ set(weights)) or [
         name
         for name in expected
         if not isinstance(weights[name], torch.Tensor) or weights[name].shape != expected[name].shape
     ]
     if mismatched:
-        raise trainer.CliError(f"{path}: does not hold LeNet-5 weights (wrong or missing: {', '.join(mismatched)}).")
+        raise CliError(f"{path}: does not hold LeNet-5 weights (wrong or missing: {', '.join(mismatched)}).")
     if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
-        raise trainer.CliError(f"{path}: holds weights that are not finite numbers.")
+        raise CliError(f"{path}: holds weights that are not finite numbers.")
     return payload
-
-
-def load_trained_model(path, device):
-    """(the model in a checkpoint file, ready to answer on `device`; the checkpoint)."""
-    payload = load_checkpoint(path)
-    model = trainer.LeNet5()
-    model.load_state_dict(payload["model"])
-    return trainer.to_device_and_format(model, device).eval(), payload
-
-
-def trained_model(args, device):
-    """(the model in --checkpoint on `device`, the checkpoint, its dataset): what every command that
-    uses a trained model starts with. An explicit --dataset must agree with the checkpoint's."""
-    model, payload = load_trained_model(args.checkpoint, device)
-    trained_on = payload.get("config", {}).get("dataset", "mnist")  # older checkpoints: MNIST
-    if "dataset" in args.given and args.dataset != trained_on:
-        raise trainer.CliError(
-            f"{args.checkpoint} was trained on {trained_on}, not {args.dataset}. Leave out --dataset "
-            f"(the checkpoint's is used), or give a checkpoint trained on {args.dataset}."
-        )
-    return model, payload, trainer.DATASETS[trained_on]
-
-
-# Last: mnist_recognition.py imports this module at its top, so importing it first runs the
-# script's top, which imports this module back; by now everything it takes from here is defined.
-import mnist_recognition as trainer  # noqa: E402

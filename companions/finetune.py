@@ -18,18 +18,24 @@ from loguru import logger
 
 import mnist_recognition as trainer
 from companions import dataset_files, files
+from companions.adam import Adam
+from companions.augment import augment_batch
+from companions.devices import Runtime, pick_device
+from companions.errors import CliError
 from companions.evaluate import read_labelled
+from companions.files import METRICS_FILE, MODEL_FILE
+from companions.trained import trained_model
 
 FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
 OWN_SHARE_OF_BATCH = 0.25  # the person's images in each batch; the rest are the dataset's
 AUGMENT = ("affine", "elastic", "thickness")  # the `best` recipe's
-WRITES = (trainer.MODEL_FILE, trainer.METRICS_FILE)
+WRITES = (MODEL_FILE, METRICS_FILE)
 
 
 def command(args):
     started = time.perf_counter()
-    runtime = trainer.Runtime(trainer.pick_device(args.device))
-    model, payload, dataset = files.trained_model(args, runtime.device)
+    runtime = Runtime(pick_device(args.device))
+    model, payload, dataset = trained_model(args, runtime.device)
     found = read_labelled(args.images, dataset)
     warn_about_small_classes(found, dataset)
     held_out = stratified_hold_out(found.labels, args.hold_out, args.seed)
@@ -63,7 +69,7 @@ def command(args):
     before, after = (own_before, test_before.accuracy), (own_after, test_after.accuracy)
     save(out_dir, model, payload, test_after, what_was_done(args, found, dataset, held_out, before, after))
     logger.info("Wrote {} into {}/ in {:.1f} s", ", ".join(WRITES), out_dir, time.perf_counter() - started)
-    logger.info("Use it with --checkpoint {}", out_dir / trainer.MODEL_FILE)
+    logger.info("Use it with --checkpoint {}", out_dir / MODEL_FILE)
     return 1 if found.problems else 0
 
 
@@ -88,17 +94,17 @@ def what_was_done(args, found, dataset, held_out, before, after):
 
 def save(out_dir, model, payload, test_after, fine_tuned):
     """A model file as training writes one, with what it was fine-tuned on; then metrics.json."""
-    files.save_model(out_dir / trainer.MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned)
-    files.write_json(out_dir / trainer.METRICS_FILE, {"command": "finetune", **fine_tuned})
+    files.save_model(out_dir / MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned)
+    files.write_json(out_dir / METRICS_FILE, {"command": "finetune", **fine_tuned})
 
 
 def prepare_out_dir(args):
     """--out-dir, or by default finetuned/ beside the checkpoint; never the checkpoint's own file."""
     out_dir = args.out_dir or args.checkpoint.parent / "finetuned"
-    model_path = out_dir / trainer.MODEL_FILE
+    model_path = out_dir / MODEL_FILE
     if model_path.exists() and model_path.resolve() == args.checkpoint.resolve():
-        raise trainer.CliError(
-            f"--out-dir {out_dir}: its {trainer.MODEL_FILE} is the --checkpoint that finetune starts from, "
+        raise CliError(
+            f"--out-dir {out_dir}: its {MODEL_FILE} is the --checkpoint that finetune starts from, "
             "and finetune never writes over it. Give another --out-dir (by default finetuned/ beside the checkpoint)."
         )
     return files.prepare_out_dir(out_dir, "finetune", WRITES)
@@ -130,7 +136,7 @@ def stratified_hold_out(labels, share, seed):
 def fine_tune(model, own, dataset_split, dataset, args, runtime):
     """args.steps steps of Adam at args.lr: each batch a share of the person's images, drawn with
     replacement and augmented anew, and the rest drawn from the dataset's training images."""
-    optimizer = trainer.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    optimizer = Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     generator = torch.Generator().manual_seed(args.seed)
     own_count = max(1, round(OWN_SHARE_OF_BATCH * args.batch_size))
@@ -139,7 +145,7 @@ def fine_tune(model, own, dataset_split, dataset, args, runtime):
         own_index = torch.randint(len(own[1]), (own_count,), generator=generator).to(runtime.device)
         data_index = torch.randint(len(dataset_split[1]), (args.batch_size - own_count,), generator=generator)
         data_index = data_index.to(runtime.device)
-        own_images_now = trainer.augment_batch(
+        own_images_now = augment_batch(
             own[0][own_index], AUGMENT, generator, own_count, slice(None), dataset.augment_limits
         )
         images = torch.cat([own_images_now, dataset_split[0][data_index]])

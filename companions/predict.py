@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 
-import mnist_recognition as trainer
-from companions import files
+from companions.devices import pick_device
+from companions.grids import display_pixels, has_long_names, new_figure, save_figure
 from companions.prepare import ImageError, read_image
+from companions.trained import trained_model
 
 # Below this probability an answer is called unsure ("sure": false): the lowest threshold that flags
 # at least half of the default model's wrong answers on the validation split (docs/predict.md).
@@ -45,27 +46,27 @@ def describe_prediction(result, classes):
 
 def plot_inputs(inputs, results, path, dataset):
     """One row per input: the image, what the network sees, and its ten probabilities."""
-    figure = trainer.new_figure(9, 2.6 * len(results))
+    figure = new_figure(9, 2.6 * len(results))
     axes = figure.subplots(len(results), 3, squeeze=False)
     for row, ((gray, network_input), result) in zip(axes, zip(inputs, results)):
         row[0].imshow(gray, cmap="gray", vmin=0, vmax=255)
         row[0].set_title(Path(result["file"]).name, fontsize=9)
-        row[1].imshow(trainer.display_pixels(network_input, dataset), cmap="gray", vmin=0, vmax=1)
+        row[1].imshow(display_pixels(network_input, dataset), cmap="gray", vmin=0, vmax=1)
         row[1].set_title("network input (28x28)", fontsize=9)
         for axis in row[:2]:
             axis.axis("off")
         bars = row[2].bar(range(10), result["probabilities"], color="lightgray")
         bars[result["class"]].set_color("tab:blue")
         row[2].set(xticks=range(10), ylim=(0, 1), title=f"predicted {result['name']}")
-        row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if trainer.has_long_names(dataset) else 0)
+        row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if has_long_names(dataset) else 0)
     figure.tight_layout()
-    trainer.save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def command(args):
     """Read each image, print the model's answers; exit code 1 if any image could not be read."""
-    device = trainer.pick_device(args.device)
-    model, _, dataset = files.trained_model(args, device)
+    device = pick_device(args.device)
+    model, _, dataset = trained_model(args, device)
     inputs, results, failures = [], [], 0
     for path in args.images:
         try:

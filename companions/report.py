@@ -1,7 +1,8 @@
 """The figures that explain a run, and report.html: one self-contained page with every number and figure.
 
 Training writes all of them after its model file; evaluate writes the evaluation's figures and a
-report of its own. The page's layout is report_page.html beside this file.
+report of its own. The page's layout is report_page.html beside this file. What a page shows is
+handed in: nothing here imports the training script.
 """
 
 import base64
@@ -20,9 +21,19 @@ from string import Template
 import numpy as np
 import torch
 
-import mnist_recognition as trainer
 from companions import files
-from mnist_recognition import CONFUSION_PNG, CURVES_PNG, MISTAKES_PNG, PREDICTIONS_PNG, TRAIN_IMAGES_PNG
+from companions.command_line import as_text, plural
+from companions.files import (
+    CONFUSION_PNG,
+    CURVES_PNG,
+    METRICS_FILE,
+    MISTAKES_PNG,
+    PREDICTIONS_PNG,
+    REPORT_FILE,
+    TRAIN_IMAGES_PNG,
+    split_images_png,
+)
+from companions.grids import grid_title, has_long_names, new_figure, plot_digit_grid, save_figure
 
 PAGE_FILE = Path(__file__).with_name("report_page.html")
 FIGURE_CAPTIONS = {
@@ -33,26 +44,26 @@ FIGURE_CAPTIONS = {
     MISTAKES_PNG: "The wrong answers the model gave with the highest confidence.",
     PREDICTIONS_PNG: "16 random evaluation images with the model's answer; wrong answers are red.",
     TRAIN_IMAGES_PNG: "16 random training images with their labels.",
-    trainer.split_images_png("test"): "16 random test images with their labels.",
-    trainer.split_images_png("validation"): "16 random validation images (held out from the training split) "
-    "with their labels.",
+    split_images_png("test"): "16 random test images with their labels.",
+    split_images_png("validation"): "16 random validation images (held out from the training split) with their labels.",
 }
 EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
 
 
 def training_figures(split):
     """The six figures of a training run, in the report's order."""
-    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, trainer.split_images_png(split))
+    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split))
 
 
-def write_training_report(out_dir, args, runtime, model, progress, evaluation, timeline):
-    """A training run's report.html, once its figures are written, and last metrics.json, which times the rest."""
-    config, split, dataset = trainer.training_config(args), evaluation.split, trainer.DATASETS[args.dataset]
+def write_training_report(out_dir, config, dataset, runtime, model, progress, evaluation, timeline):
+    """A training run's report.html, once its figures are written, and last metrics.json, which times
+    the rest. `config` is the run's settings, as checkpoints record them."""
+    split = evaluation.split
     training_seconds = sum(summary["seconds"] for summary in progress.history)
-    title = f"LeNet-5 on {dataset.title}, recipe {args.recipe}: {evaluation.accuracy:.2f} % {split} accuracy"
+    title = f"LeNet-5 on {dataset.title}, recipe {config['recipe']}: {evaluation.accuracy:.2f} % {split} accuracy"
     headline = (
         f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
-        f"{trainer.plural(len(progress.history), 'epoch')} ({training_seconds:.1f} s of training)"
+        f"{plural(len(progress.history), 'epoch')} ({training_seconds:.1f} s of training)"
     )
     sections = report_sections(config, environment(runtime), evaluation, dataset, progress.history)
     write_report(out_dir, title, headline, sections, training_figures(split))
@@ -66,7 +77,7 @@ def write_training_report(out_dir, args, runtime, model, progress, evaluation, t
         "world_size": runtime.world_size,
         "backend": runtime.backend,
         "precision": precision_settings(runtime.device),
-        "parameters": trainer.parameter_count(model),
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "epochs": progress.history,
         "eval_split": split,
         "eval_accuracy": evaluation.accuracy,
@@ -78,7 +89,7 @@ def write_training_report(out_dir, args, runtime, model, progress, evaluation, t
         "total_seconds": timeline["written"] - timeline["main"],  # from the start of training to here
         "timeline": timeline,
     }
-    files.write_json(out_dir / trainer.METRICS_FILE, metrics)
+    files.write_json(out_dir / METRICS_FILE, metrics)
 
 
 @contextlib.contextmanager
@@ -117,24 +128,17 @@ def exit_code_of(draw, *args):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_evaluation_report(out_dir, runtime, eval_set, evaluation, dataset, seed, settings, title, headline):
-    """What evaluate writes: the evaluation's figures, then a report.html that shows them."""
-    write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset)
+def write_evaluation_report(out_dir, runtime, evaluation, dataset, settings, title, headline):
+    """What evaluate writes once the evaluation's figures are drawn: a report.html that shows them."""
     sections = report_sections(settings, environment(runtime), evaluation, dataset)
     write_report(out_dir, title, headline, sections, EVALUATION_FIGURES)
-
-
-def write_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset):
-    plot_confusion_matrix(evaluation, out_dir / CONFUSION_PNG, dataset)
-    plot_mistakes(eval_set, evaluation, out_dir / MISTAKES_PNG, dataset)
-    trainer.plot_predictions(eval_set, evaluation, seed, out_dir / PREDICTIONS_PNG, dataset)
 
 
 def plot_mistakes(eval_set, evaluation, path, dataset):
     """The 16 wrong answers given with the highest confidence."""
     worst = evaluation.worst_mistakes()
     titles = [
-        trainer.grid_title(
+        grid_title(
             evaluation.predicted[i].item(),
             evaluation.labels[i].item(),
             dataset.classes,
@@ -144,14 +148,14 @@ def plot_mistakes(eval_set, evaluation, path, dataset):
     ]
     wrong = int((evaluation.predicted != evaluation.labels).sum())
     heading = f"The {len(worst)} most confident mistakes of {wrong} on {evaluation.split} images"
-    trainer.plot_digit_grid(eval_set[0][worst], titles, heading, path, dataset, ["red"] * len(worst), title_size=9)
+    plot_digit_grid(eval_set[0][worst], titles, heading, path, dataset, ["red"] * len(worst), title_size=9)
 
 
 def plot_confusion_matrix(evaluation, path, dataset):
     """True against predicted class, coloured by each row's share, the count in every cell."""
     counts = evaluation.confusion_matrix().numpy()
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    figure = trainer.new_figure(7, 6)
+    figure = new_figure(7, 6)
     axis = figure.subplots()
     image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for true_class in range(10):
@@ -164,13 +168,13 @@ def plot_confusion_matrix(evaluation, path, dataset):
         axis.text(10, true_class, f"{accuracy:.1f} %", ha="left", va="center", fontsize=8)
     title = f"Confusion matrix on {len(evaluation.labels)} {evaluation.split} images (accuracy per class at right)"
     axis.set(xticks=range(10), yticks=range(10), xlabel="predicted class", ylabel="true class", title=title)
-    long_names = trainer.has_long_names(dataset)
+    long_names = has_long_names(dataset)
     axis.set_xticklabels(dataset.classes, rotation=45 if long_names else 0, ha="right" if long_names else "center")
     axis.set_yticklabels(dataset.classes)
     axis.title.set_fontsize(10)
     figure.colorbar(image, ax=axis, fraction=0.04, pad=0.12, label="share of the true class")
     figure.tight_layout()
-    trainer.save_figure(figure, path)
+    save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def plot_training_curves(progress, split, path, measured_on=""):
     epochs = [summary["epoch"] for summary in history]
     evaluated = [summary for summary in history if summary["eval_loss"] is not None]
     evaluated_epochs = [summary["epoch"] for summary in evaluated]
-    figure = trainer.new_figure(10, 4)
+    figure = new_figure(10, 4)
     loss_axis, accuracy_axis = figure.subplots(1, 2)
     if progress.logged_losses:
         at, losses = zip(*progress.logged_losses)
@@ -220,7 +224,7 @@ def plot_training_curves(progress, split, path, measured_on=""):
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    trainer.save_figure(figure, path)
+    save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,13 +243,13 @@ def write_report(out_dir, title, headline, sections, figure_names):
         ),
         figures="".join(embedded_figure(out_dir / name, FIGURE_CAPTIONS[name]) for name in figure_names),
     )
-    files.write_atomically(out_dir / trainer.REPORT_FILE, lambda file: file.write(page.encode()))
+    files.write_atomically(out_dir / REPORT_FILE, lambda file: file.write(page.encode()))
 
 
 def report_sections(settings, environment_values, evaluation, dataset, history=()):
     """(heading, HTML table) pairs: the settings, the environment, the epochs, the classes."""
     sections = [
-        ("Settings", html_table(("setting", "value"), [(name, trainer.as_text(v)) for name, v in settings.items()])),
+        ("Settings", html_table(("setting", "value"), [(name, as_text(v)) for name, v in settings.items()])),
         ("Environment", html_table(("what", "value"), environment_values.items())),
     ]
     if history:
@@ -341,7 +345,7 @@ def source_hash():
     """A short hash of the program's source (mnist_recognition.py and this package's files), so that
     a result can be traced to the code that made it."""
     package = Path(__file__).resolve().parent
-    files = [Path(trainer.__file__), *sorted(package.glob("*.py")), *sorted(package.glob("*.html"))]
+    files = [package.parent / "mnist_recognition.py", *sorted(package.glob("*.py")), *sorted(package.glob("*.html"))]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.read_bytes())

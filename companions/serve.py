@@ -26,10 +26,12 @@ import torch
 from loguru import logger
 from PIL import Image
 
-import mnist_recognition as trainer
-from companions import files, own_images
+from companions import own_images
+from companions.devices import pick_device
+from companions.errors import CliError
 from companions.predict import classify
 from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
+from companions.trained import trained_model
 
 PAGE_FILE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 10 * 1024 * 1024  # larger uploads are refused (413) before they are read
@@ -252,19 +254,19 @@ def is_loopback(host):
 
 def start_server(args):
     """The server, listening; its model is the checkpoint's, on the device asked for."""
-    device = trainer.pick_device(args.device)
-    model, payload, dataset = files.trained_model(args, device)
+    device = pick_device(args.device)
+    model, payload, dataset = trained_model(args, device)
     description = describe_model(args.checkpoint, payload, dataset)
     try:
         page = page_for(description, dataset, collecting=args.collect is not None)
         server = DigitServer((args.host, args.port), model, device, dataset, page, args.collect)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise trainer.CliError(
+            raise CliError(
                 f"--port {args.port}: the port is already in use on {args.host}. Choose another "
                 f"with --port, or stop what listens there."
             ) from None
-        raise trainer.CliError(
+        raise CliError(
             f"--host {args.host}: cannot listen there ({error.strerror or error}). Give an address "
             f"of this machine, such as 127.0.0.1."
         ) from None

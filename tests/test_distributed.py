@@ -11,7 +11,7 @@ import torch
 from conftest import assert_same_weights, run_process, torchrun_command, train_quietly
 
 import mnist_recognition as app
-from companions import report
+from companions import devices, report
 
 # Ten steps of a global batch of 63: shares of 32 and 31, so the uneven split is tested too.
 TEN_STEPS = ("--epochs", 1, "--train-limit", 630, "--batch-size", 63, "--no-download", "--device", "cpu")
@@ -118,12 +118,12 @@ def test_a_dead_worker_ends_the_job_with_an_error(synthetic_data, tmp_path, back
 def test_more_processes_than_gpus_is_refused_saying_what_to_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(app.CliError, match=r"this machine has 1 GPU\(s\).*--nproc_per_node=1.*--device cpu"):
-        app.pick_device("cuda", local_rank=1)
+        devices.pick_device("cuda", local_rank=1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(app.CliError, match="has 0 GPU"):
-        app.pick_device("cuda")
+        devices.pick_device("cuda")
 
 
 def test_the_cpu_needs_no_gpu_settings():
-    assert app.pick_device("cpu", local_rank=3) == torch.device("cpu")
+    assert devices.pick_device("cpu", local_rank=3) == torch.device("cpu")
     assert report.precision_settings(torch.device("cpu")) == {"dtype": "float32"}

@@ -77,6 +77,7 @@ def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_
     assert result.code == 0 and "Accuracy of the network on the 50 test images" in result.log
 
 
+@pytest.mark.slow
 def test_evaluate_uses_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
     data_dir, out_dir = fashion_trained
     recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["eval_accuracy"]
@@ -166,6 +167,7 @@ def test_an_unreadable_images_folder_is_one_line_and_no_folder_is_made(trained, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_unreadable_class_folder_is_named_and_the_rest_is_read(trained, tmp_path, cli, refusing):
     mine = labelled_folder(tmp_path / "mine", per_class=2)
     refusing.unreadable(mine / "3")

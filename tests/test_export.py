@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import mnist_recognition as app
 from companions import export as onnx_export
-from companions import files, prepare, report
+from companions import prepare, report, trained
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -47,7 +47,7 @@ def exported(trained, synthetic_data, tmp_path_factory):
 
 def torch_probabilities(checkpoint, pixels):
     """The PyTorch model's probabilities for 0..1 pixels, normalised here as training does."""
-    model, _ = files.load_trained_model(checkpoint, torch.device("cpu"))
+    model, _ = trained.load_trained_model(checkpoint, torch.device("cpu"))
     with torch.inference_mode():
         return torch.softmax(model((pixels - MNIST_DATA.mean) / MNIST_DATA.std), dim=1).numpy()
 
@@ -107,6 +107,7 @@ def test_the_metadata_says_how_to_use_the_model(exported, trained):
     assert props["preparation"] in page
 
 
+@pytest.mark.slow
 def test_the_export_logs_the_comparison_on_the_test_images(trained, synthetic_data, tmp_path, cli):
     result = export(cli, trained[0] / "lenet5_mnist.pt", tmp_path / "model.onnx", synthetic_data)
     assert result.code == 0
@@ -137,7 +138,7 @@ def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path
     assert props["preparation"] == prepare.describe(app.DATASETS["fashion-mnist"])
     # The graph normalises with Fashion-MNIST's statistics, not MNIST's.
     pixels = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    model, _ = files.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
+    model, _ = trained.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
     fashion = app.DATASETS["fashion-mnist"]
     with torch.inference_mode():
         expected = torch.softmax(model((pixels - fashion.mean) / fashion.std), dim=1).numpy()
@@ -158,6 +159,7 @@ def test_the_file_is_written_in_the_operator_set_the_docs_name(exported):
     assert f"opset {onnx_export.OPSET})" in (REPO / "docs" / "export.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_file_of_someone_elses_beside_the_export_is_left_alone(trained, synthetic_data, tmp_path, cli):
     """Only this program's own leftovers of a killed write are cleaned up, never another's .x.tmp."""
     folder = tmp_path / "some folder"
@@ -209,7 +211,7 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_written(
 
 @pytest.mark.slow
 def test_a_difference_over_the_tolerance_is_refused(trained, synthetic_data, tmp_path, cli, monkeypatch):
-    monkeypatch.setattr(app, "ONNX_TOLERANCE", 0.0)
+    monkeypatch.setattr(onnx_export, "ONNX_TOLERANCE", 0.0)
     monkeypatch.setattr(
         onnx_export, "compare_with_onnx_runtime", lambda *args: (0, 3e-7)
     )  # same answers, tiny difference

@@ -10,7 +10,7 @@ from conftest import SCRIPT
 from PIL import Image
 
 import mnist_recognition as app
-from companions import report
+from companions import devices, grids, report
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -29,8 +29,8 @@ def test_importing_the_script_keeps_the_callers_matplotlib_backend():
 
 def test_a_digit_grid_is_600_pixels_square_with_a_title_per_digit(tmp_path, monkeypatch):
     saved = []
-    save = app.save_figure
-    monkeypatch.setattr(app, "save_figure", lambda figure, path: (saved.append(figure), save(figure, path)))
+    save = grids.save_figure
+    monkeypatch.setattr(grids, "save_figure", lambda figure, path: (saved.append(figure), save(figure, path)))
     images = torch.zeros(16, 1, 28, 28)
     titles = [f"digit {index}" for index in range(16)]
     app.plot_digit_grid(images, titles, "the heading", tmp_path / "grid.png", MNIST_DATA)
@@ -44,7 +44,7 @@ def test_a_digit_grid_is_600_pixels_square_with_a_title_per_digit(tmp_path, monk
 
 def test_a_grid_of_fewer_images_leaves_the_other_places_empty(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
+    monkeypatch.setattr(grids, "save_figure", lambda figure, path: saved.append(figure))
     app.plot_digit_grid(torch.zeros(3, 1, 28, 28), ["a", "b", "c"], "three", tmp_path / "grid.png", MNIST_DATA)
     [figure] = saved
     assert [axis.get_title() for axis in figure.axes] == ["a", "b", "c"] + [""] * 13
@@ -54,7 +54,7 @@ def test_a_grid_of_fewer_images_leaves_the_other_places_empty(tmp_path, monkeypa
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_training_curves_count_whole_epochs_from_the_start(epochs, tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: saved.append(figure))
     progress = app.Progress(shuffle_state=None)
     for epoch in range(1, epochs + 1):
         progress.logged_losses.append((epoch - 0.5, 1.0 / epoch))
@@ -92,7 +92,7 @@ def test_the_curves_say_what_the_train_values_were_measured_on(flags, measured_o
     loss five times the test loss in best): the titles say why."""
     assert report.training_measured_on(app.parse_args(flags)) == measured_on
     saved = []
-    monkeypatch.setattr(app, "save_figure", lambda figure, path: saved.append(figure))
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: saved.append(figure))
     progress = app.Progress(shuffle_state=None)
     progress.history.append(
         {
@@ -115,7 +115,7 @@ def test_display_pixels_undoes_the_normalisation():
     pixels = torch.rand(28, 28)
     for dataset in app.DATASETS.values():
         normalised = ((pixels - dataset.mean) / dataset.std).unsqueeze(0)
-        torch.testing.assert_close(torch.from_numpy(app.display_pixels(normalised, dataset)), pixels)
+        torch.testing.assert_close(torch.from_numpy(grids.display_pixels(normalised, dataset)), pixels)
 
 
 def evaluation_of(labels, predicted, confidence=None):
@@ -170,7 +170,7 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
     evaluation = evaluation_of(labels, predicted, torch.tensor([0.9, 0.97, 0.55]))
     drawn = {}
     monkeypatch.setattr(
-        app,
+        report,
         "plot_digit_grid",
         lambda images, titles, heading, path, dataset, colors, title_size: drawn.update(
             titles=titles, heading=heading, count=len(images)
@@ -185,7 +185,7 @@ def test_the_mistakes_figure_titles_each_wrong_answer_with_its_confidence(tmp_pa
 def test_evaluate_leaves_the_model_in_the_mode_it_found(training):
     model = app.new_model(0, torch.device("cpu")).train(training)
     images, labels = torch.randn(30, 1, 28, 28), torch.arange(30) % 10
-    evaluation = app.evaluate(model, (images, labels), "validation", app.Runtime(torch.device("cpu")))
+    evaluation = app.evaluate(model, (images, labels), "validation", devices.Runtime(torch.device("cpu")))
     assert model.training == training
     assert evaluation.split == "validation" and len(evaluation.labels) == 30
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 from conftest import draw_digit
 
 import mnist_recognition as app
-from companions import files
+from companions import devices, files, trained
 
 # --- atomic writes -------------------------------------------------------------------------------
 
@@ -258,13 +258,15 @@ def model_on_another_device(monkeypatch):
 def test_a_checkpoint_of_a_run_on_another_device_holds_only_cpu_tensors(model_on_another_device, tmp_path):
     """So that a plain torch.load works on a machine without the GPU it was trained on."""
     args, model, optimizer, schedule, progress = model_on_another_device
+    runtime = devices.Runtime(torch.device("cpu"))
+    config = app.training_config(args)
     files.save_checkpoint(
-        tmp_path / "checkpoint.pt", model, optimizer, schedule, progress, args, app.Runtime(torch.device("cpu"))
+        tmp_path / "checkpoint.pt", model, optimizer, schedule, progress, config, devices.ran_on(runtime)
     )
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     found = list(tensors_in(saved))
     assert len(found) > 20 and all(type(tensor) is torch.Tensor for tensor in found)
-    assert saved["format"] == app.CHECKPOINT_FORMAT
+    assert saved["format"] == files.CHECKPOINT_FORMAT
     for name, tensor in model.state_dict().items():
         assert torch.equal(saved["model"][name], tensor.as_subclass(torch.Tensor))
 
@@ -273,8 +275,12 @@ def test_a_model_file_of_a_run_on_another_device_loads_its_weights_on_the_cpu(mo
     _, model, _, _, _ = model_on_another_device
     evaluation = app.Evaluation("test", torch.tensor([1, 2]), torch.tensor([1, 3]), torch.ones(2), 0.5, 0.1)
     files.save_model(tmp_path / "lenet5_mnist.pt", model, {"dataset": "mnist"}, evaluation)
-    loaded, payload = files.load_trained_model(tmp_path / "lenet5_mnist.pt", torch.device("cpu"))
-    assert (payload["eval_split"], payload["eval_accuracy"], payload["format"]) == ("test", 50.0, app.CHECKPOINT_FORMAT)
+    loaded, payload = trained.load_trained_model(tmp_path / "lenet5_mnist.pt", torch.device("cpu"))
+    assert (payload["eval_split"], payload["eval_accuracy"], payload["format"]) == (
+        "test",
+        50.0,
+        files.CHECKPOINT_FORMAT,
+    )
     assert not loaded.training
     assert loaded.features[3].weight.is_contiguous(memory_format=torch.channels_last)  # the CPU's fastest layout
     for name, tensor in model.state_dict().items():

@@ -147,10 +147,10 @@ def test_a_dataset_that_disagrees_with_the_checkpoint_is_refused(command, fashio
 
 
 @pytest.mark.slow
-def test_a_companion_run_as_part_of_the_script_shares_its_module(tmp_path):
+def test_a_companions_error_is_one_line_when_the_script_runs_it(tmp_path):
     """`python mnist_recognition.py predict` runs the script as __main__, and the predict module
-    imports mnist_recognition: were that a second copy, its CliError would be another class than
-    the one main() catches, and a missing checkpoint would end in a traceback."""
+    imports mnist_recognition, a second copy of it. The error it raises is companions.errors'
+    CliError, the one class that main() catches: a missing checkpoint is one line, no traceback."""
     (tmp_path / "digit.png").write_bytes(b"not read: the checkpoint is checked first")
     result = run_process(script_command("predict", tmp_path / "digit.png", "--checkpoint", tmp_path / "missing.pt"))
     assert result.returncode == 2, result.stderr

@@ -68,6 +68,7 @@ def test_the_report_refers_to_nothing_outside_itself(trained):
     assert "<script" not in text and "<link" not in text and "@import" not in text and "url(" not in text
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_figures_and_a_report_for_its_model(trained, synthetic_data, tmp_path, cli):
     result = cli(
         "evaluate",

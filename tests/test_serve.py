@@ -19,7 +19,7 @@ from conftest import draw_digit, huge_png, paper_digit, real_dataset_folder, scr
 from PIL import Image
 
 import mnist_recognition as app
-from companions import prepare, serve
+from companions import grids, prepare, serve
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -124,7 +124,7 @@ def test_post_predict_answers_as_predict_json_does(kind, port, trained, tmp_path
     with Image.open(io.BytesIO(base64.b64decode(answer["input"].split(",", 1)[1]))) as seen:
         shown = np.asarray(seen, dtype=np.float32) / 255
     _, network_input = prepare.read_image(path, MNIST_DATA)
-    np.testing.assert_allclose(shown, app.display_pixels(network_input, MNIST_DATA), atol=1 / 255)
+    np.testing.assert_allclose(shown, grids.display_pixels(network_input, MNIST_DATA), atol=1 / 255)
 
 
 def test_requests_at_the_same_time_get_the_answers_they_get_alone(port):

@@ -1,15 +1,17 @@
 """Settings and command line: one table makes the flags, the recorded config and the resume check."""
 
 import argparse
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import PROMISED_RECIPES, QUICK, SCRIPT
 
 import mnist_recognition as app
-from companions import command_line
+from companions import command_line, devices
 
 
 def help_text(capsys, *args):
@@ -54,7 +56,7 @@ def test_help_lists_every_command(args, capsys):
 
 def test_the_parsers_own_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        command_line.build_parser().parse_args(["--help"])
+        command_line.build_parser(app.SETTINGS, app.RECIPES).parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(f"\n  {command} " in text for command in app.COMMANDS)
@@ -114,8 +116,8 @@ def test_an_accelerator_is_refused_where_there_is_none(device, command, tmp_path
 
 def test_auto_picks_the_accelerator_where_there_is_one_else_the_cpu():
     accelerator = torch.accelerator.current_accelerator(check_available=True)
-    assert app.pick_device("auto").type == (accelerator.type if accelerator is not None else "cpu")
-    assert app.pick_device("cpu") == torch.device("cpu")
+    assert devices.pick_device("auto").type == (accelerator.type if accelerator is not None else "cpu")
+    assert devices.pick_device("cpu") == torch.device("cpu")
 
 
 def test_a_recipe_sets_its_settings_and_an_explicit_flag_wins():
@@ -242,6 +244,29 @@ def test_importing_the_script_loads_only_the_companions_every_command_needs():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(
-        ["companions", "companions.command_line", "companions.dataset_files", "companions.files"]
-    )
+    plumbing = ("adam", "augment", "command_line", "dataset_files", "datasets", "devices", "errors", "files", "grids")
+    expected = ["companions", *(f"companions.{name}" for name in (*plumbing, "resume", "schedules"))]
+    assert result.stdout.strip() == str(expected)
+
+
+def imported_modules(path):
+    """The names of the modules a file imports, wherever in it (`from companions import report` too)."""
+    tree = ast.parse(Path(path).read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_nothing_the_script_imports_imports_the_script():
+    """Imports flow one way: what the script imports from companions/, at its top or inside a
+    function, never imports it back (so the script needs no sys.modules patch). Only the commands
+    that use a trained model, which main imports by name, import the script."""
+    companions = SCRIPT.parent / "companions"
+    plumbing = {name.split(".")[1] for name in imported_modules(SCRIPT) if name.startswith("companions.")}
+    plumbing = {name for name in plumbing if (companions / f"{name}.py").is_file()}
+    assert {"command_line", "files", "resume", "report", "adam", "devices"} <= plumbing
+    for name in plumbing:
+        assert "mnist_recognition" not in imported_modules(companions / f"{name}.py"), name
+    assert "sys.modules" not in SCRIPT.read_text()

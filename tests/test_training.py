@@ -31,8 +31,18 @@ from conftest import (
 from PIL import Image
 
 import mnist_recognition as app
+from companions import augment as kernels
+from companions import devices, files, resume
 
 MNIST_DATA = app.DATASETS["mnist"]
+
+
+def training_batch(train_set, global_batch, args, runtime, epoch, number):
+    """This process's share of a global batch, as the training DataLoader fetches it: (images, labels)."""
+    batch = app.Batch(epoch, number, global_batch, slice(runtime.rank, None, runtime.world_size))
+    return app.training_split(train_set, args).__getitems__(batch)
+
+
 OUTPUTS = {
     "train_images.png",
     "test_images.png",
@@ -100,7 +110,7 @@ def test_a_run_writes_every_output(trained):
     assert metrics["eval_accuracy"] > 60  # chance is 10 %
     saved = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)
     assert saved["eval_accuracy"] == metrics["eval_accuracy"] and saved["config"] == metrics["config"]
-    assert saved["eval_split"] == "test" and saved["format"] == app.CHECKPOINT_FORMAT
+    assert saved["eval_split"] == "test" and saved["format"] == files.CHECKPOINT_FORMAT
 
 
 @pytest.mark.slow
@@ -188,6 +198,7 @@ def test_another_seed_gives_other_weights(synthetic_data, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_log_lines_every_n_batches(synthetic_data, tmp_path, cli):
     result = cli(*QUICK, "--epochs", 1, "--log-interval", 10, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert result.code == 0
@@ -252,6 +263,7 @@ def refused_resume(cli, tmp_path, synthetic_data, *flags):
     return error
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_naming_each(synthetic_data, tmp_path, uninterrupted, cli):
     shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
     error = refused_resume(cli, tmp_path, synthetic_data, "--batch-size", 16, "--lr", 0.01, "--seed", 5)
@@ -278,7 +290,7 @@ def test_resume_from_another_versions_checkpoint_is_refused(format, synthetic_da
     torch.save(payload, tmp_path / "checkpoint.pt")
     error = refused_resume(cli, tmp_path, synthetic_data)
     assert "another version of this program" in error
-    assert f"checkpoint format {format or 1}, this version reads {app.CHECKPOINT_FORMAT}" in error
+    assert f"checkpoint format {format or 1}, this version reads {files.CHECKPOINT_FORMAT}" in error
 
 
 def test_resume_from_a_checkpoint_of_the_renamed_seed_recipe_is_refused(synthetic_data, tmp_path, uninterrupted, cli):
@@ -328,7 +340,7 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path
     assert "Traceback" not in log
     assert "Interrupted in epoch 2 after batch 10" in log
     # The hint names this interpreter (the venv's), not a bare `python`; run as printed, it resumes.
-    hint = shlex.join([app.shown_path(sys.executable), app.shown_path(SCRIPT), *map(str, flags), "--resume"])
+    hint = shlex.join([resume.shown_path(sys.executable), resume.shown_path(SCRIPT), *map(str, flags), "--resume"])
     assert f"Continue with: {hint}\n" in log and not hint.startswith("python ")
     progress = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["progress"]
     assert (progress["epoch"], progress["batches_done"]) == (1, 10)  # saved right where the signal landed
@@ -360,9 +372,9 @@ def test_a_diverging_loss_is_its_own_exception_not_a_command_line_error():
     )
     args = app.parse_args(["--batch-size", "4"])
     with pytest.raises(app.LossDiverged, match="epoch 1, batch 2"):
-        app.batch_stats(progress, 0, 3, 12, args, app.Runtime(torch.device("cpu")))
+        app.batch_stats(progress, 0, 3, 12, args, devices.Runtime(torch.device("cpu")))
     assert not issubclass(app.LossDiverged, app.CliError)
-    assert app.batch_stats(progress, 2, 3, 12, args, app.Runtime(torch.device("cpu"))) == (0.5, 0.0)
+    assert app.batch_stats(progress, 2, 3, 12, args, devices.Runtime(torch.device("cpu"))) == (0.5, 0.0)
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training(synthetic_data, tmp_path, cli):
@@ -412,12 +424,12 @@ def test_augmentation_moves_each_image_alone_and_keeps_its_label(synthetic_data)
     images, labels = app.normalised_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
     args = app.parse_args(["--augment", "affine"])
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
-    moved, moved_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 1, 0)
+    moved, moved_labels = training_batch((images, labels), order, args, devices.Runtime(torch.device("cpu")), 1, 0)
     assert moved.shape == images.shape and torch.equal(moved_labels, labels[order])
-    matrices = app.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.augment_limits)
+    matrices = kernels.random_affine_matrices(64, app.generator_for(0, 1, 0), MNIST_DATA.augment_limits)
     for position in (0, 17, 63):
         source = order[position]
-        alone = app.resampled(images[source : source + 1], matrices[position : position + 1])
+        alone = kernels.resampled(images[source : source + 1], matrices[position : position + 1])
         torch.testing.assert_close(moved[position : position + 1], alone)
         assert not torch.equal(alone, images[source : source + 1])
 
@@ -442,19 +454,19 @@ def test_every_augmentation_changes_each_image_alone_and_keeps_its_label(augment
     images, labels = app.normalised_split(synthetic_data, MNIST_DATA, True, 64, torch.device("cpu"))
     order = torch.randperm(64, generator=torch.Generator().manual_seed(1))
     args = app.parse_args(["--augment", augment])
-    changed, changed_labels = app.training_batch((images, labels), order, args, app.Runtime(torch.device("cpu")), 2, 5)
+    changed, changed_labels = training_batch((images, labels), order, args, devices.Runtime(torch.device("cpu")), 2, 5)
     assert torch.equal(changed_labels, labels[order])
     generator, names = app.generator_for(0, 2, 5), augment.split(",")
     limits = MNIST_DATA.augment_limits
     matrices = (
-        app.random_affine_matrices(64, generator, limits) if "affine" in names else torch.eye(2, 3).expand(64, 2, 3)
+        kernels.random_affine_matrices(64, generator, limits) if "affine" in names else torch.eye(2, 3).expand(64, 2, 3)
     )
-    fields = app.random_displacements(64, generator, limits)
-    amounts = app.random_thickness(64, generator, limits) if "thickness" in names else torch.zeros(64)
+    fields = kernels.random_displacements(64, generator, limits)
+    amounts = kernels.random_thickness(64, generator, limits) if "thickness" in names else torch.zeros(64)
     for position in (0, 17, 63):
         image = images[order[position]].unsqueeze(0)
-        alone = app.thickened(
-            app.resampled(image, matrices[position : position + 1], fields[position : position + 1]),
+        alone = kernels.thickened(
+            kernels.resampled(image, matrices[position : position + 1], fields[position : position + 1]),
             amounts[position : position + 1],
         )
         torch.testing.assert_close(changed[position : position + 1], alone, rtol=0, atol=1e-5)
@@ -465,24 +477,24 @@ def test_clothes_get_no_handwriting_augmentations(synthetic_data):
     """Fashion-MNIST's limits switch elastic and thickness off: with them its batches are, bit for bit,
     those of affine alone, so its best recipe's numbers stay what they were."""
     train_set = app.normalised_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
-    cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
+    cpu, order = devices.Runtime(torch.device("cpu")), torch.arange(32)
 
     def batch(augment):
         args = app.parse_args(["--augment", augment, "--dataset", "fashion-mnist"])
-        return app.training_batch(train_set, order, args, cpu, 1, 3)[0]
+        return training_batch(train_set, order, args, cpu, 1, 3)[0]
 
     assert torch.equal(batch("affine,elastic,thickness"), batch("affine"))
 
 
 def test_elastic_fields_are_smooth_and_as_strong_as_alpha_says():
     limits = MNIST_DATA.augment_limits
-    fields = app.random_displacements(2000, torch.Generator().manual_seed(0), limits) * 14  # in pixels
+    fields = kernels.random_displacements(2000, torch.Generator().manual_seed(0), limits) * 14  # in pixels
     assert fields.shape == (2000, 28, 28, 2)
     assert abs(fields.mean()) < 0.01  # no drift
     neighbours = (fields[:, 1:] - fields[:, :-1]).std()
     assert neighbours < 0.2 * fields.std()  # smooth: a pixel moves almost as its neighbour does
     stronger = (
-        app.random_displacements(
+        kernels.random_displacements(
             2000,
             torch.Generator().manual_seed(0),
             {**limits, "elastic_alpha_pixels": 2 * limits["elastic_alpha_pixels"]},
@@ -496,19 +508,19 @@ def test_thickness_moves_an_image_toward_its_dilation_or_erosion():
     image = torch.full((1, 1, 28, 28), -0.4242)  # MNIST's background, normalised
     image[0, 0, 8:20, 13:15] = 2.8215  # a vertical stroke two pixels wide
     images = image.repeat(5, 1, 1, 1)
-    thick = app.thickened(images, torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0]))
+    thick = kernels.thickened(images, torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0]))
     inked = (thick > 0).sum(dim=(1, 2, 3)).tolist()
     assert inked == [14 * 4, 14 * 4, 12 * 2, 12 * 2, 0]  # dilated: 4 wide, 14 tall; fully eroded: gone
     assert thick.sum(dim=(1, 2, 3)).diff().lt(0).all()  # less ink at every step from wider to thinner
     torch.testing.assert_close(thick[1], (images[0] + thick[0]) / 2)  # half way is the average
     torch.testing.assert_close(thick[2], images[2])
-    amounts = app.random_thickness(10_000, torch.Generator().manual_seed(0), MNIST_DATA.augment_limits)
+    amounts = kernels.random_thickness(10_000, torch.Generator().manual_seed(0), MNIST_DATA.augment_limits)
     limit = MNIST_DATA.augment_limits["thickness"]
     assert amounts.abs().max() <= limit and amounts.min() < -0.9 * limit and amounts.max() > 0.9 * limit
 
 
 def test_affine_matrices_stay_within_their_limits():
-    matrices = app.random_affine_matrices(10_000, torch.Generator().manual_seed(0), MNIST_DATA.augment_limits)
+    matrices = kernels.random_affine_matrices(10_000, torch.Generator().manual_seed(0), MNIST_DATA.augment_limits)
     shift_limit = 2 / 28 * MNIST_DATA.augment_limits["shift_pixels"]
     assert matrices[:, :, 2].abs().max() <= shift_limit and matrices[:, :, 2].abs().max() > 0.9 * shift_limit
     determinant = torch.linalg.det(matrices[:, :, :2])  # 1 / scale**2: rotation and shear keep the area
@@ -516,16 +528,16 @@ def test_affine_matrices_stay_within_their_limits():
     limit = MNIST_DATA.augment_limits["scale"]
     assert scale.min() >= 1 - limit - 1e-6 and scale.max() <= 1 + limit + 1e-6
     images = torch.rand(2, 1, 28, 28)
-    identity = app.resampled(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
+    identity = kernels.resampled(images, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]] * 2))
     torch.testing.assert_close(identity, images)
 
 
 def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_data):
     train_set = app.normalised_split(synthetic_data, MNIST_DATA, True, 32, torch.device("cpu"))
-    cpu, order = app.Runtime(torch.device("cpu")), torch.arange(32)
+    cpu, order = devices.Runtime(torch.device("cpu")), torch.arange(32)
 
     def batch(seed, epoch, index):
-        return app.training_batch(
+        return training_batch(
             train_set, order, app.parse_args(["--augment", "affine", "--seed", str(seed)]), cpu, epoch, index
         )[0]
 
@@ -535,13 +547,44 @@ def test_augmentation_is_the_same_for_the_same_seed_epoch_and_batch(synthetic_da
     assert not torch.equal(batch(0, 1, 0), batch(1, 1, 0))
 
 
+@pytest.mark.slow
+def test_each_batch_is_fetched_whole_by_one_indexing_call(synthetic_data, tmp_path, cli, monkeypatch):
+    """The training and evaluation DataLoaders hand the Split each batch whole (__getitems__). A
+    sampler or fetcher that went image by image, and collated 32 tensors, would call __getitem__."""
+    fetched, getitems = [], app.Split.__getitems__
+
+    def one_image(split, index):
+        pytest.fail("an image was fetched on its own")
+
+    monkeypatch.setattr(app.Split, "__getitem__", one_image)
+    monkeypatch.setattr(
+        app.Split, "__getitems__", lambda split, batch: (fetched.append(batch), getitems(split, batch))[1]
+    )
+    flags = (
+        "--epochs",
+        1,
+        "--train-limit",
+        96,
+        "--test-limit",
+        50,
+        "--data-dir",
+        synthetic_data,
+        "--out-dir",
+        tmp_path,
+    )
+    assert cli(*QUICK, *flags, "--out-dir", tmp_path).code == 0
+    training = [batch for batch in fetched if isinstance(batch, app.Batch)]
+    assert [(batch.number, len(batch.indices)) for batch in training] == [(0, 32), (1, 32), (2, 32)]
+    assert [batch for batch in fetched if not isinstance(batch, app.Batch)] == [slice(0, 1000)]  # evaluation
+
+
 def test_two_processes_augment_their_shares_as_one_process_augments_the_batch(synthetic_data):
     train_set = app.normalised_split(synthetic_data, MNIST_DATA, True, 40, torch.device("cpu"))
     args, order = app.parse_args(["--augment", "affine,elastic,thickness"]), torch.randperm(40)
-    whole, _ = app.training_batch(train_set, order, args, app.Runtime(torch.device("cpu")), 3, 7)
+    whole, _ = training_batch(train_set, order, args, devices.Runtime(torch.device("cpu")), 3, 7)
     for rank in (0, 1):
-        share, _ = app.training_batch(
-            train_set, order, args, app.Runtime(torch.device("cpu"), rank=rank, world_size=2), 3, 7
+        share, _ = training_batch(
+            train_set, order, args, devices.Runtime(torch.device("cpu"), rank=rank, world_size=2), 3, 7
         )
         torch.testing.assert_close(share, whole[rank::2], rtol=0, atol=1e-6)
 
@@ -633,7 +676,7 @@ def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path,
     assert 'alt="validation_images.png"' in page and " test " not in re.sub(r"<img [^>]*>", "", page)
     train_set, held_out = app.load_data(
         app.parse_args(["--validation", "200", "--data-dir", str(synthetic_data), "--device", "cpu"]),
-        app.Runtime(torch.device("cpu")),
+        devices.Runtime(torch.device("cpu")),
     )
     everything = app.normalised_split(synthetic_data, MNIST_DATA, True, None, torch.device("cpu"))
     assert torch.equal(held_out[0], everything[0][-200:]) and torch.equal(train_set[1], everything[1][:-200])
@@ -687,7 +730,7 @@ def test_eval_every_n_epochs_and_always_after_the_last(every, evaluated, synthet
 
 def test_mirror_images_only_for_datasets_whose_classes_survive_them():
     for dataset in app.DATASETS.values():
-        matrices = app.random_affine_matrices(1000, torch.Generator().manual_seed(0), dataset.augment_limits)
+        matrices = kernels.random_affine_matrices(1000, torch.Generator().manual_seed(0), dataset.augment_limits)
         mirrored = (torch.linalg.det(matrices[:, :, :2]) < 0).float().mean().item()
         assert (0.4 < mirrored < 0.6) if dataset.augment_limits["mirror"] else mirrored == 0
     assert app.DATASETS["fashion-mnist"].augment_limits["mirror"] and not app.DATASETS["mnist"].augment_limits["mirror"]

@@ -1,0 +1,30 @@
+"""A trained model, as every command that uses one starts: the checkpoint read safely, LeNet-5 rebuilt
+from it on the device, and the dataset it was trained on. Only those commands import this module;
+it imports the training script, never the other way round."""
+
+import mnist_recognition as trainer
+from companions.datasets import DATASETS
+from companions.devices import memory_format_for
+from companions.errors import CliError
+from companions.files import load_checkpoint
+
+
+def load_trained_model(path, device):
+    """(the model in a checkpoint file, ready to answer on `device`; the checkpoint)."""
+    model = trainer.LeNet5()
+    payload = load_checkpoint(path, model)
+    model.load_state_dict(payload["model"])
+    return model.to(device, memory_format=memory_format_for(device)).eval(), payload
+
+
+def trained_model(args, device):
+    """(the model in --checkpoint on `device`, the checkpoint, its dataset). An explicit --dataset
+    must agree with the checkpoint's."""
+    model, payload = load_trained_model(args.checkpoint, device)
+    trained_on = payload.get("config", {}).get("dataset", "mnist")  # older checkpoints: MNIST
+    if "dataset" in args.given and args.dataset != trained_on:
+        raise CliError(
+            f"{args.checkpoint} was trained on {trained_on}, not {args.dataset}. Leave out --dataset "
+            f"(the checkpoint's is used), or give a checkpoint trained on {args.dataset}."
+        )
+    return model, payload, DATASETS[trained_on]
