@@ -14,24 +14,30 @@ import mnist_recognition as app
 
 MNIST_DATA = app.DATASETS["mnist"]
 
+
+def evaluate_on_the_test_set(cli, checkpoint, data_dir, out_dir, *more):
+    return cli(
+        "evaluate",
+        "--checkpoint",
+        checkpoint,
+        "--data-dir",
+        data_dir,
+        "--no-download",
+        "--device",
+        "cpu",
+        "--out-dir",
+        out_dir,
+        *more,
+    )
+
+
 # --- evaluate ------------------------------------------------------------------------------------
 
 
 def test_evaluate_reproduces_the_accuracy_recorded_by_training(trained, synthetic_data, tmp_path, cli):
     out_dir, _ = trained
     recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["eval_accuracy"]
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        out_dir / "lenet5_mnist.pt",
-        "--data-dir",
-        synthetic_data,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path,
-    )
+    result = evaluate_on_the_test_set(cli, out_dir / "lenet5_mnist.pt", synthetic_data, tmp_path)
     assert result.code == 0
     assert f"recorded {recorded:.3f} % at the end of training" in result.log
     assert f"Accuracy of the network on the {TEST_COUNT} test images: {recorded:.3f} %" in result.log
@@ -43,37 +49,13 @@ def test_evaluate_reproduces_the_accuracy_recorded_by_training(trained, syntheti
 def test_evaluate_claims_no_recorded_test_accuracy_for_a_model_chosen_on_validation(synthetic_data, tmp_path, cli):
     flags = (*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data)
     assert cli(*flags, "--out-dir", tmp_path).code == 0
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        tmp_path / "lenet5_mnist.pt",
-        "--data-dir",
-        synthetic_data,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path / "evaluated",
-    )
+    result = evaluate_on_the_test_set(cli, tmp_path / "lenet5_mnist.pt", synthetic_data, tmp_path / "evaluated")
     assert result.code == 0 and "Accuracy of the network on the 300 test images" in result.log
     assert "recorded" not in result.log  # what training recorded was a validation accuracy
 
 
 def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_data, tmp_path, cli):
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        trained[0] / "lenet5_mnist.pt",
-        "--data-dir",
-        synthetic_data,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path,
-        "--test-limit",
-        50,
-    )
+    result = evaluate_on_the_test_set(cli, trained[0] / "lenet5_mnist.pt", synthetic_data, tmp_path, "--test-limit", 50)
     assert result.code == 0 and "Accuracy of the network on the 50 test images" in result.log
 
 
@@ -81,18 +63,7 @@ def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_
 def test_evaluate_uses_the_checkpoints_dataset(fashion_trained, tmp_path, cli):
     data_dir, out_dir = fashion_trained
     recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["eval_accuracy"]
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        out_dir / "lenet5_mnist.pt",
-        "--data-dir",
-        data_dir,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path,
-    )
+    result = evaluate_on_the_test_set(cli, out_dir / "lenet5_mnist.pt", data_dir, tmp_path)
     assert result.code == 0  # there is no MNIST/ in data_dir: the checkpoint's FashionMNIST/ was read
     assert f"test images: {recorded:.3f} %" in result.log and "Accuracy per class: T-shirt/top" in result.log
 
@@ -136,18 +107,7 @@ def test_evaluate_refuses_a_folder_that_holds_a_training_run(trained, synthetic_
     outputs = tmp_path / "outputs"
     shutil.copytree(trained[0], outputs)
     as_trained = digests(outputs)
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        outputs / "lenet5_mnist.pt",
-        "--data-dir",
-        synthetic_data,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        outputs,
-    )
+    result = evaluate_on_the_test_set(cli, outputs / "lenet5_mnist.pt", synthetic_data, outputs)
     assert result.code == 2 and len(result.errors()) == 1
     assert f"{outputs} holds the results of 'train', and 'evaluate' does not write over them" in result.errors()[0]
     assert digests(outputs) == as_trained
@@ -182,18 +142,7 @@ def test_an_unreadable_class_folder_is_named_and_the_rest_is_read(trained, tmp_p
 def test_a_read_only_output_folder_is_one_line(trained, synthetic_data, tmp_path, cli, refusing):
     (tmp_path / "out").mkdir()
     refusing.read_only(tmp_path / "out")
-    result = cli(
-        "evaluate",
-        "--checkpoint",
-        trained[0] / "lenet5_mnist.pt",
-        "--data-dir",
-        synthetic_data,
-        "--no-download",
-        "--device",
-        "cpu",
-        "--out-dir",
-        tmp_path / "out",
-    )
+    result = evaluate_on_the_test_set(cli, trained[0] / "lenet5_mnist.pt", synthetic_data, tmp_path / "out")
     assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
     assert f"Cannot write into the output folder {tmp_path / 'out'}: Permission denied" in result.errors()[0]
     assert list((tmp_path / "out").iterdir()) == []
