@@ -61,7 +61,7 @@ from companions.command_line import (
 )
 from companions.dataset_files import prepare_files, raw_split
 from companions.datasets import DATASETS
-from companions.devices import ACCELERATORS, global_sum, memory_format_for, ran_on, start_runtime
+from companions.devices import ACCELERATORS, global_sum, memory_format_for, ran_on, start_runtime, to_device
 from companions.errors import CliError, LossDiverged
 from companions.files import (
     CHECKPOINT_FILE,
@@ -180,8 +180,7 @@ def parameter_count(model):
 
 def new_model(seed, device):
     torch.manual_seed(seed)
-    # oneDNN's convolutions run faster on the channels-last layout on a CPU (benchmarks/README.md).
-    return LeNet5().to(device, memory_format=memory_format_for(device))
+    return to_device(LeNet5(), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,15 +630,14 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
     """The model file, then the six figures, report.html and last metrics.json."""
     from companions import report
 
-    dataset, split = DATASETS[args.dataset], evaluation.split
-    save_model(out_dir / MODEL_FILE, model, training_config(args), evaluation)
+    dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
+    save_model(out_dir / MODEL_FILE, model, config, evaluation)
     # The six figures in two processes: a copy of this one draws the evaluation's three meanwhile.
     with report.drawn_beside(draw_evaluation_figures, out_dir, eval_set, evaluation, args.seed, dataset):
         plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
         heading = f"{split.capitalize()} images (true label)"
         plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
         report.plot_training_curves(progress, split, out_dir / CURVES_PNG, report.training_measured_on(args))
-    config = training_config(args)
     report.write_training_report(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
     logger.info(
         "Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, out_dir

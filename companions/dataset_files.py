@@ -15,6 +15,7 @@ import torch
 from loguru import logger
 
 from companions.errors import CliError
+from companions.files import os_reason
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 TEST_FILES = IDX_FILES[2:]
@@ -39,7 +40,7 @@ def prepare_files(data_dir, dataset, allow_download):
     except OSError as error:
         folder = raw_dir(data_dir, dataset)
         raise CliError(
-            f"Cannot use the data folder {folder} ({error.filename or folder}: {error.strerror or error}). Make it "
+            f"Cannot use the data folder {folder} ({error.filename or folder}: {os_reason(error)}). Make it "
             f"readable, and writable where .gz files are to be extracted there, extract them yourself (gunzip -k "
             f"{folder}/*.gz), or give another --data-dir."
         ) from None

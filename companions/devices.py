@@ -94,5 +94,10 @@ def memory_format_for(device):
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 
+def to_device(model, device):
+    """The model on `device`, in the memory format that is fastest there."""
+    return model.to(device, memory_format=memory_format_for(device))
+
+
 def ran_on(runtime):
     return {"device": runtime.device.type, "world_size": runtime.world_size}

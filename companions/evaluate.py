@@ -33,12 +33,11 @@ def command(args):
     out_dir = prepare_out_dir(args)
     evaluation = trainer.evaluate(model, test_set, "test", runtime)
     trainer.log_accuracy(evaluation, dataset)
-    files.write_json(out_dir / METRICS_FILE, evaluation_metrics(args, evaluation, dataset))
+    metrics = evaluation_metrics(args, evaluation, dataset)
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     title = f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right"
-    write_figures_and_report(out_dir, runtime, test_set, evaluation, dataset, args.seed, settings, title, headline)
-    log_written(out_dir)
+    write_results(out_dir, runtime, test_set, evaluation, dataset, args.seed, metrics, settings, title, headline)
     return 0
 
 
@@ -55,20 +54,23 @@ def evaluate_images(args, runtime, model, dataset):
     images = (found.inputs.to(runtime.device), found.labels.to(runtime.device))
     evaluation = trainer.evaluate(model, images, "labelled", runtime)
     trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
-    metrics = evaluation_metrics(args, evaluation, dataset, class_images=found.per_class(dataset))
-    files.write_json(out_dir / METRICS_FILE, {**metrics, "not_read": found.problems})
+    metrics = evaluation_metrics(
+        args, evaluation, dataset, class_images=found.per_class(dataset), not_read=found.problems
+    )
     settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
     title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
-    write_figures_and_report(out_dir, runtime, images, evaluation, dataset, args.seed, settings, title, headline)
-    log_written(out_dir)
+    write_results(out_dir, runtime, images, evaluation, dataset, args.seed, metrics, settings, title, headline)
     return 1 if found.problems else 0
 
 
-def write_figures_and_report(out_dir, runtime, eval_set, evaluation, dataset, seed, settings, title, headline):
-    """The evaluation's three figures, as training draws them, then a report.html that shows them."""
+def write_results(out_dir, runtime, eval_set, evaluation, dataset, seed, metrics, settings, title, headline):
+    """metrics.json, the evaluation's three figures as training draws them, and a report.html that
+    shows them; then say where."""
+    files.write_json(out_dir / METRICS_FILE, metrics)
     trainer.draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset)
     report.write_evaluation_report(out_dir, runtime, evaluation, dataset, settings, title, headline)
+    logger.info("Wrote {} into {}/", ", ".join(WRITES), out_dir)
 
 
 def evaluation_metrics(args, evaluation, dataset, **more):
@@ -87,10 +89,6 @@ def evaluation_metrics(args, evaluation, dataset, **more):
         "confusion_matrix": evaluation.confusion_matrix().tolist(),
         **more,
     }
-
-
-def log_written(out_dir):
-    logger.info("Wrote {} into {}/", ", ".join(WRITES), out_dir)
 
 
 def read_labelled(folder, dataset):

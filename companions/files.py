@@ -5,7 +5,6 @@ A run killed at any moment leaves each file as the old complete one or the new c
 folder of results belongs to the command that wrote it (its metrics.json says which): another
 command refuses to write into it. Checkpoints and model files hold only tensors and plain values,
 loaded with weights_only=True and checked to hold LeNet-5's weights before anything uses them.
-
 """
 
 import json
@@ -121,7 +120,7 @@ def owner_of(out_dir):
         try:
             recorded = json.loads(metrics.read_bytes())
         except ValueError:
-            return FOREIGN
+            recorded = None
         if not isinstance(recorded, dict):
             return FOREIGN
         # Files written before metrics.json named their command: only training's has epochs.

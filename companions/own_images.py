@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from companions.files import os_reason
 from companions.prepare import ImageError, open_grayscale, read_image
 
 NUMBERED = re.compile(r"(\d+)\.png")
@@ -56,7 +57,7 @@ def save_example(root, dataset, label, body):
             return write_next(folder, png)
         except OSError as error:
             no_space = error.errno in (errno.ENOSPC, errno.EDQUOT)
-            reason = "no space is left on its disk" if no_space else error.strerror or str(error)
+            reason = "no space is left on its disk" if no_space else os_reason(error)
             raise FolderNotWritable(f"cannot save into {folder}: {reason}", no_space) from None
 
 
@@ -139,7 +140,7 @@ def read_folder(root, dataset):
     try:
         folders = sorted(path for path in Path(root).iterdir() if path.is_dir() and not path.name.startswith("."))
     except OSError as error:
-        raise FolderNotReadable(f"{root}: cannot be read ({error.strerror or error})") from None
+        raise FolderNotReadable(f"{root}: cannot be read ({os_reason(error)})") from None
     for folder in folders:
         if folder.name not in classes:
             expected = ", ".join(classes)
@@ -148,7 +149,7 @@ def read_folder(root, dataset):
         try:
             images = class_files(folder)
         except OSError as error:
-            problems.append(f"{folder}: cannot be read ({error.strerror or error})")
+            problems.append(f"{folder}: cannot be read ({os_reason(error)})")
             continue
         if not images:
             problems.append(f"{folder}: no images in it")

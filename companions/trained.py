@@ -4,7 +4,7 @@ it imports the training script, never the other way round."""
 
 import mnist_recognition as trainer
 from companions.datasets import DATASETS
-from companions.devices import memory_format_for
+from companions.devices import to_device
 from companions.errors import CliError
 from companions.files import load_checkpoint
 
@@ -14,7 +14,7 @@ def load_trained_model(path, device):
     model = trainer.LeNet5()
     payload = load_checkpoint(path, model)
     model.load_state_dict(payload["model"])
-    return model.to(device, memory_format=memory_format_for(device)).eval(), payload
+    return to_device(model, device).eval(), payload
 
 
 def trained_model(args, device):
