@@ -2,7 +2,7 @@
 """LeNet-5 on MNIST: train it, see how it learned, check it, and try it on your own handwriting.
 
     python mnist_recognition.py                       # the original recipe; outputs/ gets the model,
-                                                      # metrics.json, six figures and report.html
+                                                      # metrics.json, eight figures and report.html
     python mnist_recognition.py --recipe fast         # one pass over the data
     python mnist_recognition.py --recipe best         # augmented, 30 epochs
     python mnist_recognition.py --dataset fashion-mnist
@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from companions import command_line
+from companions import command_line, layers
 from companions.adam import Adam  # torch's fused Adam, bit for bit, without torch.compile's hooks
 from companions.augment import augment_batch, generator_for
 from companions.command_line import (
@@ -67,6 +67,8 @@ from companions.files import (
     CHECKPOINT_FILE,
     CONFUSION_PNG,
     CURVES_PNG,
+    FILTERS_PNG,
+    LAYER_MAPS_PNG,
     METRICS_FILE,
     MISTAKES_PNG,
     MODEL_FILE,
@@ -463,7 +465,9 @@ def evaluates_after(epoch, args):
 def log_setup(args, runtime, model, train_set, eval_set):
     processes = f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else ""
     logger.info(f"Device: {runtime.device}{processes}")
-    logger.info(f"LeNet-5 with {parameter_count(model):,} parameters")
+    logger.info(f"LeNet-5 with {parameter_count(model):,} parameters; each layer's cost:")
+    for line in layers.table_lines(layers.layer_costs(model, args.batch_size), args.batch_size):
+        logger.info("  " + line)
     images = f"{len(train_set[1])} training and {len(eval_set[1])} {evaluation_split(args)} images"
     epochs = f"{plural(args.epochs, 'epoch')}, batch {args.batch_size}, Adam lr {args.lr}"
     logger.info(f"{images} of {DATASETS[args.dataset].title}; {epochs}")
@@ -623,21 +627,23 @@ def training_config(args):
 def training_files(split):
     """Every file a training run writes into --out-dir."""
     figures = (CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG, TRAIN_IMAGES_PNG, split_images_png(split))
+    figures += (FILTERS_PNG, LAYER_MAPS_PNG)
     return (MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, *figures)
 
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set):
-    """The model file, then the six figures, report.html and last metrics.json."""
+    """The model file, then the eight figures, report.html and last metrics.json."""
     from companions import report
 
     dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
     save_model(out_dir / MODEL_FILE, model, config, evaluation)
-    # The six figures in two processes: a copy of this one draws the evaluation's three meanwhile.
+    # The figures in two processes: a copy of this one draws the evaluation's three meanwhile.
     with report.drawn_beside(draw_evaluation_figures, out_dir, eval_set, evaluation, args.seed, dataset):
         plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
         heading = f"{split.capitalize()} images (true label)"
         plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
         report.plot_training_curves(progress, split, out_dir / CURVES_PNG, report.training_measured_on(args))
+        report.draw_inside_figures(out_dir, model, eval_set, split, dataset)
     report.write_training_report(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
     logger.info(
         "Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, out_dir

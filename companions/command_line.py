@@ -263,6 +263,13 @@ def build_parser(settings, recipes):
         default=None,
         help="write a figure of each input, what the network sees, and its probabilities",
     )
+    predict.add_argument(
+        "--layers",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="write a figure of one image through every layer of the network, and why it answered",
+    )
     serve = add("serve")
     serve.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0 lets other machines reach the page"

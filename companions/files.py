@@ -23,6 +23,7 @@ MODEL_FILE, CHECKPOINT_FILE = "lenet5_mnist.pt", "checkpoint.pt"
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
 CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
 PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
+FILTERS_PNG, LAYER_MAPS_PNG = "filters.png", "layer_maps.png"
 
 
 def split_images_png(split):

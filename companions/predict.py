@@ -1,6 +1,7 @@
 """predict: read your own images with a trained model.
 
 python mnist_recognition.py predict my_digit.jpg another.png --checkpoint outputs/lenet5_mnist.pt
+python mnist_recognition.py predict my_digit.jpg --layers inside.png   # the image through every layer
 """
 
 import json
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from loguru import logger
 
 from companions.devices import pick_device
+from companions.errors import CliError
 from companions.grids import display_pixels, has_long_names, new_figure, save_figure
 from companions.prepare import ImageError, read_image
 from companions.trained import trained_model
@@ -25,7 +27,12 @@ def classify(model, network_input, device, dataset):
     """The model's answer for one prepared input: class, name, probability, whether it is sure of
     it, and all probabilities."""
     with torch.inference_mode():
-        probabilities = F.softmax(model(network_input.unsqueeze(0).to(device)), dim=1)[0].cpu().tolist()
+        return answer(model(network_input.unsqueeze(0).to(device))[0], dataset)
+
+
+def answer(scores, dataset):
+    """The answer that the 10 scores (logits) of one input give."""
+    probabilities = F.softmax(scores, dim=0).cpu().tolist()
     best = int(np.argmax(probabilities))
     return {
         "class": best,
@@ -65,6 +72,8 @@ def plot_inputs(inputs, results, path, dataset):
 
 def command(args):
     """Read each image, print the model's answers; exit code 1 if any image could not be read."""
+    if args.layers and len(args.images) != 1:
+        raise CliError(f"--layers draws one image through the network: give one image file, not {len(args.images)}.")
     device = pick_device(args.device)
     model, _, dataset = trained_model(args, device)
     inputs, results, failures = [], [], 0
@@ -85,4 +94,13 @@ def command(args):
     if args.show and results:
         plot_inputs(inputs, results, args.show, dataset)
         logger.info("Wrote {}", args.show)
+    if args.layers and results:
+        plot_layers(model, inputs[0][1], results[0]["file"], args.layers, dataset)
     return 1 if failures else 0
+
+
+def plot_layers(model, network_input, name, path, dataset):
+    from companions import inside
+
+    inside.plot_inside(inside.look_inside(model, network_input, dataset), path, dataset, f"{name} inside LeNet-5")
+    logger.info("Wrote {}", path)

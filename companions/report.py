@@ -26,6 +26,8 @@ from companions.command_line import as_text, plural
 from companions.files import (
     CONFUSION_PNG,
     CURVES_PNG,
+    FILTERS_PNG,
+    LAYER_MAPS_PNG,
     METRICS_FILE,
     MISTAKES_PNG,
     PREDICTIONS_PNG,
@@ -34,6 +36,7 @@ from companions.files import (
     split_images_png,
 )
 from companions.grids import grid_title, has_long_names, new_figure, plot_digit_grid, save_figure
+from companions.layers import kibibytes, layer_costs, totals
 
 PAGE_FILE = Path(__file__).with_name("report_page.html")
 FIGURE_CAPTIONS = {
@@ -46,13 +49,19 @@ FIGURE_CAPTIONS = {
     TRAIN_IMAGES_PNG: "16 random training images with their labels.",
     split_images_png("test"): "16 random test images with their labels.",
     split_images_png("validation"): "16 random validation images (held out from the training split) with their labels.",
+    FILTERS_PNG: "What the convolutions learned: conv1's 6 filters of 5x5 pixels, and conv2's 16 filters, each 6 of "
+    "5x5 (one per conv1 map it reads). Each layer has its own colour scale, centred on 0: red weights add what they "
+    "cover, blue ones subtract it.",
+    LAYER_MAPS_PNG: "The first evaluation image of each class through conv1 (6 maps) and conv2 (16 maps), before "
+    "ReLU: red where a filter found its pattern, blue where ReLU will set the map to 0. One colour scale per layer, "
+    "centred on 0.",
 }
 EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
 
 
 def training_figures(split):
-    """The six figures of a training run, in the report's order."""
-    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split))
+    """The figures of a training run, in the report's order."""
+    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split), FILTERS_PNG, LAYER_MAPS_PNG)
 
 
 def write_training_report(out_dir, config, dataset, runtime, model, progress, evaluation, timeline):
@@ -65,7 +74,9 @@ def write_training_report(out_dir, config, dataset, runtime, model, progress, ev
         f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
         f"{plural(len(progress.history), 'epoch')} ({training_seconds:.1f} s of training)"
     )
+    costs = layer_costs(model, config["batch_size"])
     sections = report_sections(config, environment(runtime), evaluation, dataset, progress.history)
+    sections.append((f"Layers (batch {config['batch_size']})", layers_table(costs)))
     write_report(out_dir, title, headline, sections, training_figures(split))
     timeline["written"] = time.time()
     metrics = {
@@ -78,6 +89,7 @@ def write_training_report(out_dir, config, dataset, runtime, model, progress, ev
         "backend": runtime.backend,
         "precision": precision_settings(runtime.device),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "layers": {"batch_size": config["batch_size"], "rows": costs, "totals": totals(costs)},
         "epochs": progress.history,
         "eval_split": split,
         "eval_accuracy": evaluation.accuracy,
@@ -121,6 +133,14 @@ def exit_code_of(draw, *args):
         draw(*args)
     except Exception:
         sys.exit(1)
+
+
+def draw_inside_figures(out_dir, model, eval_set, split, dataset):
+    """What the network learned: its filters, and one image of each class through its convolutions."""
+    from companions import inside
+
+    inside.plot_filters(model, out_dir / FILTERS_PNG)
+    inside.plot_class_maps(model, eval_set, split, out_dir / LAYER_MAPS_PNG, dataset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +282,24 @@ def report_sections(settings, environment_values, evaluation, dataset, history=(
     ]
     sections.append(("Accuracy per class", html_table(("class", "name", "images", "accuracy %"), rows)))
     return sections
+
+
+def layers_table(costs):
+    """Each layer's output shape, parameters, multiply-adds per image and activation memory, and the totals."""
+    rows = [
+        (
+            row["name"],
+            "x".join(map(str, row["output_shape"])),
+            row["parameters"],
+            row["multiply_adds"],
+            row["activation_bytes"],
+        )
+        for row in costs
+    ]
+    total = totals(costs)
+    rows.append(("total", "", total["parameters"], total["multiply_adds"], total["activation_bytes"]))
+    rows = [(name, shape, f"{p:,}", f"{m:,}", kibibytes(b)) for name, shape, p, m, b in rows]
+    return html_table(("layer", "output", "parameters", "multiply-adds per image", "activations"), rows)
 
 
 def epochs_table(history, split):

@@ -3,7 +3,8 @@
     python mnist_recognition.py serve --checkpoint outputs/lenet5_mnist.pt   # then open http://127.0.0.1:8000/
 
 GET / is the page (page.html beside this file); POST /predict takes an image's bytes and answers
-with predict's JSON plus the network's 28x28 input. Nothing else is served: no file is ever read
+with predict's JSON plus the network's 28x28 input; POST /predict?layers=1 adds every layer's values
+and why it answered (companions/inside.py). Nothing else is served: no file is ever read
 by its path. The HTTP contract is in docs/serve.md.
 """
 
@@ -29,7 +30,8 @@ from PIL import Image
 from companions import own_images
 from companions.devices import pick_device
 from companions.errors import CliError
-from companions.predict import classify
+from companions.inside import as_json, look_inside
+from companions.predict import answer, classify
 from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
 from companions.trained import trained_model
 
@@ -114,13 +116,19 @@ class DigitServer(ThreadingHTTPServer):
     def collected(self):
         return {"folder": str(self.collect), "counts": own_images.counts(self.collect, self.dataset)}
 
-    def prediction_for(self, body):
-        """The JSON-ready prediction for an image's bytes; raises the preparation's ImageError."""
+    def prediction_for(self, body, with_layers=False):
+        """The JSON-ready prediction for an image's bytes, with every layer's values and why it answered
+        where `with_layers`; raises the preparation's ImageError."""
         if not body:
             raise EmptyBody("the body is empty: send an image's bytes")
         pixels = prepared_pixels(open_grayscale(io.BytesIO(body)), self.dataset)
+        network_input = normalised(pixels, self.dataset)
         with self.model_lock:
-            result = classify(self.model, normalised(pixels, self.dataset), self.device, self.dataset)
+            if with_layers:  # the answer and the layers from one forward pass
+                seen = look_inside(self.model, network_input, self.dataset)
+                result = {**answer(seen.scores, self.dataset), **as_json(seen)}
+            else:
+                result = classify(self.model, network_input, self.device, self.dataset)
         return {**result, "input": png_data_url(pixels)}
 
 
@@ -183,19 +191,28 @@ class DigitRequestHandler(BaseHTTPRequestHandler):
         }
         self.send(201, json.dumps(answer).encode(), "application/json")
 
+    def query(self, name):
+        """The values of ?name=... in the request's address."""
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get(name, [])
+
     def label(self):
         """The ?label=K of the request as a class index, or None where it is missing or no class."""
-        values = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("label", [])
+        values = self.query("label")
         if len(values) != 1 or not is_count(values[0]) or int(values[0]) >= len(self.server.dataset.classes):
             return None
         return int(values[0])
 
     def predict(self):
+        layers = self.query("layers")
+        if layers not in ([], ["0"], ["1"]):
+            return self.send_error_json(
+                400, "?layers=1 adds every layer's values to the answer; leave it out, or give 0"
+            )
         body = self.read_body()
         if body is None:
             return  # answered already
         try:
-            prediction = self.server.prediction_for(body)
+            prediction = self.server.prediction_for(body, with_layers=layers == ["1"])
         except tuple(STATUS_OF) as error:
             return self.send_error_json(status_of(error), str(error), body_read=True)
         self.send(200, json.dumps(prediction).encode(), "application/json")

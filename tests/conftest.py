@@ -42,6 +42,17 @@ TRAIN_COUNT, TEST_COUNT = 1200, 300
 QUICK = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cpu")
 
 
+# Each LeNet-5 layer's output for one image, as the original report draws them.
+LENET5_LAYER_SHAPES = {
+    "conv1": [6, 28, 28],
+    "pool1": [6, 14, 14],
+    "conv2": [16, 10, 10],
+    "pool2": [16, 5, 5],
+    "fc1": [120],
+    "fc2": [84],
+    "fc3": [10],
+}
+
 # Each recipe as the README and --help promise it, written out once for every test that checks one (as
 # metrics.json records them): a typo in the script's RECIPES table must fail a test.
 PROMISED_RECIPES = {

@@ -92,6 +92,26 @@ def test_a_figure_into_a_read_only_folder_is_one_line(trained, tmp_path, cli, re
     assert list((tmp_path / "figures").iterdir()) == []
 
 
+def test_predict_layers_draws_one_image_through_every_layer(trained, tmp_path, cli):
+    [path] = digit_files(tmp_path, digits=[4])
+    figure = tmp_path / "inside.png"
+    result = cli("predict", path, "--device", "cpu", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--layers", figure)
+    assert result.code == 0 and result.stdout.startswith(str(path)) and f"Wrote {figure}" in result.log
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.size == (1100, 1140)  # 11 inches wide, a row per layer, 100 dpi
+        assert len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 100  # maps in many shades
+
+
+def test_predict_layers_takes_one_image_and_says_so_before_reading_any(trained, tmp_path, cli):
+    paths = digit_files(tmp_path, digits=(2, 5))
+    figure = tmp_path / "inside.png"
+    result = cli("predict", *paths, "--checkpoint", trained[0] / "lenet5_mnist.pt", "--layers", figure)
+    assert result.code == 2 and result.stdout == ""
+    [error] = result.errors()
+    assert error.endswith("| --layers draws one image through the network: give one image file, not 2.")
+    assert not figure.exists()
+
+
 BAD_INPUTS = {
     "not an image": (lambda path: path.write_text("just some text"), "not an image"),
     "empty": (lambda path: path.write_bytes(b""), "empty"),

@@ -19,6 +19,8 @@ TRAINING_FIGURES = [
     "predictions.png",
     "train_images.png",
     "test_images.png",
+    "filters.png",
+    "layer_maps.png",
 ]
 
 
@@ -43,7 +45,7 @@ def test_the_report_holds_the_accuracy_settings_environment_and_every_figure(tra
     assert settings["recipe"] == "original" and settings["batch_size"] == "32" and settings["adam_betas"] == "0.9,0.999"
     environment = dict(table(page, "Environment"))
     assert {"torch", "torchvision", "CPU threads", "world size", "script sha256"} <= set(environment)
-    assert re.findall(r'alt="([^"]+)"', page) == TRAINING_FIGURES and page.count("<figcaption>") == 6
+    assert re.findall(r'alt="([^"]+)"', page) == TRAINING_FIGURES and page.count("<figcaption>") == 8
 
 
 def test_the_reports_tables_have_a_row_per_epoch_and_per_class(trained):
@@ -57,6 +59,33 @@ def test_the_reports_tables_have_a_row_per_epoch_and_per_class(trained):
     classes = table(page, "Accuracy per class")
     assert [row[:2] for row in classes] == [[str(digit), str(digit)] for digit in range(10)]
     assert sum(int(row[2]) for row in classes) == 300
+
+
+def test_the_report_the_metrics_and_the_log_hold_each_layers_cost_and_the_totals(trained):
+    out_dir, result = trained
+    page = (out_dir / "report.html").read_text()
+    assert header(page, "Layers (batch 32)") == [
+        "layer",
+        "output",
+        "parameters",
+        "multiply-adds per image",
+        "activations",
+    ]
+    rows = table(page, "Layers (batch 32)")
+    assert [row[0] for row in rows] == ["conv1", "pool1", "conv2", "pool2", "fc1", "fc2", "fc3", "total"]
+    assert rows[0][:4] == ["conv1", "6x28x28", "156", "117,600"] and rows[-1][2:4] == ["61,706", "416,520"]
+    layers = json.loads((out_dir / "metrics.json").read_text())["layers"]
+    assert layers["batch_size"] == 32 and len(layers["rows"]) == 7
+    assert layers["totals"] == {"parameters": 61_706, "multiply_adds": 416_520, "activation_bytes": 32 * 4 * 8094}
+    assert layers["rows"][2] == {
+        "name": "conv2",
+        "output_shape": [16, 10, 10],
+        "parameters": 2416,
+        "multiply_adds": 240_000,
+        "activation_bytes": 32 * 4 * 1600,
+    }
+    logged = [line for line in result.stderr.splitlines() if "61,706" in line and "416,520" in line]
+    assert len(logged) == 1 and logged[0].split("|")[-1].split()[:3] == ["total", "61,706", "416,520"]
 
 
 def test_the_report_refers_to_nothing_outside_itself(trained):
@@ -104,7 +133,7 @@ def test_a_real_browser_shows_every_figure_and_the_accuracy(trained, tmp_path, b
     )
     text = browser.find_element("tag name", "body").text
     browser.save_screenshot(str(tmp_path / "report.png"))
-    assert len(widths) == 6 and all(width > 0 for width in widths), widths
+    assert len(widths) == len(TRAINING_FIGURES) and all(width > 0 for width in widths), widths
     accuracy = json.loads((trained[0] / "metrics.json").read_text())["eval_accuracy"]
     assert f"{accuracy:.3f} %" in text
     with Image.open(tmp_path / "report.png") as screenshot:

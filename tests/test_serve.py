@@ -20,6 +20,7 @@ from PIL import Image
 
 import mnist_recognition as app
 from companions import grids, prepare, serve
+from companions.trained import load_trained_model
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -59,8 +60,8 @@ def request(port, method, path, body=None, headers=None):
         connection.close()
 
 
-def post_image(port, body):
-    status, _, answer = request(port, "POST", "/predict", body)
+def post_image(port, body, path="/predict"):
+    status, _, answer = request(port, "POST", path, body)
     return status, json.loads(answer)
 
 
@@ -125,6 +126,62 @@ def test_post_predict_answers_as_predict_json_does(kind, port, trained, tmp_path
         shown = np.asarray(seen, dtype=np.float32) / 255
     _, network_input = prepare.read_image(path, MNIST_DATA)
     np.testing.assert_allclose(shown, grids.display_pixels(network_input, MNIST_DATA), atol=1 / 255)
+
+
+# --- POST /predict?layers=1: the network's inside, from the same forward pass -----------------------
+
+# LeNet-5's modules whose outputs the layers are, as the script builds it (features, then classifier).
+LAYER_MODULES = {
+    "conv1": "features.0",
+    "pool1": "features.2",
+    "conv2": "features.3",
+    "pool2": "features.5",
+    "fc1": "classifier.0",
+    "fc2": "classifier.2",
+    "fc3": "classifier.4",
+}
+
+
+def hooked_forward(checkpoint, network_input):
+    """Each layer's output for one input: forward hooks on the modules of the checkpoint's model."""
+    model, _ = load_trained_model(checkpoint, torch.device("cpu"))
+    modules, outputs = dict(model.named_modules()), {}
+    for name, qualified in LAYER_MODULES.items():
+        modules[qualified].register_forward_hook(lambda m, i, output, name=name: outputs.update({name: output.clone()}))
+    with torch.no_grad():
+        model(network_input.unsqueeze(0))
+    return {name: output[0] for name, output in outputs.items()}
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+def test_layers_are_the_checkpoints_forward_pass_and_the_answer_is_the_same(kind, port, trained, tmp_path):
+    path = tmp_path / ("digit.jpg" if "JPEG" in kind else "digit.png")
+    IMAGES[kind]().save(path)
+    status, plain = post_image(port, path.read_bytes())
+    status_with, answer = post_image(port, path.read_bytes(), "/predict?layers=1")
+    assert status == status_with == 200
+    assert set(plain) == {"class", "name", "probability", "sure", "probabilities", "input"}
+    assert set(answer) == set(plain) | {"layers", "attribution", "runner_up"}
+    assert {key: answer[key] for key in ("class", "name", "sure", "input")} == {
+        key: plain[key] for key in ("class", "name", "sure", "input")
+    }
+    np.testing.assert_allclose(answer["probabilities"], plain["probabilities"], rtol=0, atol=1e-6)
+    _, network_input = prepare.read_image(path, MNIST_DATA)
+    expected = {"input": network_input, **hooked_forward(trained[0] / "lenet5_mnist.pt", network_input)}
+    assert [layer["name"] for layer in answer["layers"]] == list(expected)
+    for layer in answer["layers"]:
+        values = torch.tensor(layer["values"], dtype=torch.float32)
+        assert list(values.shape) == layer["shape"] == list(expected[layer["name"]].shape)
+        torch.testing.assert_close(values, expected[layer["name"]], rtol=0, atol=1e-5, msg=layer["name"])
+    assert np.shape(answer["attribution"]) == np.shape(answer["runner_up"]["attribution"]) == (28, 28)
+    assert answer["runner_up"]["class"] != answer["class"]
+
+
+@pytest.mark.parametrize("query", ["layers=2", "layers=yes", "layers=1&layers=1"])
+def test_a_layers_value_other_than_0_or_1_gets_400(query, port):
+    body = png_bytes(draw_digit(4, random.Random(1), size=200, ink=0, paper=255))
+    status, answer = post_image(port, body, f"/predict?{query}")
+    assert status == 400 and "?layers=1" in answer["error"]
 
 
 def test_requests_at_the_same_time_get_the_answers_they_get_alone(port):
@@ -386,6 +443,57 @@ def test_a_drawn_digit_is_answered_as_post_predict_answers_the_canvas(port, brow
     with Image.open(tmp_path / "page.png") as screenshot:
         colours = screenshot.convert("RGB").getcolors(maxcolors=1_000_000)
     assert colours is not None and len(colours) > 50  # the drawing, the answer, bars and text: not blank
+
+
+MAP_COUNTS = {"input": 1, "conv1": 6, "pool1": 6, "conv2": 16, "pool2": 16}
+
+
+@pytest.mark.slow
+def test_the_inside_view_shows_every_layer_with_titles_a_legend_each_and_conv1s_filters(port, browser, tmp_path):
+    from page_driving import ActionChains, By, WebDriverWait, canvas_png, draw, open_page, shown_answer
+
+    open_page(browser, port)
+    draw(browser, DIGIT_STROKES[3])
+    shown = shown_answer(browser)
+    WebDriverWait(browser, 10).until(lambda b: b.find_element(By.ID, "inside").is_displayed())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#layers .layer")
+    assert [row.get_attribute("data-layer") for row in rows] == [*MAP_COUNTS, "fc1", "fc2", "fc3"]
+    titles = [map.get_attribute("title") for map in browser.find_elements(By.CSS_SELECTOR, "#layers canvas")]
+    assert titles == ["input"] + [
+        f"{name} map {k}" for name in list(MAP_COUNTS)[1:] for k in range(1, MAP_COUNTS[name] + 1)
+    ]
+    units = [unit.get_attribute("title") for unit in browser.find_elements(By.CSS_SELECTOR, "#layers .unit, .score")]
+    assert (
+        len(units) == 120 + 84 + 10 and units[0].startswith("fc1 unit 1: ") and units[-1].startswith("fc3 score of 9: ")
+    )
+    legends = [legend.get_attribute("title") for legend in browser.find_elements(By.CSS_SELECTOR, "#layers .legend")]
+    assert [legend.split(" colour scale: ")[0] for legend in legends] == [*MAP_COUNTS, "fc1", "fc2", "fc3"]
+    # The colours are the server's values on conv1's scale, from minus to plus its largest size: the
+    # pixel of that size is pure red (above 0) or pure blue (below).
+    status, answer = post_image(port, canvas_png(browser), "/predict?layers=1")
+    assert status == 200 and answer["class"] == shown
+    conv1 = np.array(answer["layers"][1]["values"])
+    limit = np.abs(conv1).max()
+    assert legends[1] == f"conv1 colour scale: {-limit:#.3g} to {limit:#.3g}"  # as toPrecision(3) writes them
+    channel, y, x = (int(index) for index in np.unravel_index(np.abs(conv1).argmax(), conv1.shape))
+    pixel = browser.execute_script(
+        "const c = document.querySelector(`canvas[title='conv1 map ${arguments[0]}']`);"
+        "return Array.from(c.getContext('2d').getImageData(arguments[1], arguments[2], 1, 1).data);",
+        channel + 1,
+        x,
+        y,
+    )
+    assert pixel == ([255, 0, 0, 255] if conv1[channel, y, x] > 0 else [0, 0, 255, 255])
+    why = browser.find_element(By.CSS_SELECTOR, "#why canvas").get_attribute("title")
+    assert why == f"why {shown}"
+    ActionChains(browser).move_to_element(
+        browser.find_element(By.CSS_SELECTOR, "canvas[title='conv1 map 4']")
+    ).perform()
+    assert browser.find_element(By.CSS_SELECTOR, "#filter canvas").get_attribute("title") == "conv1 filter 4"
+    browser.save_screenshot(str(tmp_path / "inside.png"))
+    with Image.open(tmp_path / "inside.png") as screenshot:
+        colours = screenshot.convert("RGB").getcolors(maxcolors=1_000_000)
+    assert colours is not None and len(colours) > 200  # maps in many shades, not a blank page
 
 
 @pytest.mark.slow

@@ -244,7 +244,18 @@ def test_importing_the_script_loads_only_the_companions_every_command_needs():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    plumbing = ("adam", "augment", "command_line", "dataset_files", "datasets", "devices", "errors", "files", "grids")
+    plumbing = (
+        "adam",
+        "augment",
+        "command_line",
+        "dataset_files",
+        "datasets",
+        "devices",
+        "errors",
+        "files",
+        "grids",
+        "layers",
+    )
     expected = ["companions", *(f"companions.{name}" for name in (*plumbing, "resume", "schedules"))]
     assert result.stdout.strip() == str(expected)
 
@@ -264,9 +275,16 @@ def test_nothing_the_script_imports_imports_the_script():
     function, never imports it back (so the script needs no sys.modules patch). Only the commands
     that use a trained model, which main imports by name, import the script."""
     companions = SCRIPT.parent / "companions"
-    plumbing = {name.split(".")[1] for name in imported_modules(SCRIPT) if name.startswith("companions.")}
-    plumbing = {name for name in plumbing if (companions / f"{name}.py").is_file()}
-    assert {"command_line", "files", "resume", "report", "adam", "devices"} <= plumbing
+
+    def companions_of(path):
+        names = {name.split(".")[1] for name in imported_modules(path) if name.startswith("companions.")}
+        return {name for name in names if (companions / f"{name}.py").is_file()}
+
+    plumbing, unread = set(), companions_of(SCRIPT)
+    while unread:  # and what those import, in turn
+        plumbing |= unread
+        unread = set().union(*(companions_of(companions / f"{name}.py") for name in unread)) - plumbing
+    assert {"command_line", "files", "resume", "report", "adam", "devices", "layers", "inside"} <= plumbing
     for name in plumbing:
         assert "mnist_recognition" not in imported_modules(companions / f"{name}.py"), name
     assert "sys.modules" not in SCRIPT.read_text()

@@ -50,6 +50,8 @@ OUTPUTS = {
     "training_curves.png",
     "confusion_matrix.png",
     "mistakes.png",
+    "filters.png",
+    "layer_maps.png",
     "report.html",
     "metrics.json",
     "lenet5_mnist.pt",
@@ -62,6 +64,7 @@ FIGURE_SIZES = {
     "mistakes.png": (600, 600),
     "training_curves.png": (1000, 400),
     "confusion_matrix.png": (700, 600),
+    "filters.png": (900, 550),
 }
 
 
@@ -808,11 +811,12 @@ check("training")
 assert app.main(["evaluate", "--checkpoint", out + "/lenet5_mnist.pt", "--data-dir", data, "--test-limit", "64",
                  "--no-download", "--device", "cpu", "--out-dir", out + "/evaluated"]) == 0
 check("evaluate")
-assert app.main(["predict", out + "/train_images.png", "--checkpoint", out + "/lenet5_mnist.pt"]) == 0
+assert app.main(["predict", out + "/train_images.png", "--checkpoint", out + "/lenet5_mnist.pt",
+                 "--layers", out + "/inside.png"]) == 0
 check("predict")
 args = app.parse_args(["serve", "--checkpoint", out + "/lenet5_mnist.pt", "--port", "0"])
 server = serve.start_server(args)
-server.prediction_for(open(out + "/train_images.png", "rb").read())
+server.prediction_for(open(out + "/train_images.png", "rb").read(), with_layers=True)
 server.server_close()
 check("serve")
 print("none")
