@@ -54,6 +54,8 @@ from companions.command_line import (
     as_text,
     augmentation_list,
     fraction,
+    layer_widths,
+    non_negative_float,
     non_negative_int,
     plural,
     positive_float,
@@ -81,7 +83,13 @@ from companions.files import (
     split_images_png,
 )
 from companions.grids import grid_title, plot_digit_grid
-from companions.resume import Progress, StopOnInterrupt, log_how_to_resume, resumable_checkpoint
+from companions.resume import (
+    Progress,
+    StopOnInterrupt,
+    log_how_to_resume,
+    restore_random_state,
+    resumable_checkpoint,
+)
 from companions.schedules import new_schedule
 
 IMPORTED_AT = time.time()
@@ -91,7 +99,7 @@ IMPORTED_AT = time.time()
 # ----------------------------------------------------------------------------------------------
 
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
-COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune")
+COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune", "compare")
 
 DATA_COMMANDS = ("train", "evaluate", "finetune")  # the commands that read a dataset's files
 # fmt: off
@@ -101,18 +109,32 @@ SETTINGS = (
     Setting("epochs", 10, "passes over the training set", positive_int),
     Setting("batch_size", 64, "training batch size (the global batch under torchrun)", positive_int,
             must_match=True),
-    Setting("lr", 1e-3, "Adam learning rate (the peak rate with a schedule)", positive_float, must_match=True),
+    Setting("optimizer", "adam", "torch.optim's Adam, AdamW, SGD, RMSprop or Adagrad",
+            choices=("adam", "adamw", "sgd", "rmsprop", "adagrad"), must_match=True),
+    Setting("lr", 1e-3, "learning rate (the peak rate with a schedule)", positive_float, must_match=True),
+    Setting("momentum", 0.0, "momentum (sgd and rmsprop only)", fraction, must_match=True),
+    Setting("weight_decay", 0.0, "weight decay (decoupled from the gradient with adamw)", non_negative_float,
+            must_match=True),
     Setting("schedule", "constant", "learning-rate schedule over all steps: constant; onecycle (warm-up "
-            "from lr/25, then cosine down); cosine (linear warm-up from 0, then cosine down)",
-            choices=("constant", "onecycle", "cosine"), must_match=True),
+            "from lr/25, then cosine down); cosine (linear warm-up from 0, then cosine down); step (lr, then "
+            "lr/10 after half the steps, lr/100 after three quarters)",
+            choices=("constant", "onecycle", "cosine", "step"), must_match=True),
     Setting("warmup", 0.25, "the share of all steps that warms the learning rate up (onecycle, cosine)",
             fraction, must_match=True),
-    Setting("adam_betas", (0.9, 0.999), "Adam's beta1,beta2", adam_betas, must_match=True),
+    Setting("adam_betas", (0.9, 0.999), "Adam's and AdamW's beta1,beta2", adam_betas, must_match=True),
     Setting("label_smoothing", 0.0, "cross-entropy label smoothing", fraction, must_match=True),
     Setting("augment", "none", "training-image augmentation, drawn anew for every image in every epoch: none, "
             "or a list of: affine (a random rotation, scale, shear and shift), elastic (a smooth random "
             "distortion, as of a hand), thickness (strokes made randomly thinner or wider)", augmentation_list,
             must_match=True),
+    # The network: LeNet-5 as the original design has it, or the variants its report lists.
+    Setting("widths", (6, 16, 120, 84), "conv1's and conv2's maps, fc1's and fc2's units: C1,C2,F1,F2",
+            layer_widths, must_match=True),
+    Setting("pool", "avg", "the pooling after each convolution", choices=("avg", "max"), must_match=True),
+    Setting("activation", "relu", "the activation after every layer but the last",
+            choices=("relu", "leaky_relu", "elu", "tanh"), must_match=True),
+    Setting("batch_norm", False, "batch normalisation after each convolution", must_match=True),
+    Setting("dropout", 0.0, "dropout before fc2 and fc3, with this probability; 0: none", fraction, must_match=True),
     Setting("seed", 0, "seed for weights, shuffling, augmentation and the images shown in figures", int,
             commands=DATA_COMMANDS, must_match=True),
     Setting("validation", 0, "hold out the last N training images and evaluate on them instead of the "
@@ -136,6 +158,8 @@ SETTINGS = (
     Setting("out_dir", Path("outputs"), "folder for figures, metrics, the model and checkpoints", Path),
     Setting("no_download", False, "never touch the network; the dataset's files must already be present",
             commands=DATA_COMMANDS, recorded=False),
+    Setting("no_figures", False, "write the model, checkpoint and metrics.json only: no figures and no report.html "
+            "(quicker; compare's runs)", recorded=False),
     Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
             "with the constant schedule", recorded=False),
 )
@@ -157,18 +181,37 @@ RECIPES = {
 # ----------------------------------------------------------------------------------------------
 
 
+ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "tanh": nn.Tanh,
+}
+POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
+ARCHITECTURE = ("widths", "pool", "activation", "batch_norm", "dropout")  # the settings that shape the network
+
+
 class LeNet5(nn.Module):
-    def __init__(self):
+    """LeNet-5; the defaults are the original design, the arguments the variants of its report."""
+
+    def __init__(self, widths=(6, 16, 120, 84), pool="avg", activation="relu", batch_norm=False, dropout=0.0):
         super().__init__()
+        c1, c2, f1, f2 = widths
+        activate, pooling = ACTIVATIONS[activation], POOLS[pool]
+
+        def convolution(maps_in, maps_out, **padding):  # a convolution, its batch norm, activation, pooling
+            normalise = [nn.BatchNorm2d(maps_out)] if batch_norm else []
+            return [nn.Conv2d(maps_in, maps_out, kernel_size=5, **padding), *normalise, activate(), pooling(2)]
+
+        def drop():
+            return [nn.Dropout(dropout)] if dropout else []
+
+        self.features = nn.Sequential(*convolution(1, c1, padding=2), *convolution(c1, c2))
         # fmt: off
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, kernel_size=5, padding=2), nn.ReLU(inplace=True), nn.AvgPool2d(2),
-            nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(inplace=True), nn.AvgPool2d(2),
-        )
         self.classifier = nn.Sequential(
-            nn.Linear(16 * 5 * 5, 120), nn.ReLU(inplace=True),
-            nn.Linear(120, 84), nn.ReLU(inplace=True),
-            nn.Linear(84, 10),
+            nn.Linear(c2 * 5 * 5, f1), activate(), *drop(),
+            nn.Linear(f1, f2), activate(), *drop(),
+            nn.Linear(f2, 10),
         )
         # fmt: on
 
@@ -176,13 +219,34 @@ class LeNet5(nn.Module):
         return self.classifier(torch.flatten(self.features(images), 1))
 
 
+def architecture(config):
+    """LeNet5's arguments from a run's settings: args, or a recorded config (where one holds none of
+    them, it was the original design)."""
+    values = config if isinstance(config, dict) else vars(config)
+    chosen = {
+        setting.name: values.get(setting.name, setting.default) for setting in SETTINGS if setting.name in ARCHITECTURE
+    }
+    return chosen | {"widths": tuple(chosen["widths"])}
+
+
+def describe_architecture(model, arguments):
+    """'LeNet-5 (61,706 parameters)', or with what differs from the original design:
+    'LeNet-5, pool max, batch_norm (62,150 parameters)'."""
+    changed = [
+        name if value is True else f"{name} {as_text(value)}"
+        for name, value in arguments.items()
+        if value != next(s.default for s in SETTINGS if s.name == name)
+    ]
+    return f"LeNet-5{''.join(', ' + text for text in changed)} ({parameter_count(model):,} parameters)"
+
+
 def parameter_count(model):
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def new_model(seed, device):
+def new_model(seed, device, **arguments):
     torch.manual_seed(seed)
-    return to_device(LeNet5(), device)
+    return to_device(LeNet5(**arguments), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +363,9 @@ def training_split(train_set, args):
 def training_loader(train_split, order, epoch, first, args, runtime):
     """The epoch's batches from batch `first` on, each this process's share, as a DataLoader."""
     batches = GlobalBatches(order, args.batch_size, epoch, first, runtime)
-    return DataLoader(train_split, batch_sampler=batches, collate_fn=whole)  # num_workers=0: the data is on the device
+    # num_workers=0: the data is on the device. A generator of its own: a DataLoader draws a seed from
+    # it for every epoch, which would otherwise move the global one that dropout draws from.
+    return DataLoader(train_split, batch_sampler=batches, collate_fn=whole, generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +373,30 @@ def training_loader(train_split, order, epoch, first, args, runtime):
 # ----------------------------------------------------------------------------------------------
 
 
+OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
+
+
+def check_optimizer_settings(args):
+    if args.momentum and args.optimizer not in ("sgd", "rmsprop"):
+        raise CliError(
+            f"--momentum is for --optimizer sgd or rmsprop, not {args.optimizer}: leave it out, or choose one of those."
+        )
+
+
 def new_optimizer(model, args):
-    return Adam(model.parameters(), lr=args.lr, betas=args.adam_betas)
+    """--optimizer, from torch.optim. Adam is the dynamo-free copy of torch.optim.Adam(fused=True)."""
+    parameters, lr, decay = model.parameters(), args.lr, args.weight_decay
+    if args.optimizer == "adam" and not decay:
+        return Adam(parameters, lr=lr, betas=args.adam_betas)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=lr, betas=args.adam_betas, weight_decay=decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, betas=args.adam_betas, weight_decay=decay)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=args.momentum, weight_decay=decay)
+    if args.optimizer == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=lr, momentum=args.momentum, weight_decay=decay)
+    return torch.optim.Adagrad(parameters, lr=lr, weight_decay=decay)
 
 
 # The training loop ------------------------------------------------------------------------------
@@ -320,12 +408,13 @@ def train(args, runtime):
     # Where the wall time goes, in seconds since the epoch, for benchmarks/time_to_accuracy.py. For a
     # run in a process of its own: in-process (the tests), the first two are when the module was imported.
     timeline = {"started": STARTED_AT, "imported": IMPORTED_AT, "main": time.time()}
+    check_optimizer_settings(args)
     train_set, eval_set = load_data(args, runtime)  # first: where the data is bad, no folder is made
     timeline["data_loaded"] = time.time()
     writes = training_files(evaluation_split(args))
     out_dir = prepare_out_dir(args.out_dir, "train", writes) if runtime.is_main else args.out_dir
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    model = new_model(args.seed, runtime.device)
+    model = new_model(args.seed, runtime.device, **architecture(args))
     optimizer = new_optimizer(model, args)
     schedule = new_schedule(optimizer, args, steps_per_epoch=batches_per_epoch(len(train_set[1]), args))
     progress = start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path)
@@ -465,13 +554,13 @@ def evaluates_after(epoch, args):
 def log_setup(args, runtime, model, train_set, eval_set):
     processes = f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else ""
     logger.info(f"Device: {runtime.device}{processes}")
-    logger.info(f"LeNet-5 with {parameter_count(model):,} parameters; each layer's cost:")
+    logger.info(f"{describe_architecture(model, architecture(args))}; each layer's cost:")
     for line in layers.table_lines(layers.layer_costs(model, args.batch_size), args.batch_size):
         logger.info("  " + line)
     images = f"{len(train_set[1])} training and {len(eval_set[1])} {evaluation_split(args)} images"
-    epochs = f"{plural(args.epochs, 'epoch')}, batch {args.batch_size}, Adam lr {args.lr}"
+    epochs = f"{plural(args.epochs, 'epoch')}, batch {args.batch_size}, {OPTIMIZER_NAMES[args.optimizer]} lr {args.lr}"
     logger.info(f"{images} of {DATASETS[args.dataset].title}; {epochs}")
-    recipe = ("schedule", "warmup", "adam_betas", "label_smoothing", "augment")
+    recipe = ("schedule", "warmup", "adam_betas", "momentum", "weight_decay", "label_smoothing", "augment")
     logger.info(f"Recipe {args.recipe}: " + ", ".join(f"{name} {as_text(getattr(args, name))}" for name in recipe))
 
 
@@ -492,6 +581,7 @@ def start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path):
     optimizer.load_state_dict(saved["optimizer"])
     schedule.load_state_dict(saved["schedule"])
     progress = Progress(**saved["progress"])
+    restore_random_state(saved)  # dropout draws on where the run stopped
     logger.info(
         "Resuming from {}: {} epochs and {} batches done", checkpoint_path, progress.epoch, progress.batches_done
     )
@@ -632,11 +722,16 @@ def training_files(split):
 
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set):
-    """The model file, then the eight figures, report.html and last metrics.json."""
+    """The model file, then the eight figures and report.html (unless --no-figures), and last metrics.json."""
     from companions import report
 
     dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
     save_model(out_dir / MODEL_FILE, model, config, evaluation)
+    network = describe_architecture(model, architecture(args))
+    if args.no_figures:
+        report.write_training_metrics(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
+        logger.info("Wrote {}, {} and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, out_dir)
+        return
     # The figures in two processes: a copy of this one draws the evaluation's three meanwhile.
     with report.drawn_beside(draw_evaluation_figures, out_dir, eval_set, evaluation, args.seed, dataset):
         plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
@@ -644,7 +739,7 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
         plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
         report.plot_training_curves(progress, split, out_dir / CURVES_PNG, report.training_measured_on(args))
         report.draw_inside_figures(out_dir, model, eval_set, split, dataset)
-    report.write_training_report(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
+    report.write_training_report(out_dir, config, network, dataset, runtime, model, progress, evaluation, timeline)
     logger.info(
         "Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, out_dir
     )

@@ -34,6 +34,13 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
+    return value
+
+
 def non_negative_int(text):
     value = int(text)
     if value < 0:
@@ -78,6 +85,15 @@ def adam_betas(text):
     if len(betas) != 2:
         raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) written B1,B2, got {text}")
     return betas
+
+
+def layer_widths(text):
+    """Four whole numbers of at least 1, written C1,C2,F1,F2: conv1's and conv2's maps, fc1's and
+    fc2's units."""
+    parts = text.split(",")
+    if len(parts) != 4 or not all(part.isascii() and part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"must be four whole numbers of at least 1 written C1,C2,F1,F2, got {text}")
+    return tuple(int(part) for part in parts)
 
 
 @dataclass(frozen=True)
@@ -144,11 +160,23 @@ def help_with_defaults(setting, recipes):
     return f"{setting.help} (default: {'; '.join([as_text(setting.default)] + by_recipe)})"
 
 
+# compare takes every setting of a training run, but these: it has a folder of its own, chooses the
+# seeds, and resumes whatever is unfinished anyway.
+NOT_COMPARED = ("out_dir", "seed", "resume")
+
+
+def takes(command, setting):
+    """Whether `command` takes `setting` as a flag."""
+    if command == "compare":
+        return "train" in setting.commands and setting.name not in NOT_COMPARED
+    return command in setting.commands
+
+
 def add_settings(parser, command, settings, recipes):
     """Add the settings this command takes. Those it does not get on the command line stay unset
     here and are filled in by resolve_settings, from the recipe or the table."""
     for setting in settings:
-        if command not in setting.commands:
+        if not takes(command, setting):
             continue
         if setting.type is None and setting.choices is None:
             parser.add_argument(setting.flag, action="store_true", default=argparse.SUPPRESS, help=setting.help)
@@ -167,7 +195,7 @@ def resolve_settings(args, settings, recipes):
     recipe = recipes[getattr(args, "recipe", "original")]
     args.given = {setting.name for setting in settings if hasattr(args, setting.name)}  # on the command line
     for setting in settings:
-        if args.command in setting.commands and not hasattr(args, setting.name):
+        if takes(args.command, setting) and not hasattr(args, setting.name):
             setattr(args, setting.name, recipe.get(setting.name, setting.default))
     return args
 
@@ -188,6 +216,7 @@ COMMAND_HELP = {
     "serve": "a page to draw a digit or drop a photo on, and see what the network reads",
     "finetune": "teach a trained model your own handwriting, from a folder of labelled images",
     "export": "write a trained model as one ONNX file, checked with ONNX Runtime",
+    "compare": "train LeNet-5 and variants of it over paired seeds, and say which differences are real",
 }
 
 
@@ -229,12 +258,19 @@ def build_parser(settings, recipes):
         kwargs.setdefault("help", COMMAND_HELP[name])
         command = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
         add_settings(command, name, settings, recipes)
-        if name != "train":
+        if name not in ("train", "compare"):
+            several = name == "evaluate"  # evaluate measures each of several models, and their ensemble
             command.add_argument(
                 "--checkpoint",
                 type=Path,
-                default=Path("outputs") / MODEL_FILE,
-                help=f"a model written by training ({MODEL_FILE} or {CHECKPOINT_FILE})",
+                nargs="+" if several else None,
+                default=[Path("outputs") / MODEL_FILE] if several else Path("outputs") / MODEL_FILE,
+                help=f"a model written by training ({MODEL_FILE} or {CHECKPOINT_FILE})"
+                + (
+                    "; several: each one's accuracy and their ensemble's (the mean of their probabilities)"
+                    if several
+                    else ""
+                ),
             )
         return command
 
@@ -310,7 +346,52 @@ def build_parser(settings, recipes):
         help="the ONNX file to write (default: the checkpoint's path with .onnx, "
         f"outputs/{Path(MODEL_FILE).with_suffix('.onnx')} for the default checkpoint)",
     )
+    add_compare_arguments(add("compare", description=compare_description()))
     return parser
+
+
+def compare_description():
+    return (
+        "Train the baseline (these flags) and each variant (the baseline plus one --vary spec) with\n"
+        "seeds 0..N-1, the same seeds for every variant, on a validation split unless --test; then\n"
+        "compare.json, compare.md and compare.html give each variant's accuracies, mean, SD and\n"
+        "95 % interval, and against the baseline its paired difference, the paired t-test's p-value\n"
+        "(Holm-corrected over the variants) and a verdict. Rerunning trains only what is missing."
+    )
+
+
+def shard(text):
+    """I/N: the I-th of N shares of the runs, I from 0."""
+    index, _, count = text.partition("/")
+    if not (index.isascii() and index.isdigit() and count.isascii() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"must be I/N with 0 <= I < N (0/2 and 1/2 share the runs), got {text}")
+    return int(index), int(count)
+
+
+def add_compare_arguments(compare):
+    compare.add_argument(
+        "--vary",
+        nargs="*",
+        default=[],
+        metavar="SPEC",
+        help="a variant per SPEC: settings as name=value joined by commas, as in pool=max, batch_norm=true, "
+        '"optimizer=sgd,momentum=0.9", widths=8,16,120,84',
+    )
+    compare.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 for every variant")
+    compare.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="runs at once, each a process with one torch thread, so that a run gives the same numbers "
+        "on any machine (default: the CPU cores; 1: one run at a time, in this process)",
+    )
+    compare.add_argument(
+        "--shard", type=shard, default=None, metavar="I/N", help="run only every N-th run, from the I-th"
+    )
+    compare.add_argument("--test", action="store_true", help="measure on the test set instead of a validation split")
+    compare.add_argument(
+        "--out-dir", type=Path, default=Path("outputs") / "compare", help="folder for every run and the comparison"
+    )
 
 
 def parse_args(argv, settings, recipes):

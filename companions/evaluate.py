@@ -3,11 +3,15 @@ labelled images, with the evaluation's figures, report and metrics.json in a fol
 
     python mnist_recognition.py evaluate                          # -> outputs/evaluation/
     python mnist_recognition.py evaluate --images my_digits/      # -> outputs/evaluation-my_digits/
+    python mnist_recognition.py evaluate --checkpoint a.pt b.pt c.pt   # each, and their ensemble
 
 The default folder lies beside the checkpoint, so that a training run's own report, figures and
 metrics are never replaced.
 """
 
+import time
+
+import torch
 from loguru import logger
 
 import mnist_recognition as trainer
@@ -22,6 +26,9 @@ WRITES = (METRICS_FILE, REPORT_FILE, *report.EVALUATION_FIGURES)
 
 def command(args):
     """Every input is checked (the model, the images or the dataset's files) before the folder is made."""
+    checkpoints, args.checkpoint = args.checkpoint, args.checkpoint[0]
+    if len(checkpoints) > 1:
+        return evaluate_ensemble(args, checkpoints)
     runtime = Runtime(pick_device(args.device))
     model, payload, dataset = trained_model(args, runtime.device)
     if args.images is not None:
@@ -41,10 +48,79 @@ def command(args):
     return 0
 
 
-def prepare_out_dir(args):
+def prepare_out_dir(args, name="evaluation"):
     """--out-dir, or by default evaluation/ beside the checkpoint (evaluation-FOLDER/ for --images FOLDER)."""
-    name = "evaluation" if args.images is None else f"evaluation-{args.images.resolve().name}"
+    name = name if args.images is None else f"{name}-{args.images.resolve().name}"
     return files.prepare_out_dir(args.out_dir or args.checkpoint.parent / name, "evaluate", WRITES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several models: each one's accuracy, and their ensemble's
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate_ensemble(args, checkpoints):
+    """Each model's accuracy, then the ensemble's (the mean of their probabilities), whose figures,
+    report and metrics.json go into evaluation-ensemble/ beside the first checkpoint."""
+    runtime = Runtime(pick_device(args.device))
+    models, datasets = [], set()
+    for checkpoint in checkpoints:
+        args.checkpoint = checkpoint
+        model, _, dataset = trained_model(args, runtime.device)
+        models.append(model)
+        datasets.add(dataset.name)
+    args.checkpoint = checkpoints[0]
+    if len(datasets) > 1:
+        raise CliError(
+            f"--checkpoint: the models were trained on {', '.join(sorted(datasets))}; an ensemble needs one dataset."
+        )
+    if args.images is not None:
+        found = read_labelled(args.images, dataset)
+        eval_set, split, described = (
+            (found.inputs.to(runtime.device), found.labels.to(runtime.device)),
+            "labelled",
+            f"images in {args.images}",
+        )
+    else:
+        dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
+        eval_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
+        split, described = "test", "test images"
+    out_dir = prepare_out_dir(args, "evaluation-ensemble")
+    each = []
+    for checkpoint, model in zip(checkpoints, models):
+        evaluation = trainer.evaluate(model, eval_set, split, runtime)
+        logger.info("{}: {:.3f} %", checkpoint, evaluation.accuracy)
+        each.append({"checkpoint": str(checkpoint), "eval_accuracy": evaluation.accuracy})
+    ensemble = ensemble_evaluation(models, eval_set, split)
+    trainer.log_accuracy(ensemble, dataset, f"{described}, the ensemble of {len(models)} models")
+    metrics = evaluation_metrics(args, ensemble, dataset, checkpoints=[str(c) for c in checkpoints], models=each)
+    settings = {"checkpoints": " ".join(map(str, checkpoints)), "images": args.images or "the test set"}
+    title = f"An ensemble of {len(models)} LeNet-5 on {dataset.title}: {ensemble.accuracy:.2f} % accuracy"
+    headline = (
+        f"{ensemble.accuracy:.3f} % of {len(ensemble.labels)} {described} right (the models alone: "
+        + ", ".join(f"{entry['eval_accuracy']:.2f} %" for entry in each)
+        + ")"
+    )
+    write_results(out_dir, runtime, eval_set, ensemble, dataset, args.seed, metrics, settings, title, headline)
+    return 0
+
+
+@torch.inference_mode()
+def ensemble_evaluation(models, eval_set, split):
+    """The ensemble's answers: the mean of the models' probabilities."""
+    started = time.perf_counter()
+    images, labels = eval_set
+    probabilities = torch.stack(
+        [
+            torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
+            for model in models
+        ]
+    ).mean(0)
+    confidence, predicted = probabilities.max(1)
+    loss = torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
+    return trainer.Evaluation(
+        split, labels.cpu(), predicted.cpu(), confidence.cpu(), loss, time.perf_counter() - started
+    )
 
 
 def evaluate_images(args, runtime, model, dataset):

@@ -129,6 +129,10 @@ def owner_of(out_dir):
     return "train" if (out_dir / CHECKPOINT_FILE).is_file() else None
 
 
+def read_json(path):
+    return json.loads(path.read_bytes())
+
+
 def write_json(path, value):
     text = json.dumps(value, indent=2).encode()
     write_atomically(path, lambda file: file.write(text))
@@ -145,6 +149,14 @@ def on_cpu(value):
     return value
 
 
+def random_state():
+    """torch's global random generators (what dropout draws from), so that a resumed run draws on."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 def save_checkpoint(path, model, optimizer, schedule, progress, config, ran_on):
     """The checkpoint: everything that --resume needs to continue the run bit-exactly."""
     payload = {
@@ -155,6 +167,7 @@ def save_checkpoint(path, model, optimizer, schedule, progress, config, ran_on):
         "config": config,
         "progress": progress.state_dict(),
         "ran_on": ran_on,
+        "random_state": random_state(),
     }
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
 
@@ -175,7 +188,14 @@ def save_model(path, model, config, evaluation, **more):
 
 def load_checkpoint(path, model):
     """Load a checkpoint of this program with weights_only=True and check that it holds weights of
-    `model`'s shapes (LeNet-5's), all finite."""
+    `model`'s shapes, all finite."""
+    payload = read_checkpoint(path)
+    check_weights(path, payload, model)
+    return payload
+
+
+def read_checkpoint(path):
+    """A checkpoint of this program, loaded with weights_only=True: a dict with its "model" weights."""
     if not path.is_file():
         raise CliError(f"{path}: no such checkpoint file.")
     try:
@@ -188,14 +208,21 @@ def load_checkpoint(path, model):
     weights = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(weights, dict):
         raise CliError(f"{path}: not a checkpoint of this program (no 'model' weights in it).")
-    expected = model.state_dict()
+    return payload
+
+
+def check_weights(path, payload, model):
+    """That the checkpoint's weights are `model`'s, by name and shape, and all finite."""
+    weights, expected = payload["model"], model.state_dict()
     mismatched = sorted(set(expected) ^ set(weights)) or [
         name
         for name in expected
         if not isinstance(weights[name], torch.Tensor) or weights[name].shape != expected[name].shape
     ]
     if mismatched:
-        raise CliError(f"{path}: does not hold LeNet-5 weights (wrong or missing: {', '.join(mismatched)}).")
+        raise CliError(
+            f"{path}: does not hold the weights of the network its settings describe (wrong or missing: "
+            f"{', '.join(mismatched)})."
+        )
     if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
         raise CliError(f"{path}: holds weights that are not finite numbers.")
-    return payload

@@ -64,20 +64,27 @@ def training_figures(split):
     return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split), FILTERS_PNG, LAYER_MAPS_PNG)
 
 
-def write_training_report(out_dir, config, dataset, runtime, model, progress, evaluation, timeline):
+def write_training_report(out_dir, config, network, dataset, runtime, model, progress, evaluation, timeline):
     """A training run's report.html, once its figures are written, and last metrics.json, which times
-    the rest. `config` is the run's settings, as checkpoints record them."""
+    the rest. `config` is the run's settings, as checkpoints record them; `network` names the
+    network and its parameter count."""
     split = evaluation.split
     training_seconds = sum(summary["seconds"] for summary in progress.history)
-    title = f"LeNet-5 on {dataset.title}, recipe {config['recipe']}: {evaluation.accuracy:.2f} % {split} accuracy"
+    title = f"{network} on {dataset.title}, recipe {config['recipe']}: {evaluation.accuracy:.2f} % {split} accuracy"
     headline = (
         f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} {split} images right after "
         f"{plural(len(progress.history), 'epoch')} ({training_seconds:.1f} s of training)"
     )
-    costs = layer_costs(model, config["batch_size"])
     sections = report_sections(config, environment(runtime), evaluation, dataset, progress.history)
-    sections.append((f"Layers (batch {config['batch_size']})", layers_table(costs)))
+    sections.append((f"Layers (batch {config['batch_size']})", layers_table(layer_costs(model, config["batch_size"]))))
     write_report(out_dir, title, headline, sections, training_figures(split))
+    write_training_metrics(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
+
+
+def write_training_metrics(out_dir, config, dataset, runtime, model, progress, evaluation, timeline):
+    """A training run's metrics.json, written last: it times the rest."""
+    split, costs = evaluation.split, layer_costs(model, config["batch_size"])
+    training_seconds = sum(summary["seconds"] for summary in progress.history)
     timeline["written"] = time.time()
     metrics = {
         "command": "train",

@@ -13,7 +13,7 @@ from loguru import logger
 
 from companions.command_line import as_text
 from companions.errors import CliError
-from companions.files import CHECKPOINT_FORMAT, load_checkpoint
+from companions.files import CHECKPOINT_FORMAT, check_weights, read_checkpoint
 
 
 @dataclass
@@ -92,12 +92,22 @@ def shown_path(path):
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+def restore_random_state(saved):
+    """torch's global random generators as the checkpoint recorded them (checkpoints written before
+    they were recorded leave them as they are)."""
+    state = saved.get("random_state", {})
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def resumable_checkpoint(checkpoint_path, model, config, settings, running_on):
     """The checkpoint to resume from, after checking that it holds `model`'s weights and can continue
     a run of `config` (the run's settings, as the checkpoint records them) on `running_on`."""
     if not checkpoint_path.is_file():
         raise CliError(f"--resume: there is no {checkpoint_path} to continue from.")
-    saved = load_checkpoint(checkpoint_path, model)
+    saved = read_checkpoint(checkpoint_path)
     if "progress" not in saved:
         raise CliError(f"--resume: {checkpoint_path} holds a trained model but no training state to continue.")
     if saved.get("format") != CHECKPOINT_FORMAT:
@@ -108,10 +118,12 @@ def resumable_checkpoint(checkpoint_path, model, config, settings, running_on):
         )
     # A schedule spans all epochs, so with one --epochs must stay too.
     must_match = [s for s in settings if s.must_match or (s.name == "epochs" and config["schedule"] != "constant")]
+    # A setting that an older checkpoint does not record had its default then.
+    recorded = {s.name: as_text(saved["config"].get(s.name, s.default)) for s in must_match}
     differences = [
-        f"{s.flag} {as_text(saved['config'].get(s.name))} (now {as_text(config[s.name])})"
+        f"{s.flag} {recorded[s.name]} (now {as_text(config[s.name])})"
         for s in must_match
-        if saved["config"].get(s.name) != config[s.name]
+        if recorded[s.name] != as_text(config[s.name])
     ]
     if differences:
         raise CliError(
@@ -119,6 +131,7 @@ def resumable_checkpoint(checkpoint_path, model, config, settings, running_on):
             + ", ".join(differences)
             + ". Resume with the same settings, or use another --out-dir."
         )
+    check_weights(checkpoint_path, saved, model)
     if saved["progress"]["epoch"] > config["epochs"]:
         raise CliError(
             f"--resume: {checkpoint_path} already holds {saved['progress']['epoch']} epochs; "

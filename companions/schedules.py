@@ -22,4 +22,8 @@ def new_schedule(optimizer, args, steps_per_epoch):
             return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
+    if args.schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[total_steps // 2, (3 * total_steps) // 4], gamma=0.1
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

@@ -1,18 +1,24 @@
-"""A trained model, as every command that uses one starts: the checkpoint read safely, LeNet-5 rebuilt
-from it on the device, and the dataset it was trained on. Only those commands import this module;
-it imports the training script, never the other way round."""
+"""A trained model, as every command that uses one starts: the checkpoint read safely, LeNet-5 (or the
+variant it records) rebuilt from it on the device, and the dataset it was trained on. Only those
+commands import this module; it imports the training script, never the other way round."""
 
 import mnist_recognition as trainer
 from companions.datasets import DATASETS
 from companions.devices import to_device
 from companions.errors import CliError
-from companions.files import load_checkpoint
+from companions.files import check_weights, read_checkpoint
 
 
 def load_trained_model(path, device):
-    """(the model in a checkpoint file, ready to answer on `device`; the checkpoint)."""
-    model = trainer.LeNet5()
-    payload = load_checkpoint(path, model)
+    """(the model in a checkpoint file, rebuilt as its settings describe it and ready to answer on
+    `device`; the checkpoint)."""
+    payload = read_checkpoint(path)
+    config = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    try:
+        model = trainer.LeNet5(**trainer.architecture(config))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CliError(f"{path}: records a network this program cannot build ({error}).") from None
+    check_weights(path, payload, model)
     model.load_state_dict(payload["model"])
     return to_device(model, device).eval(), payload
 

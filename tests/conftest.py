@@ -326,6 +326,18 @@ def train_quietly(*args):
     assert app.main([str(arg) for arg in args]) == 0
 
 
+def interrupt_at(monkeypatch, epoch, batch):
+    """Ctrl-C, in-process, right after the given batch (both counted from 1)."""
+    record = app.Progress.record_batch
+
+    def record_then_interrupt(progress, index, loss_sum, correct):
+        record(progress, index, loss_sum, correct)
+        if (progress.epoch + 1, index + 1) == (epoch, batch):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(app.Progress, "record_batch", record_then_interrupt)
+
+
 def trained_weights(out_dir):
     """The state_dict of the model a run wrote into out_dir."""
     return torch.load(Path(out_dir) / "lenet5_mnist.pt", weights_only=True)["model"]

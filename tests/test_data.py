@@ -302,7 +302,7 @@ def test_another_dataset_trains_from_its_own_folder_with_its_class_names(name, s
     assert metrics["config"]["dataset"] == name and metrics["classes"] == list(dataset.classes)
     assert torch.load(tmp_path / "lenet5_mnist.pt", weights_only=True)["config"]["dataset"] == name
     page = (tmp_path / "report.html").read_text()
-    assert f"LeNet-5 on {dataset.title}" in page and f"<td>{dataset.classes[3]}</td>" in page
+    assert f"LeNet-5 (61,706 parameters) on {dataset.title}" in page and f"<td>{dataset.classes[3]}</td>" in page
     images, _ = app.normalised_split(synthetic_kin, dataset, False, 5, torch.device("cpu"))
     pixels = (
         MNIST_DATA.std * app.normalised_split(synthetic_kin, MNIST_DATA, False, 5, torch.device("cpu"))[0]

@@ -23,6 +23,7 @@ from conftest import (
     SCRIPT,
     TEST_COUNT,
     assert_same_weights,
+    interrupt_at,
     paused_command,
     run_process,
     train_quietly,
@@ -612,18 +613,6 @@ def test_augmentation_never_touches_the_evaluation_images(synthetic_data, tmp_pa
         tmp_path / "evaluated",
     )
     assert f"test images: {recorded:.3f} %" in result.log
-
-
-def interrupt_at(monkeypatch, epoch, batch):
-    """Ctrl-C, in-process, right after the given batch (both counted from 1)."""
-    record = app.Progress.record_batch
-
-    def record_then_interrupt(progress, index, loss_sum, correct):
-        record(progress, index, loss_sum, correct)
-        if (progress.epoch + 1, index + 1) == (epoch, batch):
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(app.Progress, "record_batch", record_then_interrupt)
 
 
 @pytest.mark.slow

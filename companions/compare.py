@@ -1,0 +1,500 @@
+"""compare: train LeNet-5 and its variants over paired seeds, and say which differences are real.
+
+    python mnist_recognition.py compare --vary pool=max batch_norm=true "optimizer=sgd,momentum=0.9" \
+        --seeds 5 --recipe fast
+
+The baseline is a training run with the flags given; each variant is the baseline plus one --vary
+spec. Every variant trains with seeds 0..N-1, so that seed k is the same starting point, data order
+and augmentation for all of them (paired). Each run is a plain training run (--no-figures) in
+<out-dir>/runs/<variant>-seed-<k>/; its result (accuracy, per-class counts, the predictions, and the
+probabilities for the ensemble) is <out-dir>/results/<variant>-seed-<k>.json (and .pt), written
+atomically last, so that a rerun trains only what has no result yet. Runs go to worker processes of
+one torch thread each, so that a run gives the same numbers whatever the machine's cores and
+--workers: those of a plain training run under OMP_NUM_THREADS=1. --shard I/N takes every N-th run,
+so that several machines can share one folder. Once every result is there: compare.json, compare.md,
+and compare.html with compare.png.
+"""
+
+import contextlib
+import functools
+import html
+import math
+import multiprocessing
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import numpy as np
+import torch
+from loguru import logger
+
+import mnist_recognition as trainer
+from companions import files
+from companions.command_line import as_text, takes
+from companions.devices import Runtime
+from companions.errors import CliError
+
+PAGE_FILE = Path(__file__).with_name("compare_page.html")
+COMPARE_JSON, COMPARE_MD, COMPARE_HTML, COMPARE_PNG = "compare.json", "compare.md", "compare.html", "compare.png"
+WRITES = (files.METRICS_FILE, COMPARE_JSON, COMPARE_MD, COMPARE_HTML, COMPARE_PNG)
+DEFAULT_VALIDATION = 10_000  # images held out of the training split, unless --validation or --test says otherwise
+SIGNIFICANCE = 0.05  # a Holm-corrected p-value below this is a difference; the intervals are 95 %
+POWER = 0.8  # the smallest detectable difference is the one these seeds would find this often
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs: a variant is flags added to the baseline's; a run is one variant with one seed
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "baseline", or the spec as given ("optimizer=sgd,momentum=0.9")
+    flags: tuple  # what it adds to the baseline's command line
+
+    @property
+    def slug(self):
+        """A file name for it: 'optimizer_sgd_momentum_0.9'."""
+        return re.sub(r"[^A-Za-z0-9.]+", "_", self.name).strip("_")
+
+
+def parse_spec(spec):
+    """'optimizer=sgd,momentum=0.9' as a Variant; a comma before a piece without '=' belongs to the
+    value before it (widths=8,16,120,84)."""
+    pairs = []
+    for piece in spec.split(","):
+        if "=" in piece:
+            name, value = piece.split("=", 1)
+            pairs.append([name.strip().replace("-", "_"), value.strip()])
+        elif pairs:
+            pairs[-1][1] += "," + piece.strip()
+        else:
+            raise CliError(f"--vary {spec}: write each setting as name=value, as in pool=max.")
+    settings = {setting.name: setting for setting in trainer.SETTINGS if takes("compare", setting)}
+    flags = []
+    for name, value in pairs:
+        if name not in settings:
+            raise CliError(f"--vary {spec}: {name} is not a setting compare can vary; see 'compare --help'.")
+        if settings[name].type is None and settings[name].choices is None:  # an on/off flag
+            if value.lower() not in ("true", "false"):
+                raise CliError(f"--vary {spec}: {name} is on or off: write {name}=true or {name}=false.")
+            flags += [settings[name].flag] if value.lower() == "true" else []
+        else:
+            flags += [settings[name].flag, value]
+    return Variant(spec, tuple(flags))
+
+
+def baseline_flags(args):
+    """The training flags given to compare, as a training command line (the seed and folder aside)."""
+    flags = []
+    for setting in trainer.SETTINGS:
+        if setting.name not in args.given or not takes("compare", setting):
+            continue
+        value = getattr(args, setting.name)
+        if setting.type is None and setting.choices is None:
+            flags += [setting.flag] if value else []
+        else:
+            flags += [setting.flag, as_text(value)]
+    if "validation" not in args.given:
+        flags += ["--validation", "0" if args.test else str(DEFAULT_VALIDATION)]
+    return flags
+
+
+@dataclass(frozen=True)
+class Run:
+    variant: Variant
+    seed: int
+    argv: tuple  # the whole training command line but --out-dir
+
+    def name(self):
+        return f"{self.variant.slug}-seed-{self.seed}"
+
+
+def all_runs(variants, seeds, base):
+    """Every run, variant by variant, seed by seed: the order that --shard counts in."""
+    return [
+        Run(variant, seed, (*base, *variant.flags, "--seed", str(seed)))
+        for variant in variants
+        for seed in range(seeds)
+    ]
+
+
+def result_path(out_dir, run):
+    return out_dir / "results" / f"{run.name()}.json"
+
+
+def read_result(out_dir, run):
+    """The run's result, or None where it has none (or one of other flags: then it runs again)."""
+    path = result_path(out_dir, run)
+    if not path.is_file():
+        return None
+    result = files.read_json(path)
+    return result if result.get("argv") == list(run.argv) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# One run: a plain training run, then its answers on the evaluation split
+# ----------------------------------------------------------------------------------------------
+
+
+def train_one(out_dir, run):
+    """Train the run in this process, then write its result; returns the result."""
+    from companions.trained import load_trained_model
+
+    run_dir = out_dir / "runs" / run.name()
+    args = trainer.parse_args([*run.argv, "--no-figures", "--out-dir", str(run_dir)])
+    code = trainer.train_command(args)
+    if code != 0:
+        raise RuntimeError(f"{run.name()}: training ended with exit code {code}")
+    model, _ = load_trained_model(run_dir / files.MODEL_FILE, torch.device("cpu"))
+    images, labels = evaluation_split(args.data_dir, args.dataset, args.validation, args.test_limit, args.train_limit)
+    with torch.inference_mode():
+        probabilities = torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
+    predictions = probabilities.argmax(1)
+    correct = torch.bincount(labels[predictions == labels], minlength=10)
+    metrics = files.read_json(run_dir / files.METRICS_FILE)
+    result = {
+        "variant": run.variant.name,
+        "seed": run.seed,
+        "argv": list(run.argv),
+        "split": metrics["eval_split"],
+        "accuracy": metrics["eval_accuracy"],
+        "class_correct": correct.tolist(),
+        "class_images": torch.bincount(labels, minlength=10).tolist(),
+        "predictions": predictions.tolist(),
+        "training_seconds": metrics["training_seconds"],
+    }
+    path = result_path(out_dir, run)
+    probabilities_path = path.with_suffix(".pt")
+    files.write_atomically(
+        probabilities_path, lambda file: torch.save({"probabilities": probabilities.half(), "labels": labels}, file)
+    )
+    files.write_json(path, result)  # last: its presence says the run is done
+    return result
+
+
+@functools.cache
+def evaluation_split(data_dir, dataset, validation, test_limit, train_limit):
+    """The split the runs are measured on, on the CPU, read once per process."""
+    args = trainer.parse_args(["--data-dir", str(data_dir), "--dataset", dataset, "--validation", str(validation),
+                               "--no-download", *(["--test-limit", str(test_limit)] if test_limit else []),
+                               *(["--train-limit", str(train_limit)] if train_limit else [])])  # fmt: skip
+    return trainer.load_data(args, Runtime(torch.device("cpu")))[1]
+
+
+def in_worker(out_dir, run):
+    """A worker process's job: one run, quietly, with one torch thread."""
+    return train_one(out_dir, run)
+
+
+def start_worker():
+    """Each worker: one torch thread (several processes share the cores), warnings only, no bars."""
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{message}")
+
+
+@contextlib.contextmanager
+def as_in_a_worker():
+    """A run in this process as in a worker: one torch thread, only its warnings logged."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    logger.remove()
+    logger.add(lambda message: print(message, end="", file=sys.stderr), level="WARNING", format="{message}")
+    try:
+        yield
+    finally:
+        trainer.configure_logging(is_main=True)
+        torch.set_num_threads(threads)
+
+
+def run_all(out_dir, runs, workers):
+    """Train every run without a result, `workers` at a time; logs each as it ends."""
+    todo = [run for run in runs if read_result(out_dir, run) is None]
+    done = len(runs) - len(todo)
+    if done:
+        logger.info("{} of {} runs have their result already; training the other {}", done, len(runs), len(todo))
+    if not todo:
+        return
+    if workers == 1:
+        for run in todo:
+            with as_in_a_worker():
+                result = train_one(out_dir, run)
+            done += 1
+            log_run(result, done, len(runs))
+        return
+    # Forked where fork is safe to have (Linux), as torch's DataLoader workers are: each starts at once,
+    # with torch imported, and sets its one thread first. Elsewhere, fresh interpreters.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker) as pool:
+        futures = [pool.submit(in_worker, out_dir, run) for run in todo]
+        try:
+            for future in as_completed(futures):
+                done += 1
+                log_run(future.result(), done, len(runs))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def log_run(result, done, total):
+    logger.info(
+        "[{}/{}] {} seed {}: {:.2f} % {} accuracy",
+        done,
+        total,
+        result["variant"],
+        result["seed"],
+        result["accuracy"],
+        result["split"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The statistics: per variant, and each against the baseline, seed by seed
+# ----------------------------------------------------------------------------------------------
+
+
+def spread(accuracies):
+    """Mean, SD, median and the 95 % confidence interval of the mean (Student's t) of some seeds."""
+    from scipy import stats
+
+    values = np.asarray(accuracies, dtype=np.float64)
+    count, mean = len(values), float(values.mean())
+    sd = float(values.std(ddof=1)) if count > 1 else None
+    interval = (
+        [float(bound) for bound in stats.t.interval(0.95, count - 1, loc=mean, scale=sd / math.sqrt(count))]
+        if sd
+        else [mean, mean]
+    )
+    return {"mean": mean, "sd": sd, "median": float(np.median(values)), "ci95": interval}
+
+
+def paired(baseline, accuracies):
+    """Against the baseline, seed by seed: the mean difference with its 95 % interval, the paired
+    t-test's p-value and the smallest difference these seeds would detect with POWER."""
+    from scipy import stats
+
+    differences = np.asarray(accuracies, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    count, mean = len(differences), float(differences.mean())
+    sd = float(differences.std(ddof=1))
+    if sd == 0:  # the same difference on every seed: the t-test has no spread to weigh it by
+        return {"difference": mean, "difference_ci95": [mean, mean], "p_value": 1.0 if mean == 0 else 0.0,
+                "detectable_difference": 0.0}  # fmt: skip
+    error = sd / math.sqrt(count)
+    return {
+        "difference": mean,
+        "difference_ci95": [float(bound) for bound in stats.t.interval(0.95, count - 1, loc=mean, scale=error)],
+        "p_value": float(stats.ttest_rel(accuracies, baseline).pvalue),
+        "detectable_difference": float(
+            (stats.t.ppf(1 - SIGNIFICANCE / 2, count - 1) + stats.t.ppf(POWER, count - 1)) * error
+        ),
+    }
+
+
+def holm(p_values):
+    """Holm's step-down correction of several p-values, in their order."""
+    order = np.argsort(p_values, kind="stable")
+    corrected, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        corrected[index] = running
+    return corrected
+
+
+def verdict(entry, seeds):
+    if entry["p_holm"] < SIGNIFICANCE:
+        return "better" if entry["difference"] > 0 else "worse"
+    return f"not distinguishable from seed noise with {seeds} seeds"
+
+
+def ensemble_accuracy(out_dir, runs):
+    """The accuracy of the mean of the runs' probabilities."""
+    saved = [torch.load(result_path(out_dir, run).with_suffix(".pt"), weights_only=True) for run in runs]
+    mean = torch.stack([entry["probabilities"].float() for entry in saved]).mean(0)
+    labels = saved[0]["labels"]
+    return 100 * (mean.argmax(1) == labels).sum().item() / len(labels)
+
+
+def summarise(out_dir, variants, seeds, runs, base):
+    """compare.json's content: each variant's numbers, and each against the baseline."""
+    by_variant = {variant.name: [run for run in runs if run.variant == variant] for variant in variants}
+    results = {name: [read_result(out_dir, run) for run in chosen] for name, chosen in by_variant.items()}
+    baseline = [result["accuracy"] for result in results["baseline"]]
+    entries = []
+    for variant in variants:
+        accuracies = [result["accuracy"] for result in results[variant.name]]
+        entry = {"name": variant.name, "flags": list(variant.flags), "accuracies": accuracies, **spread(accuracies)}
+        entry["ensemble_accuracy"] = ensemble_accuracy(out_dir, by_variant[variant.name])
+        if variant.name != "baseline" and seeds > 1:
+            entry.update(paired(baseline, accuracies))
+        entries.append(entry)
+    compared = [entry for entry in entries if "p_value" in entry]
+    for entry, corrected in zip(compared, holm([entry["p_value"] for entry in compared])):
+        entry["p_holm"] = corrected
+        entry["verdict"] = verdict(entry, seeds)
+    split = results["baseline"][0]["split"]
+    return {"command": "compare", "split": split, "seeds": list(range(seeds)), "baseline": base, "variants": entries}
+
+
+# ----------------------------------------------------------------------------------------------
+# The answer: compare.json, compare.md, and compare.html with its figure
+# ----------------------------------------------------------------------------------------------
+
+
+def percent(value):
+    return "" if value is None else f"{value:.2f}"
+
+
+def table_rows(summary):
+    """(header, rows) of the comparison, one row a variant."""
+    header = ("variant", "accuracy % per seed", "mean", "SD", "95 % interval", "ensemble",
+              "difference", "95 % interval", "p (Holm)", "detectable", "verdict")  # fmt: skip
+    rows = []
+    for entry in summary["variants"]:
+        compared = "p_holm" in entry
+        rows.append(
+            (
+                entry["name"],
+                " ".join(f"{value:.2f}" for value in entry["accuracies"]),
+                percent(entry["mean"]),
+                "" if entry["sd"] is None else f"{entry['sd']:.3f}",
+                "{:.2f} to {:.2f}".format(*entry["ci95"]),
+                percent(entry["ensemble_accuracy"]),
+                f"{entry['difference']:+.2f}" if compared else "",
+                "{:+.2f} to {:+.2f}".format(*entry["difference_ci95"]) if compared else "",
+                f"{entry['p_holm']:.3g}" if compared else "",
+                f"{entry['detectable_difference']:.2f}" if compared else "",
+                entry.get("verdict", "(the baseline)" if entry["name"] == "baseline" else ""),
+            )
+        )
+    return header, rows
+
+
+def markdown(summary):
+    header, rows = table_rows(summary)
+    lines = [
+        f"# LeNet-5 and its variants, {len(summary['seeds'])} paired seeds, {summary['split']} accuracy",
+        "",
+        f"Baseline: `{' '.join(summary['baseline']) or 'the defaults'}`",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, path):
+    """Every seed as a dot, and each variant's mean with its 95 % interval."""
+    from companions.grids import new_figure, save_figure
+
+    entries = summary["variants"]
+    figure = new_figure(9, 0.55 * len(entries) + 1.4)
+    axis = figure.subplots()
+    for row, entry in enumerate(entries):
+        axis.plot(entry["accuracies"], [row] * len(entry["accuracies"]), "o", color="tab:blue", alpha=0.5, markersize=5)
+        low, high = entry["ci95"]
+        axis.errorbar(entry["mean"], row + 0.18, xerr=[[entry["mean"] - low], [high - entry["mean"]]], fmt="s",
+                      color="black", capsize=3, markersize=4)  # fmt: skip
+    axis.set_yticks(range(len(entries)), [entry["name"] for entry in entries])
+    axis.invert_yaxis()
+    axis.set_xlabel(f"{summary['split']} accuracy (%): each seed a dot; the mean with its 95 % interval below")
+    axis.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def html_page(summary, figure_path):
+    import base64
+
+    header, rows = table_rows(summary)
+    table = "<table><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    table += "</table>"
+    return Template(PAGE_FILE.read_text(encoding="utf-8")).substitute(
+        title=html.escape(f"LeNet-5 and its variants: {len(summary['seeds'])} paired seeds"),
+        baseline=html.escape(" ".join(summary["baseline"]) or "the defaults"),
+        split=html.escape(summary["split"]),
+        table=table,
+        figure=base64.b64encode(figure_path.read_bytes()).decode(),
+    )
+
+
+def write_answer(out_dir, summary):
+    files.write_json(out_dir / COMPARE_JSON, summary)
+    text = markdown(summary)
+    files.write_atomically(out_dir / COMPARE_MD, lambda file: file.write(text.encode()))
+    plot(summary, out_dir / COMPARE_PNG)
+    page = html_page(summary, out_dir / COMPARE_PNG)
+    files.write_atomically(out_dir / COMPARE_HTML, lambda file: file.write(page.encode()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def check_folder(out_dir, base):
+    """The folder, compare's, with the baseline of the runs already in it (a metrics.json that
+    records it is written at once)."""
+    files.prepare_out_dir(out_dir, "compare", WRITES)
+    marker = out_dir / files.METRICS_FILE
+    if marker.is_file():
+        recorded = files.read_json(marker).get("baseline")
+        if recorded != base:
+            raise CliError(
+                f"{out_dir} holds runs of another baseline ({' '.join(recorded or []) or 'the defaults'}); "
+                f"give another --out-dir for this one."
+            )
+    else:
+        files.write_json(marker, {"command": "compare", "baseline": base})
+    files.prepare_folder(out_dir / "results")
+
+
+def command(args):
+    if args.test and "validation" in args.given:
+        raise CliError("--test measures on the test set and --validation on a held-out split: give one of them.")
+    variants = [Variant("baseline", ()), *(parse_spec(spec) for spec in args.vary)]
+    if len({variant.flags for variant in variants}) < len(variants):
+        raise CliError("--vary: two variants (or one and the baseline) have the same settings; give each once.")
+    base = baseline_flags(args)
+    for variant in variants:  # every flag checked before anything trains
+        try:
+            trainer.check_optimizer_settings(trainer.parse_args([*base, *variant.flags]))
+        except SystemExit:
+            raise CliError(f"--vary {variant.name}: not a value this program takes (see above).") from None
+        except CliError as error:
+            raise CliError(f"--vary {variant.name}: {error}") from None
+    runs = all_runs(variants, args.seeds, base)
+    check_folder(args.out_dir, base)
+    mine = runs if args.shard is None else runs[args.shard[0] :: args.shard[1]]
+    workers = min(args.workers or os.cpu_count() or 1, max(1, len(mine)))
+    logger.info(
+        "{} variants x {} seeds: {} runs, {} here, {} at a time",
+        len(variants),
+        args.seeds,
+        len(runs),
+        len(mine),
+        workers,
+    )
+    run_all(args.out_dir, mine, workers)
+    missing = [run.name() for run in runs if read_result(args.out_dir, run) is None]
+    if missing:
+        logger.info(
+            "{} of {} runs have no result yet (other shards'): compare.json is written once all have",
+            len(missing),
+            len(runs),
+        )
+        return 0
+    summary = summarise(args.out_dir, variants, args.seeds, runs, base)
+    write_answer(args.out_dir, summary)
+    for entry in summary["variants"]:
+        logger.info("{}: {:.2f} % mean, {}", entry["name"], entry["mean"], entry.get("verdict", "the baseline"))
+    logger.info("Wrote {}, {} and {} into {}/", COMPARE_JSON, COMPARE_MD, COMPARE_HTML, args.out_dir)
+    return 0
