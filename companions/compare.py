@@ -55,6 +55,7 @@ POWER = 0.8  # the smallest detectable difference is the one these seeds would f
 class Variant:
     name: str  # "baseline", or the spec as given ("optimizer=sgd,momentum=0.9")
     flags: tuple  # what it adds to the baseline's command line
+    settings: tuple = ()  # (name, value) pairs as the spec gives them
 
     @property
     def slug(self):
@@ -85,7 +86,7 @@ def parse_spec(spec):
             flags += [settings[name].flag] if value.lower() == "true" else []
         else:
             flags += [settings[name].flag, value]
-    return Variant(spec, tuple(flags))
+    return Variant(spec, tuple(flags), tuple((name, value) for name, value in pairs))
 
 
 def baseline_flags(args):
@@ -329,7 +330,8 @@ def summarise(out_dir, variants, seeds, runs, base):
     entries = []
     for variant in variants:
         accuracies = [result["accuracy"] for result in results[variant.name]]
-        entry = {"name": variant.name, "flags": list(variant.flags), "accuracies": accuracies, **spread(accuracies)}
+        entry = {"name": variant.name, "settings": dict(variant.settings), "flags": list(variant.flags)}
+        entry |= {"accuracies": accuracies, **spread(accuracies)}
         entry["ensemble_accuracy"] = ensemble_accuracy(out_dir, by_variant[variant.name])
         if variant.name != "baseline" and seeds > 1:
             entry.update(paired(baseline, accuracies))

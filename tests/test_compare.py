@@ -41,7 +41,8 @@ def answer(out_dir):
     ],
 )
 def test_a_spec_is_settings_joined_by_commas(spec, flags):
-    assert compare.parse_spec(spec) == compare.Variant(spec, flags)
+    variant = compare.parse_spec(spec)
+    assert (variant.name, variant.flags) == (spec, flags)
 
 
 @pytest.mark.parametrize(
@@ -133,6 +134,11 @@ def test_compare_writes_each_variants_numbers_and_its_verdict(compared):
     ]
     assert summary["split"] == "validation" and summary["seeds"] == [0, 1, 2]
     baseline = summary["variants"][0]["accuracies"]
+    assert [entry["settings"] for entry in summary["variants"]] == [
+        {},
+        {"pool": "max"},
+        {"optimizer": "sgd", "momentum": "0.9", "lr": "0.05"},
+    ]
     for entry in summary["variants"]:
         assert len(entry["accuracies"]) == 3 and {"mean", "sd", "median", "ci95", "ensemble_accuracy"} <= set(entry)
     for entry in summary["variants"][1:]:
