@@ -231,7 +231,7 @@ def architecture(config):
 
 def describe_architecture(model, arguments):
     """'LeNet-5 (61,706 parameters)', or with what differs from the original design:
-    'LeNet-5, pool max, batch_norm (62,150 parameters)'."""
+    'LeNet-5, pool max, batch_norm (61,750 parameters)'."""
     changed = [
         name if value is True else f"{name} {as_text(value)}"
         for name, value in arguments.items()
