@@ -6,13 +6,13 @@
 The baseline is a training run with the flags given; each variant is the baseline plus one --vary
 spec. Every variant trains with seeds 0..N-1, so that seed k is the same starting point, data order
 and augmentation for all of them (paired). Each run is a plain training run (--no-figures) in
-<out-dir>/runs/<variant>-seed-<k>/; its result (accuracy, per-class counts, the predictions, and the
-probabilities for the ensemble) is <out-dir>/results/<variant>-seed-<k>.json (and .pt), written
-atomically last, so that a rerun trains only what has no result yet. Runs go to worker processes of
-one torch thread each, so that a run gives the same numbers whatever the machine's cores and
---workers: those of a plain training run under OMP_NUM_THREADS=1. --shard I/N takes every N-th run,
-so that several machines can share one folder. Once every result is there: compare.json, compare.md,
-and compare.html with compare.png.
+<out-dir>/runs/<variant>-seed-<k>/, its log in <out-dir>/logs/. Its result (accuracy, per-class
+counts, the predictions, and the probabilities for the ensemble) is
+<out-dir>/results/<variant>-seed-<k>.json (and .pt), written atomically last, so that a rerun trains
+only what has no result yet. Runs go to worker processes of one torch thread each, so that a run
+gives the same numbers whatever the machine's cores and --workers: those of a plain training run
+under OMP_NUM_THREADS=1. --shard I/N takes every N-th run, so that several machines can share one
+folder. Once every result is there: compare.json, compare.md, and compare.html with compare.png.
 """
 
 import contextlib
@@ -35,7 +35,7 @@ from loguru import logger
 import mnist_recognition as trainer
 from companions import files
 from companions.command_line import as_text, takes
-from companions.devices import Runtime
+from companions.devices import Runtime, pick_device
 from companions.errors import CliError
 
 PAGE_FILE = Path(__file__).with_name("compare_page.html")
@@ -148,7 +148,8 @@ def train_one(out_dir, run):
 
     run_dir = out_dir / "runs" / run.name()
     args = trainer.parse_args([*run.argv, "--no-figures", "--out-dir", str(run_dir)])
-    code = trainer.train_command(args)
+    with logged_to(out_dir / "logs" / f"{run.name()}.log"):
+        code = trainer.train_command(args)
     if code != 0:
         raise RuntimeError(f"{run.name()}: training ended with exit code {code}")
     model, _ = load_trained_model(run_dir / files.MODEL_FILE, torch.device("cpu"))
@@ -187,15 +188,25 @@ def evaluation_split(data_dir, dataset, validation, test_limit, train_limit):
     return trainer.load_data(args, Runtime(torch.device("cpu")))[1]
 
 
+@contextlib.contextmanager
+def logged_to(path):
+    """The run's whole log into a file of its own; tqdm, seeing no terminal there, draws no bars."""
+    with open(path, "w", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+        sink = logger.add(log, level="INFO", format="{time:HH:mm:ss} | {level: <7} | {message}")
+        try:
+            yield
+        finally:
+            logger.remove(sink)
+
+
 def in_worker(out_dir, run):
     """A worker process's job: one run, quietly, with one torch thread."""
     return train_one(out_dir, run)
 
 
 def start_worker():
-    """Each worker: one torch thread (several processes share the cores), warnings only, no bars."""
+    """Each worker: one torch thread (several processes share the cores); only warnings on the console."""
     torch.set_num_threads(1)
-    os.environ["TQDM_DISABLE"] = "1"
     logger.remove()
     logger.add(sys.stderr, level="WARNING", format="{message}")
 
@@ -206,7 +217,7 @@ def as_in_a_worker():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     logger.remove()
-    logger.add(lambda message: print(message, end="", file=sys.stderr), level="WARNING", format="{message}")
+    logger.add(sys.stderr, level="WARNING", format="{message}")
     try:
         yield
     finally:
@@ -457,6 +468,7 @@ def check_folder(out_dir, base):
     else:
         files.write_json(marker, {"command": "compare", "baseline": base})
     files.prepare_folder(out_dir / "results")
+    files.prepare_folder(out_dir / "logs")
 
 
 def command(args):
@@ -476,7 +488,9 @@ def command(args):
     runs = all_runs(variants, args.seeds, base)
     check_folder(args.out_dir, base)
     mine = runs if args.shard is None else runs[args.shard[0] :: args.shard[1]]
-    workers = min(args.workers or os.cpu_count() or 1, max(1, len(mine)))
+    # On an accelerator the runs would share it: one at a time unless --workers says otherwise.
+    cores = (os.cpu_count() or 1) if pick_device(args.device).type == "cpu" else 1
+    workers = min(args.workers or cores, max(1, len(mine)))
     logger.info(
         "{} variants x {} seeds: {} runs, {} here, {} at a time",
         len(variants),
