@@ -199,11 +199,6 @@ def logged_to(path):
             logger.remove(sink)
 
 
-def in_worker(out_dir, run):
-    """A worker process's job: one run, quietly, with one torch thread."""
-    return train_one(out_dir, run)
-
-
 def start_worker():
     """Each worker: one torch thread (several processes share the cores); only warnings on the console."""
     torch.set_num_threads(1)
@@ -244,7 +239,7 @@ def run_all(out_dir, runs, workers):
     # with torch imported, and sets its one thread first. Elsewhere, fresh interpreters.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker) as pool:
-        futures = [pool.submit(in_worker, out_dir, run) for run in todo]
+        futures = [pool.submit(train_one, out_dir, run) for run in todo]
         try:
             for future in as_completed(futures):
                 done += 1
