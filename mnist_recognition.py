@@ -10,14 +10,17 @@
     python mnist_recognition.py predict my_digit.png
     python mnist_recognition.py serve                 # a page to draw a digit on: http://127.0.0.1:8000/
     python mnist_recognition.py export                # outputs/lenet5_mnist.onnx, checked with ONNX Runtime
+    python mnist_recognition.py --pool max --batch-norm   # a variant of LeNet-5 from the original report
+    python mnist_recognition.py compare --vary pool=max batch_norm=true --seeds 5 --recipe fast
     torchrun --standalone --nproc_per_node=2 mnist_recognition.py
 
 This file is the training, in the order the data flows: the settings, LeNet-5, the data (a Dataset
 and a DataLoader), the training loop, evaluation, the 4x4 grids of images, and main. The
 companions/ package beside it holds the plumbing each of these calls in one line (the command
-line, the dataset's files, devices, Adam, the augmentation, resuming, atomic files), none of which
-imports this file; and what uses a trained model or decorates a run (evaluate, predict, serve,
-export, finetune, the report), each imported only by the command that needs it.
+line, the dataset's files, devices, Adam, the augmentation, resuming, atomic files, each layer's
+cost), none of which imports this file; and what uses a trained model or decorates a run
+(evaluate, predict, serve, export, finetune, compare, the report), each imported only by the
+command that needs it.
 
 Each split is loaded once into a normalised tensor on the training device; the DataLoader's
 batches are drawn from it by one indexing operation each, in a seeded order. On one machine every
