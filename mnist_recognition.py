@@ -72,8 +72,6 @@ from companions.files import (
     CHECKPOINT_FILE,
     CONFUSION_PNG,
     CURVES_PNG,
-    FILTERS_PNG,
-    LAYER_MAPS_PNG,
     METRICS_FILE,
     MISTAKES_PNG,
     MODEL_FILE,
@@ -84,6 +82,7 @@ from companions.files import (
     save_checkpoint,
     save_model,
     split_images_png,
+    training_figures,
 )
 from companions.grids import grid_title, plot_digit_grid
 from companions.resume import (
@@ -376,9 +375,6 @@ def training_loader(train_split, order, epoch, first, args, runtime):
 # ----------------------------------------------------------------------------------------------
 
 
-OPTIMIZER_NAMES = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
-
-
 def check_optimizer_settings(args):
     if args.momentum and args.optimizer not in ("sgd", "rmsprop"):
         raise CliError(
@@ -421,7 +417,7 @@ def train(args, runtime):
     optimizer = new_optimizer(model, args)
     schedule = new_schedule(optimizer, args, steps_per_epoch=batches_per_epoch(len(train_set[1]), args))
     progress = start_or_resume(args, runtime, model, optimizer, schedule, checkpoint_path)
-    log_setup(args, runtime, model, train_set, eval_set)
+    log_setup(args, runtime, model, optimizer, train_set, eval_set)
     train_split = training_split(train_set, args)
     # The step runs through DDP's wrapper under torchrun; `model` itself is saved and evaluated.
     step_model = model
@@ -554,14 +550,14 @@ def evaluates_after(epoch, args):
     return epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0)
 
 
-def log_setup(args, runtime, model, train_set, eval_set):
+def log_setup(args, runtime, model, optimizer, train_set, eval_set):
     processes = f" x {runtime.world_size} processes ({runtime.backend})" if runtime.world_size > 1 else ""
     logger.info(f"Device: {runtime.device}{processes}")
     logger.info(f"{describe_architecture(model, architecture(args))}; each layer's cost:")
     for line in layers.table_lines(layers.layer_costs(model, args.batch_size), args.batch_size):
         logger.info("  " + line)
     images = f"{len(train_set[1])} training and {len(eval_set[1])} {evaluation_split(args)} images"
-    epochs = f"{plural(args.epochs, 'epoch')}, batch {args.batch_size}, {OPTIMIZER_NAMES[args.optimizer]} lr {args.lr}"
+    epochs = f"{plural(args.epochs, 'epoch')}, batch {args.batch_size}, {type(optimizer).__name__} lr {args.lr}"
     logger.info(f"{images} of {DATASETS[args.dataset].title}; {epochs}")
     recipe = ("schedule", "warmup", "adam_betas", "momentum", "weight_decay", "label_smoothing", "augment")
     logger.info(f"Recipe {args.recipe}: " + ", ".join(f"{name} {as_text(getattr(args, name))}" for name in recipe))
@@ -719,9 +715,7 @@ def training_config(args):
 
 def training_files(split):
     """Every file a training run writes into --out-dir."""
-    figures = (CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG, TRAIN_IMAGES_PNG, split_images_png(split))
-    figures += (FILTERS_PNG, LAYER_MAPS_PNG)
-    return (MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, *figures)
+    return (MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, *training_figures(split))
 
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set):
@@ -730,9 +724,9 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
 
     dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
     save_model(out_dir / MODEL_FILE, model, config, evaluation)
-    network = describe_architecture(model, architecture(args))
+    costs = layers.layer_costs(model, args.batch_size)
     if args.no_figures:
-        report.write_training_metrics(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
+        report.write_training_metrics(out_dir, config, costs, dataset, runtime, model, progress, evaluation, timeline)
         logger.info("Wrote {}, {} and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, out_dir)
         return
     # The figures in two processes: a copy of this one draws the evaluation's three meanwhile.
@@ -742,7 +736,10 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
         plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
         report.plot_training_curves(progress, split, out_dir / CURVES_PNG, report.training_measured_on(args))
         report.draw_inside_figures(out_dir, model, eval_set, split, dataset)
-    report.write_training_report(out_dir, config, network, dataset, runtime, model, progress, evaluation, timeline)
+    network = describe_architecture(model, architecture(args))
+    report.write_training_report(
+        out_dir, config, network, costs, dataset, runtime, model, progress, evaluation, timeline
+    )
     logger.info(
         "Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, out_dir
     )

@@ -16,7 +16,6 @@ folder. Once every result is there: compare.json, compare.md, and compare.html w
 """
 
 import contextlib
-import functools
 import html
 import math
 import multiprocessing
@@ -144,6 +143,7 @@ def read_result(out_dir, run):
 
 def train_one(out_dir, run):
     """Train the run in this process, then write its result; returns the result."""
+    from companions.evaluate import probabilities_of
     from companions.trained import load_trained_model
 
     run_dir = out_dir / "runs" / run.name()
@@ -153,9 +153,8 @@ def train_one(out_dir, run):
     if code != 0:
         raise RuntimeError(f"{run.name()}: training ended with exit code {code}")
     model, _ = load_trained_model(run_dir / files.MODEL_FILE, torch.device("cpu"))
-    images, labels = evaluation_split(args.data_dir, args.dataset, args.validation, args.test_limit, args.train_limit)
-    with torch.inference_mode():
-        probabilities = torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
+    images, labels = evaluation_split(args)
+    probabilities = probabilities_of(model, images)
     predictions = probabilities.argmax(1)
     correct = torch.bincount(labels[predictions == labels], minlength=10)
     metrics = files.read_json(run_dir / files.METRICS_FILE)
@@ -179,13 +178,15 @@ def train_one(out_dir, run):
     return result
 
 
-@functools.cache
-def evaluation_split(data_dir, dataset, validation, test_limit, train_limit):
-    """The split the runs are measured on, on the CPU, read once per process."""
-    args = trainer.parse_args(["--data-dir", str(data_dir), "--dataset", dataset, "--validation", str(validation),
-                               "--no-download", *(["--test-limit", str(test_limit)] if test_limit else []),
-                               *(["--train-limit", str(train_limit)] if train_limit else [])])  # fmt: skip
-    return trainer.load_data(args, Runtime(torch.device("cpu")))[1]
+EVALUATION_SPLITS = {}  # this process's: each read once
+
+
+def evaluation_split(args):
+    """The split the runs are measured on, on the CPU."""
+    key = (args.data_dir, args.dataset, args.validation, args.test_limit)
+    if key not in EVALUATION_SPLITS:
+        EVALUATION_SPLITS[key] = trainer.load_data(args, Runtime(torch.device("cpu")))[1]
+    return EVALUATION_SPLITS[key]
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from companions.errors import CliError
 from companions.files import METRICS_FILE, REPORT_FILE
 from companions.trained import trained_model
 
-WRITES = (METRICS_FILE, REPORT_FILE, *report.EVALUATION_FIGURES)
+WRITES = (METRICS_FILE, REPORT_FILE, *files.EVALUATION_FIGURES)
 
 
 def command(args):
@@ -106,16 +106,17 @@ def evaluate_ensemble(args, checkpoints):
 
 
 @torch.inference_mode()
+def probabilities_of(model, images):
+    """The model's probabilities for every image, in evaluation's batches."""
+    return torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
+
+
+@torch.inference_mode()
 def ensemble_evaluation(models, eval_set, split):
     """The ensemble's answers: the mean of the models' probabilities."""
     started = time.perf_counter()
     images, labels = eval_set
-    probabilities = torch.stack(
-        [
-            torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
-            for model in models
-        ]
-    ).mean(0)
+    probabilities = torch.stack([probabilities_of(model, images) for model in models]).mean(0)
     confidence, predicted = probabilities.max(1)
     loss = torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
     return trainer.Evaluation(

@@ -24,11 +24,17 @@ METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
 CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
 PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
 FILTERS_PNG, LAYER_MAPS_PNG = "filters.png", "layer_maps.png"
+EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
 
 
 def split_images_png(split):
     """test_images.png, or validation_images.png under --validation."""
     return f"{split}_images.png"
+
+
+def training_figures(split):
+    """The figures of a training run, in the report's order."""
+    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split), FILTERS_PNG, LAYER_MAPS_PNG)
 
 
 # write_atomically's temporary files: .NAME.mnist_recognition-PID.tmp, a name no other program uses.
@@ -184,14 +190,6 @@ def save_model(path, model, config, evaluation, **more):
         **more,
     }
     write_atomically(path, lambda file: torch.save(on_cpu(payload), file))
-
-
-def load_checkpoint(path, model):
-    """Load a checkpoint of this program with weights_only=True and check that it holds weights of
-    `model`'s shapes, all finite."""
-    payload = read_checkpoint(path)
-    check_weights(path, payload, model)
-    return payload
 
 
 def read_checkpoint(path):

@@ -93,14 +93,24 @@ def kibibytes(count):
     return f"{count / 1024:,.1f} KiB"
 
 
+def rows_as_text(rows):
+    """Each row, then the totals, as (layer, output, parameters, multiply-adds, activations) text."""
+    return [
+        (
+            row["name"],
+            "x".join(str(size) for size in row["output_shape"]),
+            f"{row['parameters']:,}",
+            f"{row['multiply_adds']:,}",
+            kibibytes(row["activation_bytes"]),
+        )
+        for row in [*rows, {"name": "total", "output_shape": [], **totals(rows)}]
+    ]
+
+
 def table_lines(rows, batch_size):
     """The table as lines of text, with a totals line, for the log."""
     memory = f"activations (batch {batch_size})"
     lines = [f"{'layer':<6} {'output':>9} {'parameters':>11} {'multiply-adds':>14} {memory:>26}"]
-    for row in [*rows, {"name": "total", "output_shape": [], **totals(rows)}]:
-        shape = "x".join(str(size) for size in row["output_shape"])
-        lines.append(
-            f"{row['name']:<6} {shape:>9} {row['parameters']:>11,} {row['multiply_adds']:>14,} "
-            f"{kibibytes(row['activation_bytes']):>26}"
-        )
+    for name, shape, parameters, multiply_adds, activations in rows_as_text(rows):
+        lines.append(f"{name:<6} {shape:>9} {parameters:>11} {multiply_adds:>14} {activations:>26}")
     return lines

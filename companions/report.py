@@ -26,6 +26,7 @@ from companions.command_line import as_text, plural
 from companions.files import (
     CONFUSION_PNG,
     CURVES_PNG,
+    EVALUATION_FIGURES,
     FILTERS_PNG,
     LAYER_MAPS_PNG,
     METRICS_FILE,
@@ -34,9 +35,10 @@ from companions.files import (
     REPORT_FILE,
     TRAIN_IMAGES_PNG,
     split_images_png,
+    training_figures,
 )
 from companions.grids import grid_title, has_long_names, new_figure, plot_digit_grid, save_figure
-from companions.layers import kibibytes, layer_costs, totals
+from companions.layers import rows_as_text, totals
 
 PAGE_FILE = Path(__file__).with_name("report_page.html")
 FIGURE_CAPTIONS = {
@@ -56,18 +58,12 @@ FIGURE_CAPTIONS = {
     "ReLU: red where a filter found its pattern, blue where ReLU will set the map to 0. One colour scale per layer, "
     "centred on 0.",
 }
-EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
 
 
-def training_figures(split):
-    """The figures of a training run, in the report's order."""
-    return (CURVES_PNG, *EVALUATION_FIGURES, TRAIN_IMAGES_PNG, split_images_png(split), FILTERS_PNG, LAYER_MAPS_PNG)
-
-
-def write_training_report(out_dir, config, network, dataset, runtime, model, progress, evaluation, timeline):
+def write_training_report(out_dir, config, network, costs, dataset, runtime, model, progress, evaluation, timeline):
     """A training run's report.html, once its figures are written, and last metrics.json, which times
     the rest. `config` is the run's settings, as checkpoints record them; `network` names the
-    network and its parameter count."""
+    network and its parameter count; `costs` are its layers' (companions/layers.py)."""
     split = evaluation.split
     training_seconds = sum(summary["seconds"] for summary in progress.history)
     title = f"{network} on {dataset.title}, recipe {config['recipe']}: {evaluation.accuracy:.2f} % {split} accuracy"
@@ -76,14 +72,14 @@ def write_training_report(out_dir, config, network, dataset, runtime, model, pro
         f"{plural(len(progress.history), 'epoch')} ({training_seconds:.1f} s of training)"
     )
     sections = report_sections(config, environment(runtime), evaluation, dataset, progress.history)
-    sections.append((f"Layers (batch {config['batch_size']})", layers_table(layer_costs(model, config["batch_size"]))))
+    sections.append((f"Layers (batch {config['batch_size']})", layers_table(costs)))
     write_report(out_dir, title, headline, sections, training_figures(split))
-    write_training_metrics(out_dir, config, dataset, runtime, model, progress, evaluation, timeline)
+    write_training_metrics(out_dir, config, costs, dataset, runtime, model, progress, evaluation, timeline)
 
 
-def write_training_metrics(out_dir, config, dataset, runtime, model, progress, evaluation, timeline):
+def write_training_metrics(out_dir, config, costs, dataset, runtime, model, progress, evaluation, timeline):
     """A training run's metrics.json, written last: it times the rest."""
-    split, costs = evaluation.split, layer_costs(model, config["batch_size"])
+    split = evaluation.split
     training_seconds = sum(summary["seconds"] for summary in progress.history)
     timeline["written"] = time.time()
     metrics = {
@@ -293,20 +289,7 @@ def report_sections(settings, environment_values, evaluation, dataset, history=(
 
 def layers_table(costs):
     """Each layer's output shape, parameters, multiply-adds per image and activation memory, and the totals."""
-    rows = [
-        (
-            row["name"],
-            "x".join(map(str, row["output_shape"])),
-            row["parameters"],
-            row["multiply_adds"],
-            row["activation_bytes"],
-        )
-        for row in costs
-    ]
-    total = totals(costs)
-    rows.append(("total", "", total["parameters"], total["multiply_adds"], total["activation_bytes"]))
-    rows = [(name, shape, f"{p:,}", f"{m:,}", kibibytes(b)) for name, shape, p, m, b in rows]
-    return html_table(("layer", "output", "parameters", "multiply-adds per image", "activations"), rows)
+    return html_table(("layer", "output", "parameters", "multiply-adds per image", "activations"), rows_as_text(costs))
 
 
 def epochs_table(history, split):
