@@ -12,37 +12,29 @@ counts, the predictions, and the probabilities for the ensemble) is
 only what has no result yet. Runs go to worker processes of one torch thread each, so that a run
 gives the same numbers whatever the machine's cores and --workers: those of a plain training run
 under OMP_NUM_THREADS=1. --shard I/N takes every N-th run, so that several machines can share one
-folder. Once every result is there: compare.json, compare.md, and compare.html with compare.png.
+folder. Once every result is there, comparison.py makes the answer of them: compare.json,
+compare.md, and compare.html with compare.png.
 """
 
 import contextlib
-import html
-import math
 import multiprocessing
 import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
-from string import Template
 
-import numpy as np
 import torch
 from loguru import logger
 
 import mnist_recognition as trainer
-from companions import files
+from companions import comparison, files
 from companions.command_line import as_text, takes
 from companions.devices import Runtime, pick_device
 from companions.errors import CliError
 
-PAGE_FILE = Path(__file__).with_name("compare_page.html")
-COMPARE_JSON, COMPARE_MD, COMPARE_HTML, COMPARE_PNG = "compare.json", "compare.md", "compare.html", "compare.png"
-WRITES = (files.METRICS_FILE, COMPARE_JSON, COMPARE_MD, COMPARE_HTML, COMPARE_PNG)
+WRITES = (files.METRICS_FILE, *comparison.ANSWER_FILES)
 DEFAULT_VALIDATION = 10_000  # images held out of the training split, unless --validation or --test says otherwise
-SIGNIFICANCE = 0.05  # a Holm-corrected p-value below this is a difference; the intervals are 95 %
-POWER = 0.8  # the smallest detectable difference is the one these seeds would find this often
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +119,10 @@ def result_path(out_dir, run):
     return out_dir / "results" / f"{run.name()}.json"
 
 
+def probabilities_path(out_dir, run):
+    return result_path(out_dir, run).with_suffix(".pt")
+
+
 def read_result(out_dir, run):
     """The run's result, or None where it has none (or one of other flags: then it runs again)."""
     path = result_path(out_dir, run)
@@ -169,12 +165,11 @@ def train_one(out_dir, run):
         "predictions": predictions.tolist(),
         "training_seconds": metrics["training_seconds"],
     }
-    path = result_path(out_dir, run)
-    probabilities_path = path.with_suffix(".pt")
     files.write_atomically(
-        probabilities_path, lambda file: torch.save({"probabilities": probabilities.half(), "labels": labels}, file)
+        probabilities_path(out_dir, run),
+        lambda file: torch.save({"probabilities": probabilities.half(), "labels": labels}, file),
     )
-    files.write_json(path, result)  # last: its presence says the run is done
+    files.write_json(result_path(out_dir, run), result)  # last: its presence says the run is done
     return result
 
 
@@ -264,189 +259,16 @@ def log_run(result, done, total):
 
 
 # ----------------------------------------------------------------------------------------------
-# The statistics: per variant, and each against the baseline, seed by seed
+# The command
 # ----------------------------------------------------------------------------------------------
-
-
-def spread(accuracies):
-    """Mean, SD, median and the 95 % confidence interval of the mean (Student's t) of some seeds."""
-    from scipy import stats
-
-    values = np.asarray(accuracies, dtype=np.float64)
-    count, mean = len(values), float(values.mean())
-    sd = float(values.std(ddof=1)) if count > 1 else None
-    interval = (
-        [float(bound) for bound in stats.t.interval(0.95, count - 1, loc=mean, scale=sd / math.sqrt(count))]
-        if sd
-        else [mean, mean]
-    )
-    return {"mean": mean, "sd": sd, "median": float(np.median(values)), "ci95": interval}
-
-
-def paired(baseline, accuracies):
-    """Against the baseline, seed by seed: the mean difference with its 95 % interval, the paired
-    t-test's p-value and the smallest difference these seeds would detect with POWER."""
-    from scipy import stats
-
-    differences = np.asarray(accuracies, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    count, mean = len(differences), float(differences.mean())
-    sd = float(differences.std(ddof=1))
-    if sd == 0:  # the same difference on every seed: the t-test has no spread to weigh it by
-        return {"difference": mean, "difference_ci95": [mean, mean], "p_value": 1.0 if mean == 0 else 0.0,
-                "detectable_difference": 0.0}  # fmt: skip
-    error = sd / math.sqrt(count)
-    return {
-        "difference": mean,
-        "difference_ci95": [float(bound) for bound in stats.t.interval(0.95, count - 1, loc=mean, scale=error)],
-        "p_value": float(stats.ttest_rel(accuracies, baseline).pvalue),
-        "detectable_difference": float(
-            (stats.t.ppf(1 - SIGNIFICANCE / 2, count - 1) + stats.t.ppf(POWER, count - 1)) * error
-        ),
-    }
-
-
-def holm(p_values):
-    """Holm's step-down correction of several p-values, in their order."""
-    order = np.argsort(p_values, kind="stable")
-    corrected, running = [0.0] * len(p_values), 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
-        corrected[index] = running
-    return corrected
-
-
-def verdict(entry, seeds):
-    if entry["p_holm"] < SIGNIFICANCE:
-        return "better" if entry["difference"] > 0 else "worse"
-    return f"not distinguishable from seed noise with {seeds} seeds"
-
-
-def ensemble_accuracy(out_dir, runs):
-    """The accuracy of the mean of the runs' probabilities."""
-    saved = [torch.load(result_path(out_dir, run).with_suffix(".pt"), weights_only=True) for run in runs]
-    mean = torch.stack([entry["probabilities"].float() for entry in saved]).mean(0)
-    labels = saved[0]["labels"]
-    return 100 * (mean.argmax(1) == labels).sum().item() / len(labels)
 
 
 def summarise(out_dir, variants, seeds, runs, base):
-    """compare.json's content: each variant's numbers, and each against the baseline."""
+    """compare.json's content, from every run's result and probabilities, variant by variant."""
     by_variant = {variant.name: [run for run in runs if run.variant == variant] for variant in variants}
     results = {name: [read_result(out_dir, run) for run in chosen] for name, chosen in by_variant.items()}
-    baseline = [result["accuracy"] for result in results["baseline"]]
-    entries = []
-    for variant in variants:
-        accuracies = [result["accuracy"] for result in results[variant.name]]
-        entry = {"name": variant.name, "settings": dict(variant.settings), "flags": list(variant.flags)}
-        entry |= {"accuracies": accuracies, **spread(accuracies)}
-        entry["ensemble_accuracy"] = ensemble_accuracy(out_dir, by_variant[variant.name])
-        if variant.name != "baseline" and seeds > 1:
-            entry.update(paired(baseline, accuracies))
-        entries.append(entry)
-    compared = [entry for entry in entries if "p_value" in entry]
-    for entry, corrected in zip(compared, holm([entry["p_value"] for entry in compared])):
-        entry["p_holm"] = corrected
-        entry["verdict"] = verdict(entry, seeds)
-    split = results["baseline"][0]["split"]
-    return {"command": "compare", "split": split, "seeds": list(range(seeds)), "baseline": base, "variants": entries}
-
-
-# ----------------------------------------------------------------------------------------------
-# The answer: compare.json, compare.md, and compare.html with its figure
-# ----------------------------------------------------------------------------------------------
-
-
-def percent(value):
-    return "" if value is None else f"{value:.2f}"
-
-
-def table_rows(summary):
-    """(header, rows) of the comparison, one row a variant."""
-    header = ("variant", "accuracy % per seed", "mean", "SD", "95 % interval", "ensemble",
-              "difference", "95 % interval", "p (Holm)", "detectable", "verdict")  # fmt: skip
-    rows = []
-    for entry in summary["variants"]:
-        compared = "p_holm" in entry
-        rows.append(
-            (
-                entry["name"],
-                " ".join(f"{value:.2f}" for value in entry["accuracies"]),
-                percent(entry["mean"]),
-                "" if entry["sd"] is None else f"{entry['sd']:.3f}",
-                "{:.2f} to {:.2f}".format(*entry["ci95"]),
-                percent(entry["ensemble_accuracy"]),
-                f"{entry['difference']:+.2f}" if compared else "",
-                "{:+.2f} to {:+.2f}".format(*entry["difference_ci95"]) if compared else "",
-                f"{entry['p_holm']:.3g}" if compared else "",
-                f"{entry['detectable_difference']:.2f}" if compared else "",
-                entry.get("verdict", "(the baseline)" if entry["name"] == "baseline" else ""),
-            )
-        )
-    return header, rows
-
-
-def markdown(summary):
-    header, rows = table_rows(summary)
-    lines = [
-        f"# LeNet-5 and its variants, {len(summary['seeds'])} paired seeds, {summary['split']} accuracy",
-        "",
-        f"Baseline: `{' '.join(summary['baseline']) or 'the defaults'}`",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary, path):
-    """Every seed as a dot, and each variant's mean with its 95 % interval."""
-    from companions.grids import new_figure, save_figure
-
-    entries = summary["variants"]
-    figure = new_figure(9, 0.55 * len(entries) + 1.4)
-    axis = figure.subplots()
-    for row, entry in enumerate(entries):
-        axis.plot(entry["accuracies"], [row] * len(entry["accuracies"]), "o", color="tab:blue", alpha=0.5, markersize=5)
-        low, high = entry["ci95"]
-        axis.errorbar(entry["mean"], row + 0.18, xerr=[[entry["mean"] - low], [high - entry["mean"]]], fmt="s",
-                      color="black", capsize=3, markersize=4)  # fmt: skip
-    axis.set_yticks(range(len(entries)), [entry["name"] for entry in entries])
-    axis.invert_yaxis()
-    axis.set_xlabel(f"{summary['split']} accuracy (%): each seed a dot; the mean with its 95 % interval below")
-    axis.grid(axis="x", alpha=0.3)
-    figure.tight_layout()
-    save_figure(figure, path)
-
-
-def html_page(summary, figure_path):
-    import base64
-
-    header, rows = table_rows(summary)
-    table = "<table><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    table += "</table>"
-    return Template(PAGE_FILE.read_text(encoding="utf-8")).substitute(
-        title=html.escape(f"LeNet-5 and its variants: {len(summary['seeds'])} paired seeds"),
-        baseline=html.escape(" ".join(summary["baseline"]) or "the defaults"),
-        split=html.escape(summary["split"]),
-        table=table,
-        figure=base64.b64encode(figure_path.read_bytes()).decode(),
-    )
-
-
-def write_answer(out_dir, summary):
-    files.write_json(out_dir / COMPARE_JSON, summary)
-    text = markdown(summary)
-    files.write_atomically(out_dir / COMPARE_MD, lambda file: file.write(text.encode()))
-    plot(summary, out_dir / COMPARE_PNG)
-    page = html_page(summary, out_dir / COMPARE_PNG)
-    files.write_atomically(out_dir / COMPARE_HTML, lambda file: file.write(page.encode()))
-
-
-# ----------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------
+    probabilities = {name: [probabilities_path(out_dir, run) for run in chosen] for name, chosen in by_variant.items()}
+    return comparison.summarise(variants, seeds, results, probabilities, base)
 
 
 def check_folder(out_dir, base):
@@ -505,8 +327,8 @@ def command(args):
         )
         return 0
     summary = summarise(args.out_dir, variants, args.seeds, runs, base)
-    write_answer(args.out_dir, summary)
+    comparison.write_answer(args.out_dir, summary)
     for entry in summary["variants"]:
         logger.info("{}: {:.2f} % mean, {}", entry["name"], entry["mean"], entry.get("verdict", "the baseline"))
-    logger.info("Wrote {}, {} and {} into {}/", COMPARE_JSON, COMPARE_MD, COMPARE_HTML, args.out_dir)
+    logger.info("Wrote {} into {}/", ", ".join(comparison.ANSWER_FILES), args.out_dir)
     return 0
