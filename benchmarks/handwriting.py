@@ -6,7 +6,7 @@
 Every image is made here from scratch, encoded as a file would be (PNG or JPEG), and read through
 predict's own code path (`companions.prepare.read_image`: open, grayscale, foreground, stroke width, 20-px box,
 centre of mass, normalisation); the model then answers for all of them at once. Each kind is read
-four times, side by side: with the preparation as it was before issue 18 ("before": the border's
+four times, side by side: with the simplest preparation ("before": the border's
 median as the background level, strokes as they are), with the background's light fitted as a
 plane ("+ light"), with the paper's grain taken away too ("+ grain"), and with stroke widths
 handled too ("now", the current preparation). The kinds:
@@ -172,7 +172,7 @@ def kinds_of_images(data_dir, count):
 
 # --- reading them --------------------------------------------------------------------------------
 
-# The preparation's steps of issue 18, added one by one, left to right: (column, its steps).
+# The preparation's steps, added one by one, left to right: (column, its steps).
 STEPS = [
     ("before", prepare.Steps(light="median", grain_floor=0, match_strokes=False)),
     ("+ light", prepare.Steps(light="plane", grain_floor=0, match_strokes=False)),
