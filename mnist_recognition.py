@@ -2,7 +2,7 @@
 """LeNet-5 on MNIST: train it, see how it learned, check it, and try it on your own handwriting.
 
     python mnist_recognition.py                       # the original recipe; outputs/ gets the model,
-                                                      # metrics.json, eight figures and report.html
+                                                      # metrics.json, nine figures and report.html
     python mnist_recognition.py --recipe fast         # one pass over the data
     python mnist_recognition.py --recipe best         # augmented, 30 epochs
     python mnist_recognition.py --dataset fashion-mnist
@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from companions import command_line, layers
+from companions import command_line, doubt, layers
 from companions.adam import Adam  # torch's fused Adam, bit for bit, without torch.compile's hooks
 from companions.augment import augment_batch, generator_for
 from companions.command_line import (
@@ -69,6 +69,7 @@ from companions.datasets import DATASETS
 from companions.devices import ACCELERATORS, global_sum, memory_format_for, ran_on, start_runtime, to_device
 from companions.errors import CliError, LossDiverged
 from companions.files import (
+    CALIBRATION_PNG,
     CHECKPOINT_FILE,
     CONFUSION_PNG,
     CURVES_PNG,
@@ -162,6 +163,8 @@ SETTINGS = (
             commands=DATA_COMMANDS, recorded=False),
     Setting("no_figures", False, "write the model, checkpoint and metrics.json only: no figures and no report.html "
             "(quicker; compare's runs)", recorded=False),
+    Setting("no_detector", False, "train no 'not a digit' detector beside the model: its answers are only sure "
+            "or not sure (quicker; compare's runs)", recorded=False),
     Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
             "with the constant schedule", recorded=False),
 )
@@ -248,7 +251,24 @@ def parameter_count(model):
 
 def new_model(seed, device, **arguments):
     torch.manual_seed(seed)
-    return to_device(LeNet5(**arguments), device)
+    try:
+        return to_device(LeNet5(**arguments), device)
+    except (RuntimeError, MemoryError) as error:  # torch's allocators refuse in a RuntimeError
+        if not isinstance(error, MemoryError) and "allocate" not in str(error) and "out of memory" not in str(error):
+            raise
+        raise too_big(arguments, device) from None
+
+
+def too_big(arguments, device):
+    """The one line for a network whose weights cannot be allocated: its size, counted on torch's
+    meta device, where nothing is allocated."""
+    with torch.device("meta"):
+        count = parameter_count(LeNet5(**arguments))
+    return CliError(
+        f"--widths {as_text(arguments['widths'])}: the network would have {count:,} parameters, "
+        f"{4 * count / 2**30:,.1f} GiB as float32 before Adam's state and the activations, more than {device} "
+        f"can allocate. Give smaller widths."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +470,12 @@ def train(args, runtime):
     log_accuracy(evaluation, DATASETS[args.dataset])
     timeline["evaluated"] = time.time()
     if runtime.is_main:
-        write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set)
+        # What the model knows it does not know, learned from the training images (companions/doubt.py):
+        # a temperature that calibrates its probabilities, the "not sure" threshold, and a detector
+        # beside it for "not a digit". The model's own weights stay as they are.
+        learned = doubt.learn_doubt(model, *train_set, DATASETS[args.dataset], args.seed, not args.no_detector)
+        timeline["doubt_learned"] = time.time()
+        write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set, learned)
     return 0
 
 
@@ -689,13 +714,16 @@ def plot_predictions(eval_set, evaluation, seed, path, dataset):
     plot_digit_grid(images[chosen], titles, heading, path, dataset, colors)
 
 
-def draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset):
-    """What an evaluation shows: which classes it confuses, its worst mistakes, and 16 answers."""
+def draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset, trust):
+    """What an evaluation shows: which classes it confuses, its worst mistakes, 16 answers, and how far
+    its probabilities can be trusted."""
     from companions import report
+    from companions.trust import plot_calibration
 
     report.plot_confusion_matrix(evaluation, out_dir / CONFUSION_PNG, dataset)
     report.plot_mistakes(eval_set, evaluation, out_dir / MISTAKES_PNG, dataset)
     plot_predictions(eval_set, evaluation, seed, out_dir / PREDICTIONS_PNG, dataset)
+    plot_calibration(trust, out_dir / CALIBRATION_PNG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,19 +746,24 @@ def training_files(split):
     return (MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, *training_figures(split))
 
 
-def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set):
-    """The model file, then the eight figures and report.html (unless --no-figures), and last metrics.json."""
+def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set, learned):
+    """The model file, then the nine figures and report.html (unless --no-figures), and last metrics.json."""
     from companions import report
+    from companions.trust import measure_trust
 
     dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
-    save_model(out_dir / MODEL_FILE, model, config, evaluation)
+    save_model(out_dir / MODEL_FILE, model, config, evaluation, doubt=learned.as_saved())
     costs = layers.layer_costs(model, args.batch_size)
+    trust = measure_trust(model, learned, *eval_set, split)
+    report.log_trust(trust)
     if args.no_figures:
-        report.write_training_metrics(out_dir, config, costs, dataset, runtime, model, progress, evaluation, timeline)
+        report.write_training_metrics(
+            out_dir, config, costs, dataset, runtime, model, progress, evaluation, timeline, trust
+        )
         logger.info("Wrote {}, {} and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, out_dir)
         return
     # The figures in two processes: a copy of this one draws the evaluation's three meanwhile.
-    with report.drawn_beside(draw_evaluation_figures, out_dir, eval_set, evaluation, args.seed, dataset):
+    with report.drawn_beside(draw_evaluation_figures, out_dir, eval_set, evaluation, args.seed, dataset, trust):
         plot_samples(train_set, args.seed, "Training images (true label)", out_dir / TRAIN_IMAGES_PNG, dataset)
         heading = f"{split.capitalize()} images (true label)"
         plot_samples(eval_set, args.seed + 1, heading, out_dir / split_images_png(split), dataset)
@@ -738,7 +771,7 @@ def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline,
         report.draw_inside_figures(out_dir, model, eval_set, split, dataset)
     network = describe_architecture(model, architecture(args))
     report.write_training_report(
-        out_dir, config, network, costs, dataset, runtime, model, progress, evaluation, timeline
+        out_dir, config, network, costs, dataset, runtime, model, progress, evaluation, timeline, trust
     )
     logger.info(
         "Wrote {}, {}, {}, the figures and {} into {}/", MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, REPORT_FILE, out_dir

@@ -9,7 +9,9 @@ centre of mass, normalisation); the model then answers for all of them at once. 
 four times, side by side: with the simplest preparation ("before": the border's
 median as the background level, strokes as they are), with the background's light fitted as a
 plane ("+ light"), with the paper's grain taken away too ("+ grain"), and with stroke widths
-handled too ("now", the current preparation). The kinds:
+handled too ("now", the current preparation). Then, for each kind with today's preparation, the
+shares of the wrong answers and of the right ones that the model's verdicts flag ("not sure" or
+"not a digit"; companions/doubt.py). The kinds:
 
 - drawn (thin, MNIST-like, heavy pen): MNIST test digits re-drawn as a person draws on the page:
   the digit's skeleton traced with a round pen 10, 28 or 56 px wide on a 280x280 canvas;
@@ -35,9 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
-from companions import prepare  # noqa: E402
+from companions import doubt, prepare, trained  # noqa: E402
 from companions.serve import describe_model  # noqa: E402
-from companions.trained import load_trained_model  # noqa: E402
 
 FONTS = [
     "/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf",
@@ -193,6 +194,16 @@ def percent(right):
     return 100 * right.float().mean().item()
 
 
+def flagged(model, learned, files, labels, dataset):
+    """(the share of wrong answers, the share of right answers) that the model's verdicts flag ("not
+    sure" or "not a digit"), read through predict's own code path."""
+    inputs = torch.stack([prepare.read_image(io.BytesIO(file), dataset)[1] for file in files])
+    logits = doubt.logits_of(model, inputs)
+    _, _, verdicts = learned.verdicts(logits, inputs)
+    right, flags = logits.argmax(1) == torch.tensor(labels), verdicts != 0
+    return percent(flags[~right]) if (~right).any() else float("nan"), percent(flags[right])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=Path, nargs="+", default=[Path("outputs") / app.MODEL_FILE])
@@ -205,13 +216,18 @@ def main():
     mnist = app.DATASETS["mnist"]
     right_now = {kind: [] for kind in kinds}  # per kind, each model's answers with today's preparation
     for checkpoint in args.checkpoints:
-        model, payload = load_trained_model(checkpoint, torch.device("cpu"))
+        model, payload = trained.load_trained_model(checkpoint, torch.device("cpu"))
         print(f"\n{describe_model(checkpoint, payload, mnist)}")
         print(f"{'kind':<32} {'images':>6}" + "".join(f" {column:>8}" for column, _ in STEPS))
         for kind, (files, labels) in kinds.items():
             rights = [read_right(model, files, labels, mnist, steps) for _, steps in STEPS]
             right_now[kind].append(rights[-1])
             print(f"{kind:<32} {len(files):>6}" + "".join(f" {percent(right):>7.1f}%" for right in rights), flush=True)
+        learned = trained.doubt_of(payload, checkpoint, torch.device("cpu"))
+        print(f"\n{'kind (now)':<32} {'wrong answers flagged':>22} {'right answers flagged':>22}")
+        for kind, (files, labels) in kinds.items():
+            wrong_flagged, right_flagged = flagged(model, learned, files, labels, mnist)
+            print(f"{kind:<32} {wrong_flagged:>21.1f}% {right_flagged:>21.1f}%", flush=True)
     if len(args.checkpoints) > 1:
         # Images that no model reads right are often no longer the digit they were made from (a
         # skeleton broken into dots, a loop filled in): an estimate of how far a kind can go.

@@ -3,10 +3,11 @@
 
     python benchmarks/wall_time.py --runs 5
     python benchmarks/wall_time.py --runs 5 --baseline HEAD~1     # side by side with another commit
+    python benchmarks/wall_time.py --runs 3 --baseline HEAD~1 --original   # and the default recipe's run
 
-Cases: `--help`; `--recipe fast` (training, with every output written); `evaluate` on the test set;
-`predict` on one photo-like image; and a bare `python -c "import torch"`, the floor of every
-command. Each round runs every case once, in an order that rotates from round to round; with
+Cases: `--help`; `--recipe fast` (training, with every output written); with --original, the
+default recipe's whole run too; `evaluate` on the test set; `predict` on one photo-like image; and
+a bare `python -c "import torch"`, the floor of every command. Each round runs every case once, in an order that rotates from round to round; with
 --baseline, that commit's tree (taken with `git archive` into a scratch folder) runs each case in
 the same rounds. Printed: the median of each case, `fast`'s median breakdown (from its
 metrics.json timeline) and its wall time over its own training seconds, predict and evaluate over
@@ -37,12 +38,14 @@ def photo_of_a_digit(path):
     Image.fromarray(paper.astype(np.uint8)).filter(ImageFilter.GaussianBlur(2)).save(path, quality=85)
 
 
-def cases(script, version, work, data_dir):
+def cases(script, version, work, data_dir, original=False):
     checkpoint = work / "fast" / "lenet5_mnist.pt"
     data = ["--data-dir", data_dir, "--no-download"]
+    default_recipe = {"train (original recipe)": [script, *data, "--out-dir", work / f"original-{version}"]}
     return {
         "--help": [script, "--help"],
         "train --recipe fast": [script, "--recipe", "fast", *data, "--out-dir", work / f"train-{version}"],
+        **(default_recipe if original else {}),
         "evaluate (10,000 images)": [
             script,
             "evaluate",
@@ -98,6 +101,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5, help="rounds; the median of them is printed")
     parser.add_argument("--baseline", help="a git revision (HEAD~1, a commit) to time alongside")
     parser.add_argument("--data-dir", type=Path, default=REPO / "data")
+    parser.add_argument("--original", action="store_true", help="time the default recipe's whole run too")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -126,7 +130,7 @@ def main():
         runs = [
             (version, name, command)
             for version, script in scripts.items()
-            for name, command in cases(script, version, work, args.data_dir).items()
+            for name, command in cases(script, version, work, args.data_dir, args.original).items()
             if not (version == "baseline" and name.startswith("python -c"))
         ]
         seconds = {(version, name): [] for version, name, _ in runs}
@@ -144,7 +148,7 @@ def main():
 def report(args, scripts, seconds, breakdowns):
     bare = median(seconds[("this", "python -c 'import torch'")])
     print(f"median wall seconds of {args.runs} runs (all runs in brackets)")
-    for name in cases(Path("s"), "this", Path("."), args.data_dir):
+    for name in cases(Path("s"), "this", Path("."), args.data_dir, args.original):
         this = median(seconds[("this", name)])
         line = f"{name:<26} this {this:6.2f} s [{', '.join(f'{v:.2f}' for v in seconds[('this', name)])}]"
         if ("baseline", name) in seconds:

@@ -143,7 +143,7 @@ def train_one(out_dir, run):
     from companions.trained import load_trained_model
 
     run_dir = out_dir / "runs" / run.name()
-    args = trainer.parse_args([*run.argv, "--no-figures", "--out-dir", str(run_dir)])
+    args = trainer.parse_args([*run.argv, "--no-figures", "--no-detector", "--out-dir", str(run_dir)])
     with logged_to(out_dir / "logs" / f"{run.name()}.log"):
         code = trainer.train_command(args)
     if code != 0:

@@ -18,6 +18,7 @@ class Dataset:
     mean: float
     std: float
     image_kind: str  # "digit" (a photo is prepared as MNIST was made) or "object" (as Fashion-MNIST was)
+    not_of_kind: str  # what an answer says of an image unlike the dataset's: "not a digit"
     augment_limits: dict  # what --augment may do to an image without changing its class
     # The 1st and 99th percentile of its training images' stroke widths, as companions/prepare.py
     # measures them; predict brings strokes outside that range to its nearer end. None: left as they are.
@@ -43,11 +44,13 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot")
 KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
 DATASETS = {dataset.name: dataset for dataset in (
-    Dataset("mnist", "MNIST", "MNIST", tuple("0123456789"), 0.1307, 0.3081, "digit", DIGIT_AUGMENT_LIMITS,
+    Dataset("mnist", "MNIST", "MNIST", tuple("0123456789"), 0.1307, 0.3081, "digit", "not a digit",
+            DIGIT_AUGMENT_LIMITS,
             stroke_widths=(1.07, 3.61)),
     Dataset("fashion-mnist", "Fashion-MNIST", "FashionMNIST", FASHION_CLASSES, 0.2860, 0.3530, "object",
-            CLOTHES_AUGMENT_LIMITS),
+            "not clothing", CLOTHES_AUGMENT_LIMITS),
     # KMNIST's statistics are the published ones (Clanuwat et al., 2018): its files cannot be fetched here.
-    Dataset("kmnist", "Kuzushiji-MNIST", "KMNIST", KMNIST_CLASSES, 0.1918, 0.3483, "digit", DIGIT_AUGMENT_LIMITS),
+    Dataset("kmnist", "Kuzushiji-MNIST", "KMNIST", KMNIST_CLASSES, 0.1918, 0.3483, "digit",
+            "not a character", DIGIT_AUGMENT_LIMITS),
 )}
 # fmt: on

@@ -17,9 +17,11 @@ from loguru import logger
 import mnist_recognition as trainer
 from companions import dataset_files, files, own_images, report
 from companions.devices import Runtime, pick_device
+from companions.doubt import Doubt
 from companions.errors import CliError
 from companions.files import METRICS_FILE, REPORT_FILE
-from companions.trained import trained_model
+from companions.trained import doubt_of, trained_model
+from companions.trust import Trust, measure_trust
 
 WRITES = (METRICS_FILE, REPORT_FILE, *files.EVALUATION_FIGURES)
 
@@ -31,8 +33,9 @@ def command(args):
         return evaluate_ensemble(args, checkpoints)
     runtime = Runtime(pick_device(args.device))
     model, payload, dataset = trained_model(args, runtime.device)
+    learned = doubt_of(payload, args.checkpoint, runtime.device)
     if args.images is not None:
-        return evaluate_images(args, runtime, model, dataset)
+        return evaluate_images(args, runtime, model, learned, dataset)
     if payload.get("eval_split") == "test":
         logger.info("{} recorded {:.3f} % at the end of training", args.checkpoint, payload["eval_accuracy"])
     dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
@@ -40,11 +43,12 @@ def command(args):
     out_dir = prepare_out_dir(args)
     evaluation = trainer.evaluate(model, test_set, "test", runtime)
     trainer.log_accuracy(evaluation, dataset)
-    metrics = evaluation_metrics(args, evaluation, dataset)
+    trust = measure_trust(model, learned, *test_set, "test")
+    metrics = evaluation_metrics(args, evaluation, dataset, trust)
     settings = {"checkpoint": args.checkpoint, **payload.get("config", {})}
     title = f"LeNet-5 on {dataset.title}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % test accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} test images right"
-    write_results(out_dir, runtime, test_set, evaluation, dataset, args.seed, metrics, settings, title, headline)
+    write_results(out_dir, runtime, test_set, evaluation, trust, dataset, args.seed, metrics, settings, title, headline)
     return 0
 
 
@@ -63,11 +67,12 @@ def evaluate_ensemble(args, checkpoints):
     """Each model's accuracy, then the ensemble's (the mean of their probabilities), whose figures,
     report and metrics.json go into evaluation-ensemble/ beside the first checkpoint."""
     runtime = Runtime(pick_device(args.device))
-    models, datasets = [], set()
+    models, doubts, datasets = [], [], set()
     for checkpoint in checkpoints:
         args.checkpoint = checkpoint
-        model, _, dataset = trained_model(args, runtime.device)
+        model, payload, dataset = trained_model(args, runtime.device)
         models.append(model)
+        doubts.append(doubt_of(payload, checkpoint, runtime.device))
         datasets.add(dataset.name)
     args.checkpoint = checkpoints[0]
     if len(datasets) > 1:
@@ -93,7 +98,8 @@ def evaluate_ensemble(args, checkpoints):
         each.append({"checkpoint": str(checkpoint), "eval_accuracy": evaluation.accuracy})
     ensemble = ensemble_evaluation(models, eval_set, split)
     trainer.log_accuracy(ensemble, dataset, f"{described}, the ensemble of {len(models)} models")
-    metrics = evaluation_metrics(args, ensemble, dataset, checkpoints=[str(c) for c in checkpoints], models=each)
+    trust = ensemble_trust(models, doubts, *eval_set, split)
+    metrics = evaluation_metrics(args, ensemble, dataset, trust, checkpoints=[str(c) for c in checkpoints], models=each)
     settings = {"checkpoints": " ".join(map(str, checkpoints)), "images": args.images or "the test set"}
     title = f"An ensemble of {len(models)} LeNet-5 on {dataset.title}: {ensemble.accuracy:.2f} % accuracy"
     headline = (
@@ -101,14 +107,28 @@ def evaluate_ensemble(args, checkpoints):
         + ", ".join(f"{entry['eval_accuracy']:.2f} %" for entry in each)
         + ")"
     )
-    write_results(out_dir, runtime, eval_set, ensemble, dataset, args.seed, metrics, settings, title, headline)
+    write_results(out_dir, runtime, eval_set, ensemble, trust, dataset, args.seed, metrics, settings, title, headline)
     return 0
 
 
 @torch.inference_mode()
-def probabilities_of(model, images):
-    """The model's probabilities for every image, in evaluation's batches."""
-    return torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
+def probabilities_of(model, images, temperature=1.0):
+    """The model's probabilities for every image, in evaluation's batches, at a temperature."""
+    return torch.cat(
+        [torch.softmax(model(chunk) / temperature, 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)]
+    ).cpu()
+
+
+def ensemble_trust(models, doubts, images, labels, split):
+    """The ensemble's Trust: the mean of the models' probabilities, as they give them and at their own
+    temperatures; "not sure" below the mean of their thresholds (an ensemble has no detector)."""
+    raw = torch.stack([probabilities_of(model, images) for model in models]).mean(0)
+    calibrated = torch.stack(
+        [probabilities_of(model, images, learned.temperature) for model, learned in zip(models, doubts)]
+    ).mean(0)
+    threshold = sum(learned.unsure_below for learned in doubts) / len(doubts)
+    verdicts = (calibrated.max(1).values < threshold).long()
+    return Trust(split, labels.cpu(), raw, calibrated, verdicts, Doubt(temperature=1.0, unsure_below=threshold))
 
 
 @torch.inference_mode()
@@ -118,40 +138,44 @@ def ensemble_evaluation(models, eval_set, split):
     images, labels = eval_set
     probabilities = torch.stack([probabilities_of(model, images) for model in models]).mean(0)
     confidence, predicted = probabilities.max(1)
-    loss = torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
+    loss = torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels.cpu()).item()
     return trainer.Evaluation(
         split, labels.cpu(), predicted.cpu(), confidence.cpu(), loss, time.perf_counter() - started
     )
 
 
-def evaluate_images(args, runtime, model, dataset):
-    """The accuracy on a folder of labelled images; exit code 1 where some could not be read."""
+def evaluate_images(args, runtime, model, learned, dataset):
+    """The accuracy on a folder of labelled images, and what the answers were called; exit code 1
+    where some could not be read."""
     found = read_labelled(args.images, dataset)
     out_dir = prepare_out_dir(args)
     images = (found.inputs.to(runtime.device), found.labels.to(runtime.device))
     evaluation = trainer.evaluate(model, images, "labelled", runtime)
     trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
+    trust = measure_trust(model, learned, *images, "labelled")
+    report.log_trust(trust)
     metrics = evaluation_metrics(
-        args, evaluation, dataset, class_images=found.per_class(dataset), not_read=found.problems
+        args, evaluation, dataset, trust, class_images=found.per_class(dataset), not_read=found.problems
     )
     settings = {"checkpoint": args.checkpoint, "images": args.images, "not read": len(found.problems)}
     title = f"LeNet-5 on {args.images}, {args.checkpoint.name}: {evaluation.accuracy:.2f} % accuracy"
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
-    write_results(out_dir, runtime, images, evaluation, dataset, args.seed, metrics, settings, title, headline)
+    write_results(out_dir, runtime, images, evaluation, trust, dataset, args.seed, metrics, settings, title, headline)
     return 1 if found.problems else 0
 
 
-def write_results(out_dir, runtime, eval_set, evaluation, dataset, seed, metrics, settings, title, headline):
-    """metrics.json, the evaluation's three figures as training draws them, and a report.html that
+def write_results(out_dir, runtime, eval_set, evaluation, trust, dataset, seed, metrics, settings, title, headline):
+    """metrics.json, the evaluation's four figures as training draws them, and a report.html that
     shows them; then say where."""
     files.write_json(out_dir / METRICS_FILE, metrics)
-    trainer.draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset)
-    report.write_evaluation_report(out_dir, runtime, evaluation, dataset, settings, title, headline)
+    trainer.draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset, trust)
+    report.write_evaluation_report(out_dir, runtime, evaluation, dataset, settings, title, headline, trust)
     logger.info("Wrote {} into {}/", ", ".join(WRITES), out_dir)
 
 
-def evaluation_metrics(args, evaluation, dataset, **more):
-    """What metrics.json records of an evaluation: the model, the images, the accuracy overall and per class."""
+def evaluation_metrics(args, evaluation, dataset, trust, **more):
+    """What metrics.json records of an evaluation: the model, the images, the accuracy overall and per
+    class, and how far its answers can be trusted."""
     return {
         "command": "evaluate",
         "checkpoint": str(args.checkpoint),
@@ -164,6 +188,7 @@ def evaluation_metrics(args, evaluation, dataset, **more):
         "classes": list(dataset.classes),
         "class_accuracy": evaluation.class_accuracy(),
         "confusion_matrix": evaluation.confusion_matrix().tolist(),
+        "trust": trust.summary(),
         **more,
     }
 

@@ -23,8 +23,8 @@ MODEL_FILE, CHECKPOINT_FILE = "lenet5_mnist.pt", "checkpoint.pt"
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.html"
 CURVES_PNG, CONFUSION_PNG, MISTAKES_PNG = "training_curves.png", "confusion_matrix.png", "mistakes.png"
 PREDICTIONS_PNG, TRAIN_IMAGES_PNG = "predictions.png", "train_images.png"
-FILTERS_PNG, LAYER_MAPS_PNG = "filters.png", "layer_maps.png"
-EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG)  # what evaluate draws too
+FILTERS_PNG, LAYER_MAPS_PNG, CALIBRATION_PNG = "filters.png", "layer_maps.png", "calibration.png"
+EVALUATION_FIGURES = (CONFUSION_PNG, MISTAKES_PNG, PREDICTIONS_PNG, CALIBRATION_PNG)  # what evaluate draws too
 
 
 def split_images_png(split):

@@ -21,10 +21,11 @@ from companions import dataset_files, files
 from companions.adam import Adam
 from companions.augment import augment_batch
 from companions.devices import Runtime, pick_device
+from companions.doubt import learn_doubt
 from companions.errors import CliError
 from companions.evaluate import read_labelled
 from companions.files import METRICS_FILE, MODEL_FILE
-from companions.trained import trained_model
+from companions.trained import doubt_of, trained_model
 
 FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
 OWN_SHARE_OF_BATCH = 0.25  # the person's images in each batch; the rest are the dataset's
@@ -36,6 +37,7 @@ def command(args):
     started = time.perf_counter()
     runtime = Runtime(pick_device(args.device))
     model, payload, dataset = trained_model(args, runtime.device)
+    learned_before = doubt_of(payload, args.checkpoint, runtime.device)
     found = read_labelled(args.images, dataset)
     warn_about_small_classes(found, dataset)
     held_out = stratified_hold_out(found.labels, args.hold_out, args.seed)
@@ -67,7 +69,10 @@ def command(args):
         percent(test_after.accuracy),
     )
     before, after = (own_before, test_before.accuracy), (own_after, test_after.accuracy)
-    save(out_dir, model, payload, test_after, what_was_done(args, found, dataset, held_out, before, after))
+    # Fine-tuned, its probabilities are calibrated anew; the "not a digit" detector is the model's own.
+    learned = learn_doubt(model, *train_set, dataset, args.seed, kept=learned_before)
+    fine_tuned = what_was_done(args, found, dataset, held_out, before, after)
+    save(out_dir, model, payload, test_after, fine_tuned, learned)
     logger.info("Wrote {} into {}/ in {:.1f} s", ", ".join(WRITES), out_dir, time.perf_counter() - started)
     logger.info("Use it with --checkpoint {}", out_dir / MODEL_FILE)
     return 1 if found.problems else 0
@@ -92,10 +97,12 @@ def what_was_done(args, found, dataset, held_out, before, after):
     }
 
 
-def save(out_dir, model, payload, test_after, fine_tuned):
-    """A model file as training writes one, with what it was fine-tuned on; then metrics.json."""
-    files.save_model(out_dir / MODEL_FILE, model, payload.get("config", {}), test_after, fine_tuned=fine_tuned)
-    files.write_json(out_dir / METRICS_FILE, {"command": "finetune", **fine_tuned})
+def save(out_dir, model, payload, test_after, fine_tuned, learned):
+    """A model file as training writes one, with what it was fine-tuned on and its doubt; then metrics.json."""
+    config = payload.get("config", {})
+    doubt = learned.as_saved()
+    files.save_model(out_dir / MODEL_FILE, model, config, test_after, fine_tuned=fine_tuned, doubt=doubt)
+    files.write_json(out_dir / METRICS_FILE, {"command": "finetune", **fine_tuned, "doubt": learned.summary()})
 
 
 def prepare_out_dir(args):

@@ -9,46 +9,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from loguru import logger
 
 from companions.devices import pick_device
+from companions.doubt import VERDICTS
 from companions.errors import CliError
 from companions.grids import display_pixels, has_long_names, new_figure, save_figure
 from companions.prepare import ImageError, read_image
-from companions.trained import trained_model
-
-# Below this probability an answer is called unsure ("sure": false): the lowest threshold that flags
-# at least half of the default model's wrong answers on the validation split (docs/predict.md).
-UNSURE_BELOW = 0.84
+from companions.trained import doubt_of, trained_model
 
 
-def classify(model, network_input, device, dataset):
-    """The model's answer for one prepared input: class, name, probability, whether it is sure of
-    it, and all probabilities."""
+def classify(model, learned, network_input, device, dataset):
+    """The model's answer for one prepared input (see answer)."""
+    batch = network_input.unsqueeze(0).to(device)
     with torch.inference_mode():
-        return answer(model(network_input.unsqueeze(0).to(device))[0], dataset)
+        return answer(model(batch)[0], learned, batch, dataset)
 
 
-def answer(scores, dataset):
-    """The answer that the 10 scores (logits) of one input give."""
-    probabilities = F.softmax(scores, dim=0).cpu().tolist()
+def answer(scores, learned, network_input, dataset):
+    """The answer that the 10 scores (logits) of one input (1 x 1 x 28 x 28) give, with the model's
+    doubt (companions/doubt.py): class, name, calibrated probability, verdict ("sure", "not_sure",
+    or "not_a_digit", where the class is only a guess), sure (whether the verdict is "sure"), and
+    all ten probabilities."""
+    probabilities, _, verdict = learned.verdicts(scores.unsqueeze(0), network_input)
+    probabilities, verdict = probabilities[0].cpu().tolist(), VERDICTS[int(verdict[0])]
     best = int(np.argmax(probabilities))
     return {
         "class": best,
         "name": dataset.classes[best],
         "probability": probabilities[best],
-        "sure": probabilities[best] >= UNSURE_BELOW,
+        "verdict": verdict,
+        "sure": verdict == "sure",
         "probabilities": probabilities,
     }
 
 
-def describe_prediction(result, classes):
-    """'my_digit.jpg: 7 (99.7 %), then 3 (0.2 %), 9 (0.0 %)', or '... 7 (51.2 %, not sure), then ...'"""
+def describe_prediction(result, dataset):
+    """'my_digit.jpg: 7 (99.7 %), then 3 (0.2 %), 9 (0.0 %)', '... 7 (51.2 %, not sure), then ...',
+    or 'zigzag.png: not a digit (a guess: 4, 62.0 %), then ...'"""
+    classes = dataset.classes
     ranked = np.argsort(result["probabilities"])[::-1]
     others = ", ".join(f"{classes[c]} ({100 * result['probabilities'][c]:.1f} %)" for c in ranked[1:3])
+    percent = f"{100 * result['probability']:.1f} %"
+    if result["verdict"] == "not_a_digit":
+        return f"{result['file']}: {dataset.not_of_kind} (a guess: {result['name']}, {percent}), then {others}"
     unsure = "" if result["sure"] else ", not sure"
-    return f"{result['file']}: {result['name']} ({100 * result['probability']:.1f} %{unsure}), then {others}"
+    return f"{result['file']}: {result['name']} ({percent}{unsure}), then {others}"
 
 
 def plot_inputs(inputs, results, path, dataset):
@@ -64,7 +70,8 @@ def plot_inputs(inputs, results, path, dataset):
             axis.axis("off")
         bars = row[2].bar(range(10), result["probabilities"], color="lightgray")
         bars[result["class"]].set_color("tab:blue")
-        row[2].set(xticks=range(10), ylim=(0, 1), title=f"predicted {result['name']}")
+        guess = f"{dataset.not_of_kind} (a guess: {result['name']})" if result["verdict"] == "not_a_digit" else None
+        row[2].set(xticks=range(10), ylim=(0, 1), title=guess or f"predicted {result['name']}")
         row[2].set_xticklabels(dataset.classes, fontsize=7, rotation=45 if has_long_names(dataset) else 0)
     figure.tight_layout()
     save_figure(figure, path)
@@ -75,7 +82,8 @@ def command(args):
     if args.layers and len(args.images) != 1:
         raise CliError(f"--layers draws one image through the network: give one image file, not {len(args.images)}.")
     device = pick_device(args.device)
-    model, _, dataset = trained_model(args, device)
+    model, payload, dataset = trained_model(args, device)
+    learned = doubt_of(payload, args.checkpoint, device)
     inputs, results, failures = [], [], 0
     for path in args.images:
         try:
@@ -85,12 +93,12 @@ def command(args):
             failures += 1
             continue
         inputs.append((gray, network_input))
-        results.append({"file": str(path), **classify(model, network_input, device, dataset)})
+        results.append({"file": str(path), **classify(model, learned, network_input, device, dataset)})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
-            print(describe_prediction(result, dataset.classes))
+            print(describe_prediction(result, dataset))
     if args.show and results:
         plot_inputs(inputs, results, args.show, dataset)
         logger.info("Wrote {}", args.show)

@@ -273,10 +273,32 @@ def centre_of_mass(pixels):
 PREPARE_BY_KIND = {"digit": prepare_like_mnist, "object": prepare_like_fashion_mnist}
 
 
+def as_in_dataset(gray, dataset):
+    """The image's 0..1 pixels, unchanged, where it is already as the dataset's own images are (one
+    of them saved as a PNG file, say): 28x28, light on a dark border, its ink's longer side as the
+    dataset makes it (19 to 21 pixels for a digit, 26 to 28 for an object), a digit's centre of mass
+    near the centre. Else None: preparing it again would change it."""
+    if gray.size != (28, 28):
+        return None
+    pixels = np.asarray(gray, dtype=np.float32) / 255
+    inked = pixels > 0
+    if not inked.any() or np.median(border_of(pixels)) > (0.05 if dataset.image_kind == "digit" else 0.5):
+        return None
+    rows, cols = np.flatnonzero(inked.any(1)), np.flatnonzero(inked.any(0))
+    longer = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    if dataset.image_kind != "digit":
+        return pixels if longer >= 26 else None
+    row_centre, col_centre = centre_of_mass(pixels)
+    centred = max(abs(row_centre - 13.5), abs(col_centre - 13.5)) <= 1.5
+    return pixels if 19 <= longer <= 21 and centred else None
+
+
 def prepared_pixels(gray, dataset, steps=STEPS):
-    """The 28x28 0..1 pixels that the network sees of a grayscale image, prepared as the dataset
-    was made; raises NoInk where there is nothing to see."""
-    return PREPARE_BY_KIND[dataset.image_kind](gray, dataset, steps)
+    """The 28x28 0..1 pixels that the network sees of a grayscale image: as they are where the image
+    is already as the dataset's own are, else prepared as the dataset was made; raises NoInk where
+    there is nothing to see."""
+    pixels = as_in_dataset(gray, dataset)
+    return pixels if pixels is not None else PREPARE_BY_KIND[dataset.image_kind](gray, dataset, steps)
 
 
 def normalised(pixels, dataset):

@@ -33,7 +33,7 @@ from companions.errors import CliError
 from companions.inside import as_json, look_inside
 from companions.predict import answer, classify
 from companions.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
-from companions.trained import trained_model
+from companions.trained import doubt_of, trained_model
 
 PAGE_FILE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 10 * 1024 * 1024  # larger uploads are refused (413) before they are read
@@ -65,6 +65,7 @@ def page_for(model_description, dataset, collecting=False):
     return (
         PAGE_FILE.read_text(encoding="utf-8")
         .replace("__CLASSES__", json.dumps(list(dataset.classes)))
+        .replace("__NOT_OF_KIND__", json.dumps(dataset.not_of_kind))
         .replace("__COLLECT__", json.dumps(collecting))
         .replace("__MODEL__", html.escape(model_description))
     )
@@ -84,8 +85,8 @@ class DigitServer(ThreadingHTTPServer):
     # when the interpreter ends can make torch abort the process ("terminate called ...").
     daemon_threads, block_on_close = False, True
 
-    def __init__(self, address, model, device, dataset, page, collect=None):
-        self.model, self.device, self.dataset, self.page = model, device, dataset, page.encode()
+    def __init__(self, address, model, learned, device, dataset, page, collect=None):
+        self.model, self.learned, self.device, self.dataset, self.page = model, learned, device, dataset, page.encode()
         self.collect = collect  # the folder that POST /examples saves into; None: off
         # The request threads share the model. A forward pass under inference_mode changes nothing
         # in it, so the lock is not for safety: one pass at a time is faster than several.
@@ -126,9 +127,10 @@ class DigitServer(ThreadingHTTPServer):
         with self.model_lock:
             if with_layers:  # the answer and the layers from one forward pass
                 seen = look_inside(self.model, network_input, self.dataset)
-                result = {**answer(seen.scores, self.dataset), **as_json(seen)}
+                batch = network_input.unsqueeze(0).to(self.device)
+                result = {**answer(seen.scores, self.learned, batch, self.dataset), **as_json(seen)}
             else:
-                result = classify(self.model, network_input, self.device, self.dataset)
+                result = classify(self.model, self.learned, network_input, self.device, self.dataset)
         return {**result, "input": png_data_url(pixels)}
 
 
@@ -273,10 +275,11 @@ def start_server(args):
     """The server, listening; its model is the checkpoint's, on the device asked for."""
     device = pick_device(args.device)
     model, payload, dataset = trained_model(args, device)
+    learned = doubt_of(payload, args.checkpoint, device)
     description = describe_model(args.checkpoint, payload, dataset)
     try:
         page = page_for(description, dataset, collecting=args.collect is not None)
-        server = DigitServer((args.host, args.port), model, device, dataset, page, args.collect)
+        server = DigitServer((args.host, args.port), model, learned, device, dataset, page, args.collect)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise CliError(

@@ -2,9 +2,12 @@
 variant it records) rebuilt from it on the device, and the dataset it was trained on. Only those
 commands import this module; it imports the training script, never the other way round."""
 
+from loguru import logger
+
 import mnist_recognition as trainer
 from companions.datasets import DATASETS
 from companions.devices import to_device
+from companions.doubt import OLD_UNSURE_BELOW, Doubt, saved_doubt
 from companions.errors import CliError
 from companions.files import check_weights, read_checkpoint
 
@@ -34,3 +37,18 @@ def trained_model(args, device):
             f"(the checkpoint's is used), or give a checkpoint trained on {args.dataset}."
         )
     return model, payload, DATASETS[trained_on]
+
+
+def doubt_of(payload, path, device):
+    """What the model file knows of the model's doubt (companions/doubt.py); a file made before
+    there was any gets the old behaviour, and one line that says so."""
+    learned = saved_doubt(payload, device)
+    if learned is None:
+        logger.warning(
+            "{} holds no calibration and no 'not a digit' detector (an older model file): probabilities as the "
+            "network gives them, 'not sure' below {}, never 'not a digit'. Train it again to have them.",
+            path,
+            OLD_UNSURE_BELOW,
+        )
+        return Doubt()
+    return learned

@@ -2,7 +2,7 @@
 script, only `pip install onnxruntime numpy pillow`.
 
     python examples/onnx_predict.py outputs/lenet5_mnist.onnx my_digit.jpg [more.jpg ...]
-    # my_digit.jpg: 7 99.7%
+    # my_digit.jpg: 7 99.7%        (or: 7 51.2% not sure; or: 4 62.0% not a digit, the 4 only a guess)
 
 Its preparation is a simpler form of predict's (docs/export.md says what it leaves out): dark ink
 on light paper, made light on dark; the paper's level (the image's median) taken away; cropped to
@@ -34,17 +34,26 @@ def prepare(path):
 
 
 def read(session, path):
-    """(class name, probability) of the digit in `path`."""
-    classes = json.loads(session.get_modelmeta().custom_metadata_map["dataset"])["classes"]
-    probabilities = session.run(["probabilities"], {"image": prepare(path)})[0][0]
-    return classes[int(probabilities.argmax())], float(probabilities.max())
+    """(class name, probability, verdict) of the digit in `path`: the verdict is "" (sure), "not sure"
+    or "not a digit", from the thresholds in the file's metadata (files without them: always "")."""
+    metadata = session.get_modelmeta().custom_metadata_map
+    classes = json.loads(metadata["dataset"])["classes"]
+    outputs = [output.name for output in session.get_outputs()]
+    results = dict(zip(outputs, session.run(outputs, {"image": prepare(path)})))
+    probabilities = results["probabilities"][0]
+    verdict = ""
+    if "not_a_digit" in results and results["not_a_digit"][0] > float(metadata["not_a_digit_above"]):
+        verdict = "not a digit"
+    elif probabilities.max() < float(metadata.get("unsure_below", 0)):
+        verdict = "not sure"
+    return classes[int(probabilities.argmax())], float(probabilities.max()), verdict
 
 
 def main(onnx_file, *images):
     session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
     for path in images:
-        name, probability = read(session, path)
-        print(f"{path}: {name} {probability:.1%}")
+        name, probability, verdict = read(session, path)
+        print(f"{path}: {name} {probability:.1%} {verdict}".rstrip())
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_the_commands_after_training_leave_its_files_as_they_were(trained, synth
     on_mine = cli("evaluate", "--checkpoint", model, "--images", mine, "--device", "cpu")
     assert (finetuned.code, evaluated.code, on_mine.code) == (0, 0, 0)
     assert digests(outputs) == as_trained
-    written = "metrics.json, report.html, confusion_matrix.png, mistakes.png, predictions.png"
+    written = "metrics.json, report.html, confusion_matrix.png, mistakes.png, predictions.png, calibration.png"
     assert f"into {outputs / 'finetuned'}/" in finetuned.log
     assert f"Wrote {written} into {outputs / 'evaluation'}/" in evaluated.log
     assert f"Wrote {written} into {outputs / 'evaluation-mine'}/" in on_mine.log

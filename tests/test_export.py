@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 import mnist_recognition as app
 from companions import export as onnx_export
 from companions import prepare, report, trained
+from companions.trained import doubt_of
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -45,11 +46,13 @@ def exported(trained, synthetic_data, tmp_path_factory):
     return out
 
 
-def torch_probabilities(checkpoint, pixels):
-    """The PyTorch model's probabilities for 0..1 pixels, normalised here as training does."""
-    model, _ = trained.load_trained_model(checkpoint, torch.device("cpu"))
+def torch_probabilities(checkpoint, pixels, dataset=MNIST_DATA):
+    """The PyTorch model's probabilities for 0..1 pixels, normalised here as training does, at the
+    temperature its file holds."""
+    model, payload = trained.load_trained_model(checkpoint, torch.device("cpu"))
     with torch.inference_mode():
-        return torch.softmax(model((pixels - MNIST_DATA.mean) / MNIST_DATA.std), dim=1).numpy()
+        logits = model((pixels - dataset.mean) / dataset.std)
+        return torch.softmax(logits / payload["doubt"]["temperature"], dim=1).numpy()
 
 
 def metadata(path):
@@ -68,7 +71,25 @@ def test_the_file_takes_any_batch_and_agrees_with_pytorch(batch, exported, train
     expected = torch_probabilities(trained[0] / "lenet5_mnist.pt", pixels)
     assert (probabilities.argmax(1) == expected.argmax(1)).all()
     assert np.abs(probabilities - expected).max() <= 1e-5
-    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), probabilities, atol=1e-6)
+    temperature = float(metadata(exported)["temperature"])
+    np.testing.assert_allclose(
+        torch.softmax(torch.from_numpy(logits) / temperature, 1).numpy(), probabilities, atol=1e-6
+    )
+
+
+def test_the_file_carries_the_models_doubt(exported, trained):
+    """The temperature and both thresholds in the metadata, and the detector's score as an output."""
+    learned = doubt_of(torch.load(trained[0] / "lenet5_mnist.pt", weights_only=True), "model", torch.device("cpu"))
+    props = metadata(exported)
+    assert float(props["temperature"]) == pytest.approx(learned.temperature, rel=1e-8)
+    assert float(props["unsure_below"]) == pytest.approx(learned.unsure_below, rel=1e-8)
+    assert float(props["not_a_digit_above"]) == pytest.approx(learned.not_a_digit_above, rel=1e-8)
+    pixels = torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    [scores] = session.run(["not_a_digit"], {"image": pixels.numpy()})
+    with torch.inference_mode():
+        expected = learned.detector((pixels - MNIST_DATA.mean) / MNIST_DATA.std).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
 def test_the_graph_declares_a_dynamic_batch_of_28x28_pixels(exported):
@@ -78,7 +99,7 @@ def test_the_graph_declares_a_dynamic_batch_of_28x28_pixels(exported):
     assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert dims[0].dim_param and not dims[0].HasField("dim_value")  # a name, not a fixed size
     assert [dim.dim_value for dim in dims[1:]] == [1, 28, 28]
-    assert [output.name for output in graph.output] == ["logits", "probabilities"]
+    assert [output.name for output in graph.output] == ["logits", "probabilities", "not_a_digit"]
 
 
 def test_the_file_is_self_contained_and_valid(exported):
@@ -138,10 +159,7 @@ def test_a_fashion_mnist_model_carries_its_class_names(fashion_trained, tmp_path
     assert props["preparation"] == prepare.describe(app.DATASETS["fashion-mnist"])
     # The graph normalises with Fashion-MNIST's statistics, not MNIST's.
     pixels = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    model, _ = trained.load_trained_model(out_dir / "lenet5_mnist.pt", torch.device("cpu"))
-    fashion = app.DATASETS["fashion-mnist"]
-    with torch.inference_mode():
-        expected = torch.softmax(model((pixels - fashion.mean) / fashion.std), dim=1).numpy()
+    expected = torch_probabilities(out_dir / "lenet5_mnist.pt", pixels, app.DATASETS["fashion-mnist"])
     session = onnxruntime.InferenceSession(str(tmp_path / "fashion.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(["probabilities"], {"image": pixels.numpy()})[0] - expected).max() <= 1e-5
 
@@ -249,7 +267,7 @@ def test_the_onnx_example_reads_photos_as_predict_does(exported, trained, tmp_pa
     predicted = {Path(entry["file"]).name: entry for entry in json.loads(result.stdout)}
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     for path in paths:
-        name, _ = example.read(session, path)
+        name, _, _ = example.read(session, path)
         assert name == predicted[path.name]["name"], path.name
         # The two preparations see the same digit: on clean paper predict's extra steps have little to do.
         seen_by_predict = prepare.prepared_pixels(prepare.open_grayscale(path), MNIST_DATA)

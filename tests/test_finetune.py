@@ -56,7 +56,12 @@ def test_finetune_raises_the_accuracy_on_a_writers_held_out_digits(trained, synt
     assert f"Accuracy on the held-out images of yours: {before:.2f} % before, {after:.2f} % after" in result.log
     assert before < 60 and after >= before + 20, (before, after)
     saved = torch.load(tmp_path / "tuned" / "lenet5_mnist.pt", weights_only=True)
-    assert saved["fine_tuned"] == {key: value for key, value in metrics.items() if key != "command"}
+    assert saved["fine_tuned"] == {key: value for key, value in metrics.items() if key not in ("command", "doubt")}
+    # Calibrated anew for the fine-tuned weights; the detector is the model's own, kept.
+    started_from = torch.load(trained[0] / "lenet5_mnist.pt", weights_only=True)["doubt"]
+    assert saved["doubt"]["temperature"] == metrics["doubt"]["temperature"]
+    assert saved["doubt"]["not_a_digit_above"] == started_from["not_a_digit_above"]
+    assert all(torch.equal(saved["doubt"]["detector"][k], v) for k, v in started_from["detector"].items())
     assert saved["fine_tuned"]["per_class"] == {str(d): 12 for d in range(10)} and saved["fine_tuned"]["held_out"] == 30
     assert saved["config"]["dataset"] == "mnist" and saved["eval_split"] == "test"
     assert metrics["command"] == "finetune" and metrics["test_accuracy"] == saved["eval_accuracy"]

@@ -147,7 +147,8 @@ def test_predict_names_the_classes_of_the_checkpoints_dataset(fashion_trained, t
         assert answer["name"] == classes[answer["class"]]
     text = cli("predict", *paths, "--device", "cpu", "--checkpoint", out_dir / "lenet5_mnist.pt").stdout
     names = "|".join(re.escape(name) for name in classes)
-    line = rf": ({names}) \(\d+\.\d %(, not sure)?\), then ({names}) \(\d+\.\d %\), ({names}) \(\d+\.\d %\)"
+    answer = rf"(({names}) \(\d+\.\d %(, not sure)?\)|not clothing \(a guess: ({names}), \d+\.\d %\))"
+    line = rf": {answer}, then ({names}) \(\d+\.\d %\), ({names}) \(\d+\.\d %\)"
     assert re.fullmatch("".join(f"{re.escape(str(path))}{line}\n" for path in paths), text), text
 
 
@@ -179,17 +180,66 @@ def test_a_companions_error_is_one_line_when_the_script_runs_it(tmp_path):
 
 def test_an_answer_below_the_threshold_is_called_unsure_and_kept():
     from companions import predict
+    from companions.doubt import Doubt
 
     model = app.LeNet5().eval()
     with torch.no_grad():  # a model whose answer is class 3 with the probability the bias gives it
         for parameter in model.parameters():
             parameter.zero_()
         model.classifier[-1].bias[3] = 2.0
-    unsure = predict.classify(model, torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
-    assert unsure["class"] == 3 and unsure["probability"] < predict.UNSURE_BELOW and unsure["sure"] is False
-    assert ", not sure), then" in predict.describe_prediction({"file": "x.png", **unsure}, MNIST_DATA.classes)
+    learned = Doubt(temperature=1.0, unsure_below=0.5)
+    unsure = predict.classify(model, learned, torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
+    assert unsure["class"] == 3 and unsure["probability"] < 0.5 and unsure["sure"] is False
+    assert unsure["verdict"] == "not_sure"
+    assert ", not sure), then" in predict.describe_prediction({"file": "x.png", **unsure}, MNIST_DATA)
     with torch.no_grad():
         model.classifier[-1].bias[3] = 8.0
-    sure = predict.classify(model, torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
-    assert sure["class"] == 3 and sure["probability"] >= predict.UNSURE_BELOW and sure["sure"] is True
-    assert "not sure" not in predict.describe_prediction({"file": "x.png", **sure}, MNIST_DATA.classes)
+    sure = predict.classify(model, learned, torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
+    assert sure["class"] == 3 and sure["probability"] >= 0.5 and sure["sure"] is True and sure["verdict"] == "sure"
+    assert "not sure" not in predict.describe_prediction({"file": "x.png", **sure}, MNIST_DATA)
+    # The temperature is the model's: at 4 the same scores give a probability below the threshold.
+    cooled = predict.classify(model, Doubt(4.0, 0.5), torch.zeros(1, 28, 28), torch.device("cpu"), MNIST_DATA)
+    assert cooled["probability"] < 0.5 < sure["probability"] and cooled["verdict"] == "not_sure"
+
+
+# --- the verdicts ----------------------------------------------------------------------------------
+
+
+def with_doubt(checkpoint, path, **changes):
+    """A copy of the model file whose doubt is changed as given (None: the doubt removed, as in an older file)."""
+    payload = torch.load(checkpoint, weights_only=True)
+    if changes.get("doubt", True) is None:
+        del payload["doubt"]
+    else:
+        payload["doubt"] = {**payload["doubt"], **changes}
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "verdict, changes, said",
+    [
+        ("sure", {"unsure_below": 0.0, "not_a_digit_above": float("inf")}, r"\d \(\d+\.\d %\), then"),
+        ("not_sure", {"unsure_below": 1.01, "not_a_digit_above": float("inf")}, r"\d \(\d+\.\d %, not sure\), then"),
+        ("not_a_digit", {"not_a_digit_above": float("-inf")}, r"not a digit \(a guess: \d, \d+\.\d %\), then"),
+    ],
+)
+def test_each_verdict_reaches_predicts_line_and_json(verdict, changes, said, trained, tmp_path, cli):
+    model = with_doubt(trained[0] / "lenet5_mnist.pt", tmp_path / "model.pt", **changes)
+    [path] = digit_files(tmp_path, digits=(7,))
+    [answer] = json.loads(cli("predict", path, "--json", "--checkpoint", model, "--device", "cpu").stdout)
+    assert answer["verdict"] == verdict and answer["sure"] == (verdict == "sure")
+    assert answer["name"] == str(answer["class"]) and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-5)
+    line = cli("predict", path, "--checkpoint", model, "--device", "cpu").stdout
+    assert re.fullmatch(rf"{re.escape(str(path))}: {said} .*\n", line), line
+
+
+def test_an_older_model_file_still_answers_and_says_in_one_line_what_it_lacks(trained, tmp_path, cli):
+    model = with_doubt(trained[0] / "lenet5_mnist.pt", tmp_path / "old.pt", doubt=None)
+    [path] = digit_files(tmp_path, digits=(3,))
+    result = cli("predict", path, "--json", "--checkpoint", model, "--device", "cpu")
+    [answer] = json.loads(result.stdout)
+    assert result.code == 0 and answer["verdict"] in ("sure", "not_sure")
+    assert answer["sure"] == (answer["probability"] >= 0.84)  # the one threshold of older versions
+    notes = [line for line in result.log.splitlines() if "holds no calibration" in line]
+    assert len(notes) == 1 and "older model file" in notes[0] and "Train it again" in notes[0]

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import draw_digit, off_centre, paper_digit, real_dataset_folder
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -259,3 +260,31 @@ def test_the_published_sentence_names_each_step_that_runs():
     assert "strokes" not in prepare.describe(app.DATASETS["kmnist"])  # no known widths: none are changed
     clothes = prepare.describe(app.DATASETS["fashion-mnist"])
     assert "object" in clothes and "28 pixels" in clothes and "strokes" not in clothes
+
+
+def test_an_image_already_as_mnists_are_reaches_the_network_unchanged(tmp_path):
+    """A digit prepared once and saved as a 28x28 PNG is read back pixel for pixel; the same digit a
+    few pixels off centre, or dark on light, is prepared again."""
+    paper_digit(4, size=300).save(tmp_path / "digit.png")
+    once = network_pixels(tmp_path / "digit.png")
+    as_png = Image.fromarray((once * 255).round().astype(np.uint8))
+    assert np.array_equal(prepare.prepared_pixels(as_png, MNIST_DATA), np.asarray(as_png, dtype=np.float32) / 255)
+    moved = Image.fromarray(np.roll(np.asarray(as_png), 4, axis=1))
+    assert prepare.as_in_dataset(moved, MNIST_DATA) is None
+    assert prepare.as_in_dataset(Image.eval(as_png, lambda value: 255 - value), MNIST_DATA) is None
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_mnists_own_test_images_saved_as_png_reach_the_network_as_evaluate_gives_them(tmp_path):
+    """predict over MNIST's test images as PNG files answers as evaluate does: the same inputs, bit for bit."""
+    folder = real_dataset_folder("mnist", "MNIST")
+    shutil.copytree(folder, tmp_path / "MNIST" / "raw")
+    app.prepare_files(tmp_path, MNIST_DATA, allow_download=False)
+    images, _ = app.raw_split(tmp_path, MNIST_DATA, train=False)
+    as_evaluate_gives_them, _ = app.normalised_split(tmp_path, MNIST_DATA, False, None, torch.device("cpu"))
+    for index in range(0, 10_000, 7):  # every 7th: 1,429 images
+        path = tmp_path / "digit.png"
+        Image.fromarray(images[index].numpy()).save(path)
+        _, network_input = prepare.read_image(path, MNIST_DATA)
+        assert torch.equal(network_input, as_evaluate_gives_them[index].contiguous()), index

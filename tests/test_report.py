@@ -6,6 +6,7 @@ import re
 import sys
 
 import pytest
+import torch
 from conftest import QUICK, train_quietly
 from PIL import Image
 
@@ -17,6 +18,7 @@ TRAINING_FIGURES = [
     "confusion_matrix.png",
     "mistakes.png",
     "predictions.png",
+    "calibration.png",
     "train_images.png",
     "test_images.png",
     "filters.png",
@@ -45,7 +47,22 @@ def test_the_report_holds_the_accuracy_settings_environment_and_every_figure(tra
     assert settings["recipe"] == "original" and settings["batch_size"] == "32" and settings["adam_betas"] == "0.9,0.999"
     environment = dict(table(page, "Environment"))
     assert {"torch", "torchvision", "CPU threads", "world size", "script sha256"} <= set(environment)
-    assert re.findall(r'alt="([^"]+)"', page) == TRAINING_FIGURES and page.count("<figcaption>") == 8
+    assert re.findall(r'alt="([^"]+)"', page) == TRAINING_FIGURES and page.count("<figcaption>") == 9
+
+
+def test_the_report_and_metrics_say_how_far_to_trust_the_answers(trained):
+    out_dir, _ = trained
+    page = (out_dir / "report.html").read_text()
+    trust = json.loads((out_dir / "metrics.json").read_text())["trust"]
+    saved = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["doubt"]
+    assert trust["temperature"] == saved["temperature"] > 0 and trust["unsure_below"] == saved["unsure_below"]
+    assert trust["not_a_digit_above"] == saved["not_a_digit_above"] and "detector" in saved
+    assert sum(trust["verdicts"].values()) == 300 and set(trust["verdicts"]) == {"sure", "not_sure", "not_a_digit"}
+    assert 0 <= trust["ece"] <= 1 and 0 <= trust["ece_before"] <= 1 and 0 <= trust["coverage"] <= 1
+    rows = dict(table(page, "How far to trust it (test images)"))
+    assert rows["temperature"] == f"{trust['temperature']:.3f}"
+    assert rows["verdict not a digit"] == str(trust["verdicts"]["not_a_digit"])
+    assert rows["ECE before / after (15 bins)"] == f"{100 * trust['ece_before']:.2f} % / {100 * trust['ece']:.2f} %"
 
 
 def test_the_reports_tables_have_a_row_per_epoch_and_per_class(trained):
@@ -116,11 +133,13 @@ def test_evaluate_writes_the_figures_and_a_report_for_its_model(trained, synthet
         "predictions.png",
         "confusion_matrix.png",
         "mistakes.png",
+        "calibration.png",
         "report.html",
         "metrics.json",
     }
     page = (tmp_path / "report.html").read_text()
-    assert re.findall(r'alt="([^"]+)"', page) == ["confusion_matrix.png", "mistakes.png", "predictions.png"]
+    figures = ["confusion_matrix.png", "mistakes.png", "predictions.png", "calibration.png"]
+    assert re.findall(r'alt="([^"]+)"', page) == figures
     assert "lenet5_mnist.pt" in page and len(table(page, "Accuracy per class")) == 10
     assert "<h2>Per epoch</h2>" not in page  # evaluate has no epochs to show
 

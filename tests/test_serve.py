@@ -160,10 +160,10 @@ def test_layers_are_the_checkpoints_forward_pass_and_the_answer_is_the_same(kind
     status, plain = post_image(port, path.read_bytes())
     status_with, answer = post_image(port, path.read_bytes(), "/predict?layers=1")
     assert status == status_with == 200
-    assert set(plain) == {"class", "name", "probability", "sure", "probabilities", "input"}
+    assert set(plain) == {"class", "name", "probability", "verdict", "sure", "probabilities", "input"}
     assert set(answer) == set(plain) | {"layers", "attribution", "runner_up"}
-    assert {key: answer[key] for key in ("class", "name", "sure", "input")} == {
-        key: plain[key] for key in ("class", "name", "sure", "input")
+    assert {key: answer[key] for key in ("class", "name", "verdict", "sure", "input")} == {
+        key: plain[key] for key in ("class", "name", "verdict", "sure", "input")
     }
     np.testing.assert_allclose(answer["probabilities"], plain["probabilities"], rtol=0, atol=1e-6)
     _, network_input = prepare.read_image(path, MNIST_DATA)
@@ -543,3 +543,78 @@ def test_digits_drawn_on_the_page_are_read_right_by_a_model_trained_on_real_mnis
     finally:
         stop_serving(server)
     assert sum(read[digit] == digit for digit in read) >= 9, read
+
+
+# --- the three verdicts ----------------------------------------------------------------------------
+
+# Things people draw that are no digit, on the 280x280 canvas.
+NON_DIGIT_STROKES = {
+    "zigzag": [[(40, 80), (80, 200), (120, 80), (160, 200), (200, 80), (240, 200)]],
+    "star": [[(140, 30), (205, 235), (35, 105), (245, 105), (75, 235), (140, 30)]],
+    "letter M": [[(50, 240), (60, 40), (140, 170), (220, 40), (230, 240)]],
+}
+
+
+def with_doubt(checkpoint, path, **changes):
+    """A copy of the model file whose doubt (temperature, thresholds) is changed as given."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["doubt"] = {**payload["doubt"], **changes}
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.slow
+def test_the_page_shows_each_verdict_plainly(trained, browser, tmp_path):
+    """Not sure: the answer with 'not sure'; not a digit: the answer greyed, as a guess, with a line that says so."""
+    from page_driving import By, Keys, canvas_png, draw, open_page, shown_answer
+
+    model = trained[0] / "lenet5_mnist.pt"
+    for verdict, changes in {
+        "not_sure": {"unsure_below": 1.01, "not_a_digit_above": float("inf")},
+        "not_a_digit": {"not_a_digit_above": float("-inf")},
+        "sure": {"unsure_below": 0.0, "not_a_digit_above": float("inf")},
+    }.items():
+        server = start_serving(with_doubt(model, tmp_path / f"{verdict}.pt", **changes))
+        try:
+            open_page(browser, server.server_address[1])
+            browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            draw(browser, DIGIT_STROKES[7])
+            shown = shown_answer(browser)
+            answer = browser.find_element(By.ID, "answer")
+            status, posted = post_image(server.server_address[1], canvas_png(browser))
+        finally:
+            stop_serving(server)
+        assert status == 200 and posted["verdict"] == verdict and shown == posted["class"]
+        assert answer.get_attribute("data-verdict") == verdict
+        text = answer.text
+        assert ("not sure" in text) == (verdict == "not_sure")
+        assert ("That doesn't look like a digit" in text) == (verdict == "not_a_digit")
+        colour = answer.value_of_css_property("color")
+        assert (colour == "rgba(187, 187, 187, 1)") == (verdict == "not_a_digit"), colour  # the guess greyed
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_drawn_things_that_are_no_digit_are_called_so_by_a_model_trained_on_real_mnist(browser, tmp_path, cli):
+    """The default recipe, as bash run.sh trains it: drawn digits are read right and sure, a zigzag,
+    a star and a letter are not a digit (or, at the least, not sure)."""
+    from page_driving import By, Keys, draw, open_page, shown_answer
+
+    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
+    flags = ("--no-download", "--device", "cpu", "--data-dir", tmp_path / "data", "--no-figures")
+    assert cli(*flags, "--out-dir", tmp_path / "out").code == 0
+    server = start_serving(tmp_path / "out" / "lenet5_mnist.pt")
+    verdicts, read = {}, {}
+    try:
+        open_page(browser, server.server_address[1])
+        for name, strokes in {**DIGIT_STROKES, **NON_DIGIT_STROKES}.items():
+            browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            draw(browser, strokes)
+            read[name] = shown_answer(browser)
+            verdicts[name] = browser.find_element(By.ID, "answer").get_attribute("data-verdict")
+    finally:
+        stop_serving(server)
+    digits_right_and_sure = [digit for digit in DIGIT_STROKES if read[digit] == digit and verdicts[digit] == "sure"]
+    assert len(digits_right_and_sure) >= 9, (read, verdicts)
+    assert all(verdicts[name] != "sure" for name in NON_DIGIT_STROKES), verdicts
+    assert verdicts["zigzag"] == "not_a_digit", verdicts

@@ -251,10 +251,12 @@ def test_importing_the_script_loads_only_the_companions_every_command_needs():
         "dataset_files",
         "datasets",
         "devices",
+        "doubt",
         "errors",
         "files",
         "grids",
         "layers",
+        "non_digits",
     )
     expected = ["companions", *(f"companions.{name}" for name in (*plumbing, "resume", "schedules"))]
     assert result.stdout.strip() == str(expected)

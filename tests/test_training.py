@@ -51,6 +51,7 @@ OUTPUTS = {
     "training_curves.png",
     "confusion_matrix.png",
     "mistakes.png",
+    "calibration.png",
     "filters.png",
     "layer_maps.png",
     "report.html",
@@ -66,6 +67,7 @@ FIGURE_SIZES = {
     "training_curves.png": (1000, 400),
     "confusion_matrix.png": (700, 600),
     "filters.png": (900, 550),
+    "calibration.png": (1000, 420),
 }
 
 
@@ -140,7 +142,7 @@ def test_the_timeline_of_a_run_in_its_own_process_is_in_order(trained):
     """Stamps for benchmarks/time_to_accuracy.py's breakdown of the wall time, written last."""
     out_dir, _ = trained
     timeline = json.loads((out_dir / "metrics.json").read_text())["timeline"]
-    assert list(timeline) == ["started", "imported", "main", "data_loaded", "evaluated", "written"]
+    assert list(timeline) == ["started", "imported", "main", "data_loaded", "evaluated", "doubt_learned", "written"]
     stamps = list(timeline.values())
     assert stamps == sorted(stamps)
     assert timeline["imported"] - timeline["started"] > 0.1  # torch alone takes longer than that to import

@@ -186,3 +186,12 @@ def test_no_figures_writes_the_model_checkpoint_and_metrics_only(synthetic_data,
     assert {path.name for path in tmp_path.iterdir()} == {"lenet5_mnist.pt", "checkpoint.pt", "metrics.json"}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["command"] == "train" and metrics["layers"]["totals"]["parameters"] == 61_706
+
+
+def test_a_network_too_big_to_build_is_refused_in_one_line(synthetic_data, tmp_path, cli):
+    flags = ("--epochs", 1, "--train-limit", 64, "--no-download", "--device", "cpu")
+    result = cli("--widths", "100000,100000,1,1", "--data-dir", synthetic_data, *flags, "--out-dir", tmp_path)
+    assert result.code == 2
+    [line] = result.log.strip().splitlines()[-1:]
+    assert "--widths 100000,100000,1,1: the network would have 250,005,200,023 parameters, 931.3 GiB" in line
+    assert "Traceback" not in result.log

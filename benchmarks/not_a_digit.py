@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Which way of saying "not a digit" generalises to kinds of images it never saw: five compared.
+
+    python mnist_recognition.py --validation 10000 --out-dir outputs/validation
+    python benchmarks/not_a_digit.py --checkpoint outputs/validation/lenet5_mnist.pt
+
+The model was trained without its last 10,000 training images (the validation split). Every
+method's threshold is set there, the lowest that flags at most --aim of the validation split's
+right answers; the shipped one (doubt: "not sure" or the detector) keeps the thresholds it learned
+itself without the validation split. The methods:
+
+- msp: the calibrated top probability (Hendrycks & Gimpel, 2017);
+- energy: the logits' log-sum-exp (Liu et al., 2020);
+- mahalanobis: the distance of fc2's output to the nearest class mean, under one covariance fitted
+  on the training images (Lee et al., 2018);
+- detector: companions/doubt.py's network, trained on the dataset's images against the made families;
+- doubt: what predict and serve say: "not sure" (msp below its threshold) or the detector's "not a digit".
+
+Each family the detector learns from is held out in turn: a detector is trained without it, and
+its row says how much of that family the methods flag. Three more kinds are never learned from:
+Fashion-MNIST's test images (when in <data-dir>), doodles drawn with the page's pen (a star, a
+house, a smiley, an arrow, a heart, a spiral, a sun, lightning, a crossed circle, letters of
+lines) and letters in the handwriting fonts of benchmarks/handwriting.py (both prepared by
+predict's own code path). The test set is read only
+for the share of its right answers that each method flags.
+"""
+
+import argparse
+import io
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from handwriting import FONTS as HANDWRITING_FONTS  # noqa: E402  (benchmarks/handwriting.py)
+
+import mnist_recognition as app  # noqa: E402
+from companions import doubt, non_digits, prepare  # noqa: E402
+from companions.augment import generator_for  # noqa: E402
+from companions.dataset_files import has_files  # noqa: E402
+from companions.trained import load_trained_model  # noqa: E402
+
+# Letters that are digits when written by hand (O, I, l, S, Z, B, b, g, q, G) are left out.
+LETTERS = "ACEFHKLMNPRTUVWXYacdefhkmnprtuvwxy"
+
+
+# Doodles as polylines in a unit square (None lifts the pen), drawn with the page's 28-px pen on 280x280.
+def ray(angle, radius):
+    return 0.5 + radius * math.cos(angle), 0.5 + radius * math.sin(angle)
+
+
+CIRCLE = [(0.5 + 0.45 * math.cos(a), 0.5 + 0.45 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 40)]
+DOODLES = {
+    "star": [(0.5 + 0.45 * math.sin(a), 0.5 - 0.45 * math.cos(a)) for a in np.arange(6) * 4 * math.pi / 5],
+    "house": [(0.15, 0.95), (0.15, 0.45), (0.5, 0.1), (0.85, 0.45), (0.85, 0.95), (0.15, 0.95), None,
+              (0.15, 0.45), (0.85, 0.45)],
+    "smiley": [*CIRCLE, None, (0.35, 0.35), (0.36, 0.36), None, (0.65, 0.35), (0.66, 0.36), None,
+               *[(0.5 + 0.25 * math.cos(a), 0.55 + 0.2 * math.sin(a)) for a in np.linspace(0.3, math.pi - 0.3, 12)]],
+    "arrow": [(0.05, 0.5), (0.95, 0.5), None, (0.65, 0.2), (0.95, 0.5), (0.65, 0.8)],
+    "heart": [(0.5, 0.95), (0.1, 0.5), (0.1, 0.25), (0.3, 0.1), (0.5, 0.3), (0.7, 0.1), (0.9, 0.25), (0.9, 0.5),
+              (0.5, 0.95)],
+    "spiral": [(0.5 + r * math.cos(a), 0.5 + r * math.sin(a))
+               for a, r in zip(np.linspace(0, 6 * math.pi, 60), np.linspace(0.02, 0.45, 60))],
+    "sun": [*[(0.5 + 0.2 * math.cos(a), 0.5 + 0.2 * math.sin(a)) for a in np.linspace(0, 2 * math.pi, 24)],
+            *[p for a in np.arange(8) * math.pi / 4 for p in (None, ray(a, 0.3), ray(a, 0.48))]],
+    "lightning": [(0.6, 0.0), (0.3, 0.5), (0.6, 0.5), (0.35, 1.0)],
+    "crossed circle": [*CIRCLE, None, (0.2, 0.2), (0.8, 0.8), None, (0.8, 0.2), (0.2, 0.8)],
+    "letter A": [(0.1, 0.95), (0.5, 0.05), (0.9, 0.95), None, (0.3, 0.55), (0.7, 0.55)],
+    "letter E": [(0.8, 0.05), (0.2, 0.05), (0.2, 0.95), (0.8, 0.95), None, (0.2, 0.5), (0.65, 0.5)],
+    "letter H": [(0.2, 0.05), (0.2, 0.95), None, (0.8, 0.05), (0.8, 0.95), None, (0.2, 0.5), (0.8, 0.5)],
+    "letter K": [(0.2, 0.05), (0.2, 0.95), None, (0.8, 0.05), (0.2, 0.55), (0.8, 0.95)],
+    "letter M": [(0.1, 0.95), (0.15, 0.05), (0.5, 0.6), (0.85, 0.05), (0.9, 0.95)],
+    "letter W": [(0.05, 0.05), (0.25, 0.95), (0.5, 0.4), (0.75, 0.95), (0.95, 0.05)],
+    "letter X": [(0.1, 0.05), (0.9, 0.95), None, (0.9, 0.05), (0.1, 0.95)],
+}  # fmt: skip
+
+
+# --- the kinds of images that no method learns from -------------------------------------------
+
+
+def drawn_doodle(strokes, rng):
+    """A doodle drawn as a person draws on the page: jittered, turned, squashed, pen 28 px, as PNG."""
+    canvas = Image.new("L", (280, 280), 255)
+    draw = ImageDraw.Draw(canvas)
+    angle, squash = rng.uniform(-0.35, 0.35), rng.uniform(0.75, 1.0)
+    for part in split_at_none(strokes):
+        points = []
+        for x, y in part:
+            x, y = (x - 0.5 + rng.normal(0, 0.02)) * squash, y - 0.5 + rng.normal(0, 0.02)
+            x, y = x * math.cos(angle) - y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle)
+            points.append((140 + 190 * x, 140 + 190 * y))
+        draw.line(points, fill=0, width=28, joint="curve")
+        for x, y in (points[0], points[-1]):
+            draw.ellipse((x - 14, y - 14, x + 14, y + 14), fill=0)
+    return canvas
+
+
+def split_at_none(strokes):
+    parts, part = [], []
+    for point in [*strokes, None]:
+        if point is None:
+            parts, part = parts + [part] if part else parts, []
+        else:
+            part.append(point)
+    return parts
+
+
+def in_font(letter, font, rng):
+    canvas = Image.new("L", (300, 300), 255)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
+    draw.text(((300 - right - left) / 2, (300 - bottom - top) / 2), letter, fill=0, font=font)
+    return canvas.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR, fillcolor=255)
+
+
+def through_predict(images, dataset):
+    """The network inputs that predict's code path makes of these images, saved as PNG first."""
+    inputs = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        buffer.seek(0)
+        inputs.append(prepare.read_image(buffer, dataset)[1])
+    return torch.stack(inputs)
+
+
+def unseen_kinds(data_dir, dataset, count):
+    """{kind: normalised network inputs} of the kinds that no method learns from."""
+    rng = np.random.default_rng(0)
+    kinds = {}
+    fashion = app.DATASETS["fashion-mnist"]
+    if has_files(data_dir, fashion, ("t10k-images-idx3-ubyte",)):
+        pixels, _ = app.pixel_split(data_dir, fashion, False, count)
+        kinds["Fashion-MNIST"] = non_digits.prepared(pixels).sub(dataset.mean).div(dataset.std)
+    else:
+        print(f"left out: Fashion-MNIST's test images are not in {data_dir}")
+    names = list(DOODLES)
+    doodles = [drawn_doodle(DOODLES[names[i % len(names)]], rng) for i in range(count)]
+    kinds["doodles (page's pen)"] = through_predict(doodles, dataset)
+    fonts = [path for path in HANDWRITING_FONTS if Path(path).is_file()]
+    for path in sorted(set(HANDWRITING_FONTS) - set(fonts)):
+        print(f"left out, not installed: {path}")
+    if fonts:
+        letters = [
+            in_font(
+                LETTERS[i % len(LETTERS)], ImageFont.truetype(fonts[i % len(fonts)], int(rng.integers(90, 170))), rng
+            )
+            for i in range(count)
+        ]
+        kinds[f"handwritten letters ({len(fonts)} fonts)"] = through_predict(letters, dataset)
+    return kinds
+
+
+# --- the methods' scores: higher is less like a digit ----------------------------------------
+
+
+@torch.inference_mode()
+def fc2_features(model, images):
+    """fc2's output (after its activation): the last layer's input."""
+    seen = []
+    hook = model.classifier[-1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    doubt.logits_of(model, images)
+    hook.remove()
+    return torch.cat(seen).float().cpu()
+
+
+def mahalanobis_scorer(model, images, labels):
+    features, labels = fc2_features(model, images), labels.cpu()
+    means = torch.stack([features[labels == k].mean(0) for k in range(10)])
+    centred = features - means[labels]
+    precision = torch.linalg.pinv(centred.T @ centred / len(features))
+
+    def score(inputs):
+        difference = fc2_features(model, inputs).unsqueeze(1) - means  # N x 10 x D
+        return torch.einsum("nkd,de,nke->nk", difference, precision, difference).min(1).values
+
+    return score
+
+
+def scorers(model, learned, train_set):
+    detector = learned.detector
+    return {
+        "msp": lambda x: -F.softmax(doubt.logits_of(model, x) / learned.temperature, 1).max(1).values,
+        "energy": lambda x: -torch.logsumexp(doubt.logits_of(model, x), 1),
+        "mahalanobis": mahalanobis_scorer(model, *train_set),
+        "detector": lambda x: doubt.logits_of(detector, x),
+    }
+
+
+def shipped_flags(model, learned, inputs):
+    logits = doubt.logits_of(model, inputs)
+    return learned.verdicts(logits, inputs)[2] != 0
+
+
+def threshold_at(scores, aim):
+    """The score above which at most `aim` of these scores lie."""
+    return scores.sort(descending=True).values[int(aim * len(scores))].item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a model trained with --validation N")
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent.parent / "data")
+    parser.add_argument("--count", type=int, default=1000, help="images of each family and kind")
+    parser.add_argument("--aim", type=float, default=0.01, help="the share of right validation answers flagged")
+    parser.add_argument("--no-held-out", action="store_true", help="skip training a detector without each family")
+    args = parser.parse_args()
+
+    device = torch.device("cpu")
+    model, payload = load_trained_model(args.checkpoint, device)
+    held_out = payload.get("config", {}).get("validation", 0)
+    if not held_out:
+        sys.exit(f"{args.checkpoint} was not trained with --validation N: its held-out images are unknown")
+    dataset = app.DATASETS[payload["config"]["dataset"]]
+    images, labels = app.normalised_split(args.data_dir, dataset, True, None, device)
+    train_set, validation = (images[:-held_out], labels[:-held_out]), (images[-held_out:], labels[-held_out:])
+    test = app.normalised_split(args.data_dir, dataset, False, None, device)
+
+    def right_only(split):
+        return split[0][doubt.logits_of(model, split[0]).argmax(1) == split[1]]
+
+    validation_right, test_right = right_only(validation), right_only(test)
+    digits = (train_set[0][:10_000] * dataset.std + dataset.mean, train_set[1][:10_000])
+    generator = generator_for("benchmark families")  # not the detector's: other images of the same families
+    families = {
+        name: non_digits.make([name], args.count, generator, digits).sub(dataset.mean).div(dataset.std)
+        for name in non_digits.families_for(dataset.image_kind)
+    }
+    unseen = unseen_kinds(args.data_dir, dataset, args.count)
+
+    print(f"{args.checkpoint}: thresholds flag {args.aim:.1%} of the validation split's right answers")
+    learned = doubt.learn_doubt(model, *train_set, dataset, seed=0)
+    header = ["", "test right flagged", *families, *unseen, "unseen kinds (mean)"]
+    rows = {}
+    for name, score in scorers(model, learned, train_set).items():
+        threshold = threshold_at(score(validation_right), args.aim)
+        rows[name] = [flagged_share(score(x) > threshold) for x in (test_right, *families.values(), *unseen.values())]
+    rows["doubt (shipped)"] = [
+        flagged_share(shipped_flags(model, learned, x)) for x in (test_right, *families.values(), *unseen.values())
+    ]
+    # Each family held out in turn: the detector and the shipped verdicts without it.
+    held_out_rows = {"detector": [], "doubt (shipped)": []}
+    for name, images_of_family in families.items() if not args.no_held_out else ():
+        others = [other for other in families if other != name]
+        detector, scores = doubt.train_detector(*train_set, dataset, 0, families=others)
+        without = doubt.Doubt(learned.temperature, learned.unsure_below, detector, doubt.detector_threshold(scores))
+        threshold = threshold_at(doubt.logits_of(detector, validation_right), args.aim)
+        held_out_rows["detector"].append(flagged_share(doubt.logits_of(detector, images_of_family) > threshold))
+        held_out_rows["doubt (shipped)"].append(flagged_share(shipped_flags(model, without, images_of_family)))
+    print_table(header, rows, len(families), held_out_rows)
+
+
+def flagged_share(flags):
+    return 100 * flags.float().mean().item()
+
+
+def print_table(header, rows, family_count, held_out_rows):
+    print("| method | " + " | ".join(header[1:]) + " |")
+    print("|---" * len(header) + "|")
+    for name, values in rows.items():
+        unseen = values[1 + family_count :]
+        cells = [f"{value:.1f}" for value in values] + [f"**{np.mean(unseen):.1f}**"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, values in held_out_rows.items():
+        cells = ["", *[f"{value:.1f}" for value in values]] + [""] * (len(header) - 2 - family_count)
+        print(f"| {name}, each family held out | " + " | ".join(cells) + f" (mean {np.mean(values):.1f}) |")
+    print("Flagged: the percentage of each kind's images called 'not sure' or 'not a digit' (higher is better,")
+    print("but for the test set's right answers, where lower is better).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""companions/doubt.py and companions/trust.py: the temperature, the thresholds, the detector, the verdicts."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mnist_recognition as app
+from companions import doubt, trust
+from companions.trained import doubt_of, load_trained_model
+
+MNIST_DATA = app.DATASETS["mnist"]
+CPU = torch.device("cpu")
+
+
+def synthetic_split(trained, train):
+    data_dir = json.loads((trained[0] / "metrics.json").read_text())["config"]["data_dir"]
+    return app.normalised_split(data_dir, MNIST_DATA, train, None, CPU)
+
+
+def test_calibration_lowers_the_ece_of_a_model_made_overconfident_on_purpose(trained):
+    model, _ = load_trained_model(trained[0] / "lenet5_mnist.pt", CPU)
+    with torch.no_grad():  # every score five times as large: the same answers, far too sure of them
+        model.classifier[-1].weight.mul_(5)
+        model.classifier[-1].bias.mul_(5)
+    train_set, test_set = synthetic_split(trained, True), synthetic_split(trained, False)
+    learned = doubt.learn_doubt(model, *train_set, MNIST_DATA, seed=0, with_detector=False)
+    measured = trust.measure_trust(model, learned, *test_set, "test")
+    assert learned.temperature > 2
+    assert measured.summary()["ece"] < measured.summary()["ece_before"] / 2
+
+
+def test_the_temperature_undoes_a_scaling_of_the_scores():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(10, (4000,), generator=generator)
+    logits = torch.randn(4000, 10, generator=generator)
+    logits[torch.arange(4000), labels] += 2.5
+    temperature = doubt.fit_temperature(logits, labels)
+    assert doubt.fit_temperature(logits * 3, labels) == pytest.approx(3 * temperature, rel=1e-3)
+
+
+@pytest.mark.parametrize("aim", [0.003, 0.01, 0.1])
+def test_the_unsure_threshold_flags_at_most_its_aim_of_the_right_answers(aim):
+    generator = torch.Generator().manual_seed(1)
+    probabilities = torch.softmax(4 * torch.randn(5000, 10, generator=generator), 1)
+    labels = torch.randint(10, (5000,), generator=generator)
+    threshold = doubt.unsure_threshold(probabilities, labels, aim)
+    confidence, predicted = probabilities.max(1)
+    right = confidence[predicted == labels]
+    assert (right < threshold).float().mean() <= aim
+    assert (right <= threshold).float().mean() > aim - 1 / len(right)  # the lowest such: one more would flag more
+
+
+@pytest.mark.parametrize("aim", [0.005, 0.01, 0.05])
+def test_the_detectors_threshold_flags_at_most_its_aim_of_the_held_out_images(aim):
+    scores = torch.randn(5000, generator=torch.Generator().manual_seed(2))
+    threshold = doubt.detector_threshold(scores, aim)
+    assert (scores > threshold).float().mean() <= aim < (scores >= threshold).float().mean() + 1e-3
+
+
+class FixedScores(nn.Module):
+    """A stand-in detector whose score for every image is the image's first pixel."""
+
+    def forward(self, images):
+        return images[:, 0, 0, 0]
+
+
+def test_each_verdict_comes_from_its_own_threshold():
+    learned = doubt.Doubt(temperature=2.0, unsure_below=0.6, detector=FixedScores(), not_a_digit_above=0.5)
+    logits = torch.tensor([[8.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [2.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [8.0] + [0.0] * 9])
+    images = torch.zeros(3, 1, 28, 28)
+    images[2, 0, 0, 0] = 1.0  # the third is unlike a digit
+    probabilities, scores, verdicts = learned.verdicts(logits, images)
+    torch.testing.assert_close(probabilities, torch.softmax(logits / 2, 1))
+    assert [doubt.VERDICTS[v] for v in verdicts] == ["sure", "not_sure", "not_a_digit"]
+    assert scores.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_a_model_file_keeps_its_doubt_and_an_older_one_says_it_has_none(trained, tmp_path, capsys):
+    payload = torch.load(trained[0] / "lenet5_mnist.pt", weights_only=True)
+    learned = doubt_of(payload, trained[0] / "lenet5_mnist.pt", CPU)
+    assert learned.temperature == payload["doubt"]["temperature"] and learned.detector is not None
+    assert math.isfinite(learned.not_a_digit_above)
+    del payload["doubt"]
+    older = doubt_of(payload, tmp_path / "old.pt", CPU)
+    assert (older.temperature, older.unsure_below, older.detector) == (1.0, doubt.OLD_UNSURE_BELOW, None)
+
+
+def test_learning_the_doubt_leaves_the_model_and_torchs_seed_as_they_were(trained):
+    model, _ = load_trained_model(trained[0] / "lenet5_mnist.pt", CPU)
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    doubt.learn_doubt(model, *synthetic_split(trained, True), MNIST_DATA, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_the_detector_tells_made_non_digits_from_digits_it_did_not_learn_from(trained):
+    """On the synthetic digits (drawn in fonts), a detector trained beside the model flags most of
+    the families' images made with another seed, and at most its aim of the held-out digits."""
+    from companions import non_digits
+    from companions.augment import generator_for
+
+    train_images, train_labels = synthetic_split(trained, True)
+    detector, held_out = doubt.train_detector(train_images, train_labels, MNIST_DATA, seed=0, steps=300)
+    threshold = doubt.detector_threshold(held_out)
+    digits = (train_images[:200] * MNIST_DATA.std + MNIST_DATA.mean, train_labels[:200])
+    others = non_digits.make(list(non_digits.FAMILIES), 50, generator_for("other images"), digits)
+    scores = doubt.logits_of(detector, others.sub(MNIST_DATA.mean).div(MNIST_DATA.std))
+    assert (scores > threshold).float().mean() > 0.8
+    assert (held_out > threshold).float().mean() <= doubt.DETECTOR_AIM
