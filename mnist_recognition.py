@@ -749,13 +749,13 @@ def training_files(split):
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set, learned):
     """The model file, then the nine figures and report.html (unless --no-figures), and last metrics.json."""
     from companions import report
-    from companions.trust import measure_trust
+    from companions.trust import log_trust, measure_trust
 
     dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
     save_model(out_dir / MODEL_FILE, model, config, evaluation, doubt=learned.as_saved())
     costs = layers.layer_costs(model, args.batch_size)
     trust = measure_trust(model, learned, *eval_set, split)
-    report.log_trust(trust)
+    log_trust(trust)
     if args.no_figures:
         report.write_training_metrics(
             out_dir, config, costs, dataset, runtime, model, progress, evaluation, timeline, trust

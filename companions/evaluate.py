@@ -21,7 +21,7 @@ from companions.doubt import Doubt
 from companions.errors import CliError
 from companions.files import METRICS_FILE, REPORT_FILE
 from companions.trained import doubt_of, trained_model
-from companions.trust import Trust, measure_trust
+from companions.trust import Trust, log_trust, measure_trust
 
 WRITES = (METRICS_FILE, REPORT_FILE, *files.EVALUATION_FIGURES)
 
@@ -153,7 +153,7 @@ def evaluate_images(args, runtime, model, learned, dataset):
     evaluation = trainer.evaluate(model, images, "labelled", runtime)
     trainer.log_accuracy(evaluation, dataset, f"images in {args.images}")
     trust = measure_trust(model, learned, *images, "labelled")
-    report.log_trust(trust)
+    log_trust(trust)
     metrics = evaluation_metrics(
         args, evaluation, dataset, trust, class_images=found.per_class(dataset), not_read=found.problems
     )

@@ -20,7 +20,6 @@ from string import Template
 
 import numpy as np
 import torch
-from loguru import logger
 
 from companions import files
 from companions.command_line import as_text, plural
@@ -170,22 +169,6 @@ def write_evaluation_report(out_dir, runtime, evaluation, dataset, settings, tit
 
 def trust_section(trust):
     return f"How far to trust it ({trust.split} images)", html_table(("what", "value"), trust.table_rows())
-
-
-def log_trust(trust):
-    """One line: the calibration, and what the answers on the split were called."""
-    numbers = trust.summary()
-    counts = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in numbers["verdicts"].items())
-    logger.info(
-        "Calibrated probabilities on the {} images: ECE {:.2f} % before, {:.2f} % after; answers {}; "
-        "{:.2f} % of the right answers flagged, {:.1f} % of the wrong ones",
-        trust.split,
-        100 * numbers["ece_before"],
-        100 * numbers["ece"],
-        counts,
-        100 * numbers["right_flagged"],
-        100 * numbers["wrong_flagged"],
-    )
 
 
 def plot_mistakes(eval_set, evaluation, path, dataset):

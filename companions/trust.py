@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from loguru import logger
 
 from companions.doubt import VERDICTS, logits_of
 from companions.grids import new_figure, save_figure
@@ -100,6 +101,22 @@ def measure_trust(model, doubt, images, labels, split):
     calibrated, _, verdicts = doubt.verdicts(logits, images)
     labels = labels.cpu()
     return Trust(split, labels, F.softmax(logits, 1), calibrated.cpu(), verdicts.cpu(), doubt)
+
+
+def log_trust(trust):
+    """One line: the calibration, and what the answers on the split were called."""
+    numbers = trust.summary()
+    counts = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in numbers["verdicts"].items())
+    logger.info(
+        "Calibrated probabilities on the {} images: ECE {:.2f} % before, {:.2f} % after; answers {}; "
+        "{:.2f} % of the right answers flagged, {:.1f} % of the wrong ones",
+        trust.split,
+        100 * numbers["ece_before"],
+        100 * numbers["ece"],
+        counts,
+        100 * numbers["right_flagged"],
+        100 * numbers["wrong_flagged"],
+    )
 
 
 def plot_calibration(trust, path):
