@@ -10,8 +10,9 @@ default recipe's whole run too; `evaluate` on the test set; `predict` on one pho
 a bare `python -c "import torch"`, the floor of every command. Each round runs every case once, in
 an order that rotates from round to round; with --baseline, that commit's tree (taken with `git
 archive` into a scratch folder) runs each case in the same rounds. Printed: the median of each
-case, `fast`'s median breakdown (from its metrics.json timeline) and its wall time over its own training seconds, predict and evaluate over
-the bare import, and with --baseline each median's ratio. The data must be in <data-dir>/MNIST/raw/.
+case, `fast`'s median breakdown (from its metrics.json timeline) and its wall time over its own
+training seconds, predict and evaluate over the bare import, and with --baseline each median's
+ratio. The data must be in <data-dir>/MNIST/raw/.
 """
 
 import argparse
