@@ -22,7 +22,9 @@ Fashion-MNIST's test images (when in <data-dir>), doodles drawn with the page's 
 house, a smiley, an arrow, a heart, a spiral, a sun, lightning, a crossed circle, letters of
 lines) and letters in the handwriting fonts of benchmarks/handwriting.py (both prepared by
 predict's own code path). The test set is read only
-for the share of its right answers that each method flags.
+for the share of its right answers that each method flags. Last, how the shipped thresholds' two
+aims were chosen: the validation split's right and wrong answers flagged, and the unseen kinds,
+for each pair of aims.
 """
 
 import argparse
@@ -253,6 +255,38 @@ def main():
         held_out_rows["detector"].append(flagged_share(doubt.logits_of(detector, images_of_family) > threshold))
         held_out_rows["doubt (shipped)"].append(flagged_share(shipped_flags(model, without, images_of_family)))
     print_table(header, rows, len(families), held_out_rows)
+    print_aims(model, learned, train_set, validation, unseen, dataset)
+
+
+AIMS = {"unsure": (0.003, 0.005, 0.01, 0.02, 0.03), "detector": (0.005, 0.0075, 0.01)}
+
+
+def print_aims(model, learned, train_set, validation, unseen, dataset):
+    """How the two aims that set the shipped thresholds were chosen: for each pair, the shares of the
+    validation split's right and wrong answers flagged, and of the unseen kinds."""
+    plain, augmented, chosen = doubt.calibration_images(train_set[0], dataset, seed=0)
+    labels = train_set[1][chosen].cpu()
+    logits, _ = doubt.calibration_logits(model, plain, augmented, labels)
+    calibration = F.softmax(logits / learned.temperature, 1)
+    _, held_out_scores = doubt.train_detector(*train_set, dataset, seed=0)
+    inputs = {"validation": validation[0], **unseen}
+    confidence = {
+        name: F.softmax(doubt.logits_of(model, x) / learned.temperature, 1).max(1).values for name, x in inputs.items()
+    }
+    scores = {name: doubt.logits_of(learned.detector, x) for name, x in inputs.items()}
+    right = doubt.logits_of(model, validation[0]).argmax(1) == validation[1]
+    print("\n| 'not sure' aim | detector aim | validation: right flagged | wrong flagged | unseen kinds (mean) |")
+    print("|---|---|---|---|---|")
+    for unsure_aim in AIMS["unsure"]:
+        unsure_below = doubt.unsure_threshold(calibration, labels, unsure_aim)
+        for detector_aim in AIMS["detector"]:
+            above = doubt.detector_threshold(held_out_scores, detector_aim)
+            flags = {name: (confidence[name] < unsure_below) | (scores[name] > above) for name in inputs}
+            unseen_mean = np.mean([flagged_share(flags[name]) for name in unseen])
+            print(
+                f"| {unsure_aim:.1%} | {detector_aim:.2%} | {flagged_share(flags['validation'][right]):.2f} | "
+                f"{flagged_share(flags['validation'][~right]):.1f} | {unseen_mean:.1f} |"
+            )
 
 
 def flagged_share(flags):

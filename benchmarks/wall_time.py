@@ -141,7 +141,7 @@ def main():
             for version, name, command in runs[shift:] + runs[:shift]:
                 wall, started, ended = run(command)
                 seconds[(version, name)].append(wall)
-                if name.startswith("train"):
+                if name == "train --recipe fast":
                     breakdowns[version].append(fast_breakdown(work / f"train-{version}", started, ended))
         report(args, scripts, seconds, breakdowns)
 

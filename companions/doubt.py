@@ -28,8 +28,8 @@ from companions import non_digits
 from companions.adam import Adam  # torch's fused Adam without torch.compile's hooks, as training's
 from companions.augment import augment_batch, generator_for
 
-UNSURE_AIM = 0.003  # the share of right answers on the calibration images that "not sure" may flag
-DETECTOR_AIM = 0.01  # the share of held-out training images that "not a digit" may flag
+UNSURE_AIM = 0.02  # the share of right answers on the calibration images that "not sure" may flag
+DETECTOR_AIM = 0.0075  # the share of held-out training images that "not a digit" may flag
 CALIBRATION_IMAGES = 20_000  # training images, augmented, that the temperature and threshold are fitted on
 AUGMENTATION = ("affine", "elastic", "thickness")
 MAX_AUGMENTED_DROP = 0.1  # the accuracy a model may lose on augmented images for them to calibrate it
@@ -119,9 +119,9 @@ class Detector(nn.Module):
         super().__init__()
         # fmt: off
         self.layers = nn.Sequential(
-            nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Conv2d(8, 16, 5), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Flatten(), nn.Linear(400, 64), nn.ReLU(), nn.Linear(64, 11),
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 12, 5), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Flatten(), nn.Linear(300, 48), nn.ReLU(), nn.Linear(48, 11),
         )
         # fmt: on
 
