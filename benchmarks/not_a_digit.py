@@ -132,15 +132,16 @@ def through_predict(images, dataset):
 
 
 def unseen_kinds(data_dir, dataset, count):
-    """{kind: normalised network inputs} of the kinds that no method learns from."""
+    """{kind: normalised network inputs} of the kinds that no method learns from: the test images of
+    the other dataset (Fashion-MNIST for a digit model, MNIST for a clothing one), doodles, letters."""
     rng = np.random.default_rng(0)
     kinds = {}
-    fashion = app.DATASETS["fashion-mnist"]
-    if has_files(data_dir, fashion, ("t10k-images-idx3-ubyte",)):
-        pixels, _ = app.pixel_split(data_dir, fashion, False, count)
-        kinds["Fashion-MNIST"] = non_digits.prepared(pixels).sub(dataset.mean).div(dataset.std)
+    other = app.DATASETS["fashion-mnist" if dataset.image_kind == "digit" else "mnist"]
+    if has_files(data_dir, other, ("t10k-images-idx3-ubyte",)):
+        pixels, _ = app.pixel_split(data_dir, other, False, count)
+        kinds[other.title] = non_digits.prepared(pixels, dataset.image_kind).sub(dataset.mean).div(dataset.std)
     else:
-        print(f"left out: Fashion-MNIST's test images are not in {data_dir}")
+        print(f"left out: {other.title}'s test images are not in {data_dir}")
     names = list(DOODLES)
     doodles = [drawn_doodle(DOODLES[names[i % len(names)]], rng) for i in range(count)]
     kinds["doodles (page's pen)"] = through_predict(doodles, dataset)
@@ -230,7 +231,9 @@ def main():
     digits = (train_set[0][:10_000] * dataset.std + dataset.mean, train_set[1][:10_000])
     generator = generator_for("benchmark families")  # not the detector's: other images of the same families
     families = {
-        name: non_digits.make([name], args.count, generator, digits).sub(dataset.mean).div(dataset.std)
+        name: non_digits.make([name], args.count, generator, digits, dataset.image_kind)
+        .sub(dataset.mean)
+        .div(dataset.std)
         for name in non_digits.families_for(dataset.image_kind)
     }
     unseen = unseen_kinds(args.data_dir, dataset, args.count)

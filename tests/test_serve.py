@@ -591,6 +591,9 @@ def test_the_page_shows_each_verdict_plainly(trained, browser, tmp_path):
         assert ("That doesn't look like a digit" in text) == (verdict == "not_a_digit")
         colour = answer.value_of_css_property("color")
         assert (colour == "rgba(187, 187, 187, 1)") == (verdict == "not_a_digit"), colour  # the guess greyed
+        top_bar = browser.find_element(By.CSS_SELECTOR, "#bars .bar.top .fill")
+        greyed = top_bar.value_of_css_property("background-color") == "rgba(187, 187, 187, 1)"
+        assert greyed == (verdict == "not_a_digit"), verdict
 
 
 @pytest.mark.slow
