@@ -121,8 +121,9 @@ def log_trust(trust):
 
 def plot_calibration(trust, path):
     """Left, the reliability diagram: each bin's accuracy against its mean confidence, before and
-    after the temperature, with the ECE; right, the accuracy of the answers it is surest of against
-    the share of answers given, with where "not sure" and "not a digit" cut."""
+    after the temperature, with the ECE, each point as large as its share of the answers; right,
+    the accuracy of the answers it is surest of against the share of answers given, with where
+    "not sure" and "not a digit" cut."""
     figure = new_figure(10, 4.2)
     diagram, curve = figure.subplots(1, 2)
     diagram.plot([0, 1], [0, 1], color="gray", linewidth=0.8, linestyle="--", label="perfectly calibrated")
@@ -130,13 +131,19 @@ def plot_calibration(trust, path):
         confidence, accuracy, counts = reliability(probabilities, trust.labels)
         shown = counts > 0
         ece = 100 * expected_calibration_error(probabilities, trust.labels)
-        diagram.plot(confidence[shown], accuracy[shown], "o-", color=colour, label=f"{name}: ECE {ece:.2f} %")
+        diagram.plot(
+            confidence[shown], accuracy[shown], "-", color=colour, linewidth=1, label=f"{name}: ECE {ece:.2f} %"
+        )
+        # A bin's point grows with its answers: the few in the lowest bins weigh little in the ECE.
+        sizes = 8 + 250 * (counts[shown] / counts.max()).sqrt()
+        diagram.scatter(confidence[shown], accuracy[shown], s=sizes, color=colour, alpha=0.8, zorder=3)
     diagram.set(
         xlabel="confidence (mean of the bin)",
         ylabel="accuracy of the bin",
         xlim=(0, 1.02),
         ylim=(0, 1.02),
-        title=f"Reliability on {len(trust.labels)} {trust.split} images (T = {trust.doubt.temperature:.2f})",
+        title=f"Reliability on {len(trust.labels)} {trust.split} images (T = {trust.doubt.temperature:.2f}; "
+        "a point's size: its answers)",
     )
     coverage, accuracy = coverage_curve(trust.calibrated, trust.labels)
     curve.plot(coverage, 100 * accuracy, color="tab:blue")
