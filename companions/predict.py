@@ -46,7 +46,7 @@ def answer(scores, learned, network_input, dataset):
 
 def describe_prediction(result, dataset):
     """'my_digit.jpg: 7 (99.7 %), then 3 (0.2 %), 9 (0.0 %)', '... 7 (51.2 %, not sure), then ...',
-    or 'zigzag.png: not a digit (a guess: 4, 62.0 %), then ...'"""
+    or 'zigzag.png: not a digit (a guess: 4, 99.1 %), then ...'"""
     classes = dataset.classes
     ranked = np.argsort(result["probabilities"])[::-1]
     others = ", ".join(f"{classes[c]} ({100 * result['probabilities'][c]:.1f} %)" for c in ranked[1:3])

@@ -2,7 +2,7 @@
 script, only `pip install onnxruntime numpy pillow`.
 
     python examples/onnx_predict.py outputs/lenet5_mnist.onnx my_digit.jpg [more.jpg ...]
-    # my_digit.jpg: 7 99.7%        (or: 7 51.2% not sure; or: 4 62.0% not a digit, the 4 only a guess)
+    # my_digit.jpg: 7 99.7%        (or: 7 51.2% not sure; or: 4 99.1% not a digit, the 4 only a guess)
 
 Its preparation is a simpler form of predict's (docs/export.md says what it leaves out): dark ink
 on light paper, made light on dark; the paper's level (the image's median) taken away; cropped to
