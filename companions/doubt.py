@@ -2,8 +2,8 @@
 
 - a temperature that makes its probabilities mean what they say (Guo et al., 2017), fitted on
   training images it never saw in that form: each one moved, distorted and thickened as the `best`
-  recipe's augmentation does (a model far from converged, which reads those far worse than its
-  training images, is fitted on the plain training images instead). The test set is never read;
+  recipe's augmentation does (a model that reads those far worse than its training images is
+  fitted on the plain training images instead, and never sharpened there). The test set is never read;
 - "not sure": the probability below which an answer is called unsure, the lowest that flags at
   most UNSURE_AIM of the right answers on those same images;
 - "not a digit": a small network of its own beside the classifier (which stays as it was), trained
@@ -33,6 +33,7 @@ DETECTOR_AIM = 0.0075  # the share of held-out training images that "not a digit
 CALIBRATION_IMAGES = 20_000  # training images, augmented, that the temperature and threshold are fitted on
 AUGMENTATION = ("affine", "elastic", "thickness")
 MAX_AUGMENTED_DROP = 0.1  # the accuracy a model may lose on augmented images for them to calibrate it
+AUGMENTED = "augmented training images"
 OLD_UNSURE_BELOW = 0.84  # what a model file without these uses: the one threshold of earlier versions
 VERDICTS = ("sure", "not_sure", "not_a_digit")
 
@@ -69,7 +70,7 @@ def calibration_logits(model, plain, augmented_images, labels):
     plain_accuracy = (logits_of(model, plain).argmax(1) == labels).float().mean().item()
     augmented_accuracy = (on_augmented.argmax(1) == labels).float().mean().item()
     if plain_accuracy - augmented_accuracy <= MAX_AUGMENTED_DROP:
-        return on_augmented, "augmented training images"
+        return on_augmented, AUGMENTED
     return logits_of(model, plain), "training images (augmented ones are far harder for this model)"
 
 
@@ -243,6 +244,10 @@ def learn_doubt(model, train_images, train_labels, dataset, seed, with_detector=
     labels = train_labels[chosen.to(train_labels.device)].cpu()
     logits, calibrated_on = calibration_logits(model, plain, augmented_images, labels)
     temperature = fit_temperature(logits, labels)
+    if calibrated_on != AUGMENTED and temperature < 1:
+        # Fitted on the very images it learned, a temperature below 1 would make the model surer than
+        # they show it to be on anything new: such a fit is not trusted, and the scores stay as they are.
+        temperature, calibrated_on = 1.0, f"{calibrated_on}; a fit below 1 there is not trusted"
     unsure_below = unsure_threshold(F.softmax(logits / temperature, 1), labels)
     learned = Doubt(temperature, unsure_below, calibrated_on=calibrated_on)
     if kept is not None:

@@ -113,3 +113,21 @@ def test_the_detector_tells_made_non_digits_from_digits_it_did_not_learn_from(tr
     scores = doubt.logits_of(detector, others.sub(MNIST_DATA.mean).div(MNIST_DATA.std))
     assert (scores > threshold).float().mean() > 0.8
     assert (held_out > threshold).float().mean() <= doubt.DETECTOR_AIM
+
+
+def test_fitted_on_the_plain_training_images_a_model_is_never_made_surer(trained, monkeypatch):
+    """Where augmented images are far harder for a model, its temperature comes from the images it
+    learned; a fit below 1 there would only say how well it learned them, and is not trusted."""
+    model, _ = load_trained_model(trained[0] / "lenet5_mnist.pt", CPU)
+    images, labels = synthetic_split(trained, True)
+
+    def sure_of_training_images(model, plain, augmented, labels):
+        logits = torch.zeros(len(labels), 10)
+        logits[torch.arange(len(labels)), labels] = 1.0  # right, and far less sure than right answers deserve
+        return logits, "training images (augmented ones are far harder for this model)"
+
+    monkeypatch.setattr(doubt, "calibration_logits", sure_of_training_images)
+    learned = doubt.learn_doubt(model, images, labels, MNIST_DATA, seed=0, with_detector=False)
+    assert learned.temperature == 1.0 and "not trusted" in learned.calibrated_on
+    monkeypatch.setattr(doubt, "calibration_logits", lambda *args: (sure_of_training_images(*args)[0], doubt.AUGMENTED))
+    assert doubt.learn_doubt(model, images, labels, MNIST_DATA, seed=0, with_detector=False).temperature < 1
