@@ -27,6 +27,7 @@ from loguru import logger
 from companions import non_digits
 from companions.adam import Adam  # torch's fused Adam without torch.compile's hooks, as training's
 from companions.augment import augment_batch, generator_for
+from companions.errors import CliError
 
 UNSURE_AIM = 0.02  # the share of right answers on the calibration images that "not sure" may flag
 DETECTOR_AIM = 0.0075  # the share of held-out training images that "not a digit" may flag
@@ -271,20 +272,28 @@ def learn_doubt(model, train_images, train_labels, dataset, seed, with_detector=
     return learned
 
 
-def saved_doubt(payload, device):
-    """The Doubt a model file holds, or None where it holds none (an older file)."""
+def saved_doubt(payload, device, path):
+    """The Doubt a model file holds, or None where it holds none (an older file); one that does not
+    fit (a damaged or foreign file) is refused in one line."""
     saved = payload.get("doubt")
     if not isinstance(saved, dict):
         return None
-    detector = None
-    if isinstance(saved.get("detector"), dict):
-        detector = Detector()
-        detector.load_state_dict(saved["detector"])
-        detector = detector.to(device).eval()
-    return Doubt(
-        float(saved.get("temperature", 1.0)),
-        float(saved.get("unsure_below", OLD_UNSURE_BELOW)),
-        detector,
-        float(saved.get("not_a_digit_above", math.inf)),
-        str(saved.get("calibrated_on", "")),
-    )
+    try:
+        detector = None
+        if isinstance(saved.get("detector"), dict):
+            detector = Detector()
+            detector.load_state_dict(saved["detector"])
+            detector = detector.to(device).eval()
+        learned = Doubt(
+            float(saved.get("temperature", 1.0)),
+            float(saved.get("unsure_below", OLD_UNSURE_BELOW)),
+            detector,
+            float(saved.get("not_a_digit_above", math.inf)),
+            str(saved.get("calibrated_on", "")),
+        )
+    except (RuntimeError, TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CliError(f"{path}: its calibration or 'not a digit' detector cannot be read ({reason}).") from None
+    if not learned.temperature > 0:
+        raise CliError(f"{path}: its temperature, {learned.temperature}, is not a positive number.")
+    return learned

@@ -42,7 +42,7 @@ def trained_model(args, device):
 def doubt_of(payload, path, device):
     """What the model file knows of the model's doubt (companions/doubt.py); a file made before
     there was any gets the old behaviour, and one line that says so."""
-    learned = saved_doubt(payload, device)
+    learned = saved_doubt(payload, device, path)
     if learned is None:
         logger.warning(
             "{} holds no calibration and no 'not a digit' detector (an older model file): probabilities as the "

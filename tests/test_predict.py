@@ -243,3 +243,17 @@ def test_an_older_model_file_still_answers_and_says_in_one_line_what_it_lacks(tr
     assert answer["sure"] == (answer["probability"] >= 0.84)  # the one threshold of older versions
     notes = [line for line in result.log.splitlines() if "holds no calibration" in line]
     assert len(notes) == 1 and "older model file" in notes[0] and "Train it again" in notes[0]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"detector": {"weight": torch.zeros(3)}}, {"temperature": "warm"}, {"temperature": -1.0}],
+    ids=["foreign detector", "no number", "negative temperature"],
+)
+def test_a_model_file_whose_doubt_does_not_fit_is_refused_in_one_line(changes, trained, tmp_path, cli):
+    model = with_doubt(trained[0] / "lenet5_mnist.pt", tmp_path / "odd.pt", **changes)
+    [path] = digit_files(tmp_path, digits=(3,))
+    result = cli("predict", path, "--checkpoint", model, "--device", "cpu")
+    assert result.code == 2 and result.stdout == ""
+    [line] = result.log.strip().splitlines()
+    assert str(model) in line and ("cannot be read" in line or "not a positive number" in line)
