@@ -67,12 +67,12 @@ def calibration_logits(model, plain, augmented_images, labels):
     never saw in that form, where it reads them nearly as well as the plain ones; else (a model far
     from converged, which augmentation makes far harder for it than new images are) for the plain
     training images."""
-    on_augmented = logits_of(model, augmented_images)
-    plain_accuracy = (logits_of(model, plain).argmax(1) == labels).float().mean().item()
+    on_augmented, on_plain = logits_of(model, augmented_images), logits_of(model, plain)
+    plain_accuracy = (on_plain.argmax(1) == labels).float().mean().item()
     augmented_accuracy = (on_augmented.argmax(1) == labels).float().mean().item()
     if plain_accuracy - augmented_accuracy <= MAX_AUGMENTED_DROP:
         return on_augmented, AUGMENTED
-    return logits_of(model, plain), "training images (augmented ones are far harder for this model)"
+    return on_plain, "training images (augmented ones are far harder for this model)"
 
 
 def augmented(images, dataset, generator):
@@ -237,9 +237,9 @@ class Doubt:
 
 
 def learn_doubt(model, train_images, train_labels, dataset, seed, with_detector=True, kept=None):
-    """A Doubt for a trained model: its temperature and "not sure" threshold fitted on augmented
-    training images; a detector trained anew, or none, or the one (with its threshold) that the
-    Doubt `kept` holds."""
+    """A Doubt for a trained model: its temperature and "not sure" threshold fitted on training images
+    (augmented, where the model reads those nearly as well as the plain ones); a detector trained
+    anew, or none, or the one (with its threshold) that the Doubt `kept` holds."""
     started = time.perf_counter()
     plain, augmented_images, chosen = calibration_images(train_images, dataset, seed)
     labels = train_labels[chosen.to(train_labels.device)].cpu()

@@ -17,7 +17,7 @@ from loguru import logger
 import mnist_recognition as trainer
 from companions import dataset_files, files, own_images, report
 from companions.devices import Runtime, pick_device
-from companions.doubt import Doubt
+from companions.doubt import Doubt, logits_of
 from companions.errors import CliError
 from companions.files import METRICS_FILE, REPORT_FILE
 from companions.trained import doubt_of, trained_model
@@ -112,19 +112,19 @@ def evaluate_ensemble(args, checkpoints):
 
 
 @torch.inference_mode()
-def probabilities_of(model, images, temperature=1.0):
-    """The model's probabilities for every image, in evaluation's batches, at a temperature."""
-    return torch.cat(
-        [torch.softmax(model(chunk) / temperature, 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)]
-    ).cpu()
+def probabilities_of(model, images):
+    """The model's probabilities for every image, in evaluation's batches."""
+    return torch.cat([torch.softmax(model(chunk), 1) for chunk in images.split(trainer.EVAL_BATCH_SIZE)])
 
 
 def ensemble_trust(models, doubts, images, labels, split):
     """The ensemble's Trust: the mean of the models' probabilities, as they give them and at their own
-    temperatures; "not sure" below the mean of their thresholds (an ensemble has no detector)."""
-    raw = torch.stack([probabilities_of(model, images) for model in models]).mean(0)
+    temperatures (from one pass of each); "not sure" below the mean of their thresholds (an ensemble
+    has no detector)."""
+    logits = [logits_of(model, images) for model in models]
+    raw = torch.stack([torch.softmax(scores, 1) for scores in logits]).mean(0)
     calibrated = torch.stack(
-        [probabilities_of(model, images, learned.temperature) for model, learned in zip(models, doubts)]
+        [torch.softmax(scores / learned.temperature, 1) for scores, learned in zip(logits, doubts)]
     ).mean(0)
     threshold = sum(learned.unsure_below for learned in doubts) / len(doubts)
     verdicts = (calibrated.max(1).values < threshold).long()
@@ -138,7 +138,7 @@ def ensemble_evaluation(models, eval_set, split):
     images, labels = eval_set
     probabilities = torch.stack([probabilities_of(model, images) for model in models]).mean(0)
     confidence, predicted = probabilities.max(1)
-    loss = torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels.cpu()).item()
+    loss = torch.nn.functional.nll_loss(probabilities.clamp_min(1e-12).log(), labels).item()
     return trainer.Evaluation(
         split, labels.cpu(), predicted.cpu(), confidence.cpu(), loss, time.perf_counter() - started
     )

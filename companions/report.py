@@ -51,7 +51,8 @@ FIGURE_CAPTIONS = {
     PREDICTIONS_PNG: "16 random evaluation images with the model's answer; wrong answers are red.",
     CALIBRATION_PNG: "Left: how far the probabilities can be trusted. The answers are put in 15 bins by their "
     "probability; each point is a bin's accuracy against its mean probability, before and after the temperature "
-    "fitted on augmented training images (on the dashed line, a probability of 0.9 is right 9 times in 10). "
+    "fitted on training images (the table says which; on the dashed line, a probability of 0.9 is right 9 times "
+    "in 10). "
     "Right: the accuracy of the answers the model is surest of against the share of answers it gives; the "
     "dashed line is where it stops being sure ('not sure' or 'not a digit').",
     TRAIN_IMAGES_PNG: "16 random training images with their labels.",

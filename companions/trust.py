@@ -61,8 +61,8 @@ class Trust:
         return {name: int((self.verdicts == index).sum()) for index, name in enumerate(VERDICTS)}
 
     def summary(self):
-        """What metrics.json records: the doubt's numbers, the ECE before and after, and per verdict
-        how many answers got it and how many of those were right."""
+        """What metrics.json records: the doubt's numbers, the ECE before and after, how many answers
+        got each verdict, and the shares of the right and of the wrong answers not called sure."""
         right, sure = self.right, self.verdicts == 0
         return {
             **self.doubt.summary(),
