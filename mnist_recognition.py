@@ -58,6 +58,7 @@ from companions.command_line import (
     augmentation_list,
     fraction,
     layer_widths,
+    network_depth,
     non_negative_float,
     non_negative_int,
     plural,
@@ -102,7 +103,7 @@ IMPORTED_AT = time.time()
 # ----------------------------------------------------------------------------------------------
 
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
-COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune", "compare")
+COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune", "compare", "search")
 
 DATA_COMMANDS = ("train", "evaluate", "finetune")  # the commands that read a dataset's files
 # fmt: off
@@ -137,6 +138,8 @@ SETTINGS = (
     Setting("activation", "relu", "the activation after every layer but the last",
             choices=("relu", "leaky_relu", "elu", "tanh"), must_match=True),
     Setting("batch_norm", False, "batch normalisation after each convolution", must_match=True),
+    Setting("depth", 0, "extra 3x3 convolutions in each stage, after its 5x5 one and before its pooling (padding 1, "
+            "as many maps): a deeper LeNet-5; 0: the original", network_depth, must_match=True),
     Setting("dropout", 0.0, "dropout before fc2 and fc3, with this probability; 0: none", fraction, must_match=True),
     Setting("seed", 0, "seed for weights, shuffling, augmentation and the images shown in figures", int,
             commands=DATA_COMMANDS, must_match=True),
@@ -193,25 +196,29 @@ ACTIVATIONS = {
     "tanh": nn.Tanh,
 }
 POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
-ARCHITECTURE = ("widths", "pool", "activation", "batch_norm", "dropout")  # the settings that shape the network
+ARCHITECTURE = ("widths", "pool", "activation", "batch_norm", "dropout", "depth")  # the settings that shape the network
 
 
 class LeNet5(nn.Module):
     """LeNet-5; the defaults are the original design, the arguments the variants of its report."""
 
-    def __init__(self, widths=(6, 16, 120, 84), pool="avg", activation="relu", batch_norm=False, dropout=0.0):
+    def __init__(self, widths=(6, 16, 120, 84), pool="avg", activation="relu", batch_norm=False, dropout=0.0, depth=0):
         super().__init__()
         c1, c2, f1, f2 = widths
         activate, pooling = ACTIVATIONS[activation], POOLS[pool]
 
-        def convolution(maps_in, maps_out, **padding):  # a convolution, its batch norm, activation, pooling
+        def convolution(maps_in, maps_out, size=5, **padding):  # a convolution, its batch norm and activation
             normalise = [nn.BatchNorm2d(maps_out)] if batch_norm else []
-            return [nn.Conv2d(maps_in, maps_out, kernel_size=5, **padding), *normalise, activate(), pooling(2)]
+            return [nn.Conv2d(maps_in, maps_out, kernel_size=size, **padding), *normalise, activate()]
+
+        def stage(maps_in, maps_out, **padding):  # the 5x5 convolution, `depth` more of 3x3, then pooling
+            deeper = [module for _ in range(depth) for module in convolution(maps_out, maps_out, 3, padding=1)]
+            return [*convolution(maps_in, maps_out, **padding), *deeper, pooling(2)]
 
         def drop():
             return [nn.Dropout(dropout)] if dropout else []
 
-        self.features = nn.Sequential(*convolution(1, c1, padding=2), *convolution(c1, c2))
+        self.features = nn.Sequential(*stage(1, c1, padding=2), *stage(c1, c2))
         # fmt: off
         self.classifier = nn.Sequential(
             nn.Linear(c2 * 5 * 5, f1), activate(), *drop(),
@@ -421,9 +428,10 @@ def new_optimizer(model, args):
 # The training loop ------------------------------------------------------------------------------
 
 
-def train(args, runtime):
+def train(args, runtime, after_epoch=None):
     """Train, evaluating after the epochs --eval-every names, then write every output; returns the
-    exit code (130 when Ctrl-C stopped it, after saving the checkpoint)."""
+    exit code (130 when Ctrl-C stopped it, after saving the checkpoint). `after_epoch`, where given,
+    sees each finished epoch's summary (search stops weak trials by it)."""
     # Where the wall time goes, in seconds since the epoch, for benchmarks/time_to_accuracy.py. For a
     # run in a process of its own: in-process (the tests), the first two are when the module was imported.
     timeline = {"started": STARTED_AT, "imported": IMPORTED_AT, "main": time.time()}
@@ -464,6 +472,8 @@ def train(args, runtime):
             if not finished:
                 log_how_to_resume(Path(__file__), args.argv[1:], args.resume, progress, checkpoint_path)
                 return 130
+            if after_epoch:
+                after_epoch(progress.history[-1])
 
     if evaluation is None:  # the checkpoint held every epoch already
         evaluation = evaluate(model, eval_set, split, runtime)
@@ -788,10 +798,10 @@ def parse_args(argv=None):
     return command_line.parse_args(argv, SETTINGS, RECIPES)
 
 
-def train_command(args):
+def train_command(args, after_epoch=None):
     runtime = start_runtime(args.device)
     try:
-        return train(args, runtime)
+        return train(args, runtime, after_epoch)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Images per second on the CPU: the exported ONNX file in ONNX Runtime against the PyTorch model,
-at batch 1 and batch 1000, side by side in one run.
+"""Images per second on the CPU: the exported ONNX file in ONNX Runtime against the PyTorch model
+(and the int8 file, given --int8), at batch 1 and batch 1000, side by side in one run.
 
-    python benchmarks/onnx_speed.py --checkpoint outputs/lenet5_mnist.pt --onnx outputs/lenet5_mnist.onnx
+    python benchmarks/onnx_speed.py --checkpoint outputs/lenet5_mnist.pt --onnx outputs/lenet5_mnist.onnx \
+        --int8 outputs/lenet5_mnist.int8.onnx
 
 Both compute the same thing: 0..1 pixels in, normalised, LeNet-5, softmax at the model's
 temperature, and the "not a digit" detector where the model has one. PyTorch runs the model
@@ -37,6 +38,7 @@ def parse_args():
         default=Path("outputs") / "lenet5_mnist.onnx",
         help="the file `mnist_recognition.py export` wrote from the same checkpoint",
     )
+    parser.add_argument("--int8", type=Path, default=None, help="the file `export --int8` wrote, timed too")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=2000, help="images per case per round")
     return parser.parse_args()
@@ -72,11 +74,14 @@ def images_per_second(run, batches):
 def main():
     args = parse_args()
     runners = {"pytorch": torch_runner(args.checkpoint), "onnxruntime": onnx_runner(args.onnx)}
+    if args.int8:
+        runners["int8"] = onnx_runner(args.int8)
     rng = np.random.default_rng(0)
     pixels = rng.random((args.images, 1, 28, 28), dtype=np.float32)
     check = pixels[:1000]
-    difference = np.abs(runners["pytorch"](check) - runners["onnxruntime"](check)).max()
-    print(f"largest difference in a probability on 1000 random images: {difference:.2e}")
+    for name in list(runners)[1:]:
+        difference = np.abs(runners["pytorch"](check) - runners[name](check)).max()
+        print(f"{name}: largest difference in a probability from PyTorch's on 1000 random images: {difference:.2e}")
     cases = [(name, batch) for batch in (1, 1000) for name in runners]
     rates = {case: [] for case in cases}
     for name, batch in cases:  # warm-up
@@ -88,13 +93,15 @@ def main():
             rates[(name, batch)].append(images_per_second(runners[name], batches))
     print(
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} threads, "
-        f"{cpu_name()}; medians of {args.rounds} rounds of {args.images} images"
+        f"{cpu_name()}; medians of {args.rounds} rounds of {args.images} images; ratios against pytorch"
     )
-    print(f"{'batch':>6} {'pytorch img/s':>15} {'onnxruntime img/s':>18} {'ratio':>7}")
+    print(f"{'batch':>6}" + "".join(f"{name + ' img/s':>18}{'ratio':>7}" for name in runners))
     for batch in (1, 1000):
-        torch_rate = statistics.median(rates[("pytorch", batch)])
-        onnx_rate = statistics.median(rates[("onnxruntime", batch)])
-        print(f"{batch:>6} {torch_rate:>15,.0f} {onnx_rate:>18,.0f} {onnx_rate / torch_rate:>6.2f}x")
+        medians = {name: statistics.median(rates[(name, batch)]) for name in runners}
+        row = "".join(f"{rate:>18,.0f}{rate / medians['pytorch']:>6.2f}x" for rate in medians.values())
+        print(f"{batch:>6}{row}")
+        if args.int8:
+            print(f"{'':>6} int8 / float ONNX Runtime: {medians['int8'] / medians['onnxruntime']:.2f}x")
 
 
 if __name__ == "__main__":

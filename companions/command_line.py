@@ -96,6 +96,17 @@ def layer_widths(text):
     return tuple(int(part) for part in parts)
 
 
+MAX_DEPTH = 8
+
+
+def network_depth(text):
+    """How many 3x3 convolutions each stage adds: a whole number from 0 to MAX_DEPTH."""
+    value = int(text)
+    if not 0 <= value <= MAX_DEPTH:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_DEPTH}, got {text}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting, declared once: argparse, metrics.json, the checkpoint's config and the
@@ -167,7 +178,7 @@ NOT_COMPARED = ("out_dir", "seed", "resume")
 
 def takes(command, setting):
     """Whether `command` takes `setting` as a flag."""
-    if command == "compare":
+    if command in ("compare", "search"):
         return "train" in setting.commands and setting.name not in NOT_COMPARED
     return command in setting.commands
 
@@ -217,6 +228,7 @@ COMMAND_HELP = {
     "finetune": "teach a trained model your own handwriting, from a folder of labelled images",
     "export": "write a trained model as one ONNX file, checked with ONNX Runtime",
     "compare": "train LeNet-5 and variants of it over paired seeds, and say which differences are real",
+    "search": "search settings (grid, random or Bayesian), then check the best against seed noise",
 }
 
 
@@ -226,6 +238,7 @@ def commands_listed():
 
 
 ONNX_TOLERANCE = 1e-5  # the largest difference in any probability that export accepts
+INT8_TOLERANCE = 0.1  # points of test accuracy the int8 file may lose against the float one
 
 
 def export_description():
@@ -343,10 +356,24 @@ def build_parser(settings, recipes):
         "--out",
         type=Path,
         default=None,
-        help="the ONNX file to write (default: the checkpoint's path with .onnx, "
+        help="the file to write (default: the checkpoint's path with .onnx, .int8.onnx or .html: "
         f"outputs/{Path(MODEL_FILE).with_suffix('.onnx')} for the default checkpoint)",
     )
+    kind = export.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantize the ONNX file to int8 (ONNX Runtime's static quantization, calibrated on training images); "
+        f"refused where its test accuracy is more than {INT8_TOLERANCE} points below the float file's",
+    )
+    kind.add_argument(
+        "--html",
+        action="store_true",
+        help="write one HTML page that holds the model and runs it in a browser, offline: draw or drop a photo, "
+        "the answer, its verdict and the inside view, as serve's page",
+    )
     add_compare_arguments(add("compare", description=compare_description()))
+    add_search_arguments(add("search", description=search_description()))
     return parser
 
 
@@ -391,6 +418,65 @@ def add_compare_arguments(compare):
     compare.add_argument("--test", action="store_true", help="measure on the test set instead of a validation split")
     compare.add_argument(
         "--out-dir", type=Path, default=Path("outputs") / "compare", help="folder for every run and the comparison"
+    )
+
+
+def search_description():
+    return (
+        "Search the settings --space gives (those compare can vary) with Optuna: each trial is a training\n"
+        "run of the baseline (these flags) with the trial's settings, seed 0, on a validation split.\n"
+        "The study is kept in Optuna's storage, so that rerunning the command continues it, and\n"
+        "several processes or machines can share it (--storage). Then the best trials that differ from\n"
+        "the baseline run again with seeds 0..N-1 beside it (compare's runs and statistics), and\n"
+        "search.json, search.md and search.html say whether the winner is better than the baseline or\n"
+        "a lucky seed. --space specs: lr=log:1e-4..3e-2 (a log range), dropout=0..0.5 (a linear one),\n"
+        "epochs=1..5 (whole numbers), batch_size=32,64,128 (choices), adam_betas=0.9,0.999|0.7,0.9\n"
+        "(choices of a value with commas, parted by |), batch_norm=true,false."
+    )
+
+
+def add_search_arguments(search):
+    search.add_argument("--space", nargs="*", default=[], metavar="SPEC", help="a setting and its values per SPEC")
+    search.add_argument(
+        "--sampler",
+        choices=("grid", "random", "tpe"),
+        default="tpe",
+        help="Optuna's sampler: every point of a grid (a range's ends and middle), random draws, or the "
+        "Tree-structured Parzen Estimator (Bayesian)",
+    )
+    search.add_argument("--trials", type=positive_int, default=20, help="finished trials (a grid's points at most)")
+    search.add_argument(
+        "--prune",
+        action="store_true",
+        help="stop a trial whose validation accuracy after an epoch is below the "
+        "median of earlier trials' at that epoch (Optuna's median pruner; for runs of several epochs)",
+    )
+    search.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna's storage to keep the study in, shared by the processes that name it: a journal file's "
+        "path (on a disk they share) or a database URL (sqlite:///study.db, postgresql://...) "
+        "(default: study.journal in --out-dir)",
+    )
+    search.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="trials at once, each a process with one torch thread (default: the CPU cores)",
+    )
+    search.add_argument(
+        "--confirm",
+        type=non_negative_int,
+        default=3,
+        help="how many of the best trials run again over paired seeds beside the baseline; 0: none",
+    )
+    search.add_argument("--seeds", type=positive_int, default=5, help="the confirmation's seeds 0..N-1")
+    search.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("outputs") / "search",
+        help="folder for the trials, the study and the answer",
     )
 
 

@@ -80,19 +80,26 @@ def parse_spec(spec):
     return Variant(spec, tuple(flags), tuple((name, value) for name, value in pairs))
 
 
-def baseline_flags(args):
-    """The training flags given to compare, as a training command line (the seed and folder aside)."""
+def given_flags(args):
+    """The training flags given to the command, as a training command line."""
     flags = []
     for setting in trainer.SETTINGS:
-        if setting.name not in args.given or not takes("compare", setting):
+        if setting.name not in args.given or not takes(args.command, setting):
             continue
         value = getattr(args, setting.name)
         if setting.type is None and setting.choices is None:
             flags += [setting.flag] if value else []
         else:
             flags += [setting.flag, as_text(value)]
+    return flags
+
+
+def baseline_flags(args):
+    """The baseline's training command line (the seed and folder aside): the flags given, measured on
+    a validation split unless they or --test say otherwise."""
+    flags = given_flags(args)
     if "validation" not in args.given:
-        flags += ["--validation", "0" if args.test else str(DEFAULT_VALIDATION)]
+        flags += ["--validation", "0" if getattr(args, "test", False) else str(DEFAULT_VALIDATION)]
     return flags
 
 

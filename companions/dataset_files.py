@@ -18,7 +18,7 @@ from companions.errors import CliError
 from companions.files import os_reason
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-TEST_FILES = IDX_FILES[2:]
+TRAIN_FILES, TEST_FILES = IDX_FILES[:2], IDX_FILES[2:]
 
 
 def raw_dir(data_dir, dataset):

@@ -1,6 +1,9 @@
-"""export: a trained model as one self-contained ONNX file, checked with ONNX Runtime before it is written.
+"""export: a trained model as one self-contained ONNX file, checked with ONNX Runtime before it is written;
+or the same file quantized to int8; or one HTML page that runs the model in a browser, offline.
 
     python mnist_recognition.py export --checkpoint outputs/lenet5_mnist.pt   # -> outputs/lenet5_mnist.onnx
+    python mnist_recognition.py export --int8     # -> outputs/lenet5_mnist.int8.onnx
+    python mnist_recognition.py export --html     # -> outputs/lenet5_mnist.html (companions/offline_page.py)
 
 The file takes 0..1 pixels (the dataset's normalisation is inside the graph) and gives logits,
 calibrated probabilities (the model's temperature is inside too) and, where the model has a
@@ -9,6 +12,8 @@ thresholds of "not sure" and "not a digit" lie (docs/export.md).
 """
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,14 +22,16 @@ import torch.nn.functional as F
 from loguru import logger
 
 import mnist_recognition as trainer
-from companions import files, prepare, report
+from companions import files, offline_page, prepare, report
 from companions.augment import generator_for
-from companions.command_line import ONNX_TOLERANCE
-from companions.dataset_files import TEST_FILES, has_files, raw_dir
+from companions.command_line import INT8_TOLERANCE, ONNX_TOLERANCE
+from companions.dataset_files import TEST_FILES, TRAIN_FILES, has_files, raw_dir
 from companions.errors import CliError
+from companions.serve import describe_model
 from companions.trained import doubt_of, trained_model
 
 RANDOM_CHECK_IMAGES = 1000  # checked instead of the test set when its files are not on disk
+CALIBRATION_IMAGES = 1000  # training images that ONNX Runtime's static quantization calibrates on
 OPSET = 20  # the ONNX operator set the file is written in, named so that another torch cannot change it
 
 
@@ -122,13 +129,112 @@ def compare_with_onnx_runtime(file_bytes, expected, pixels):
     return int((probabilities.argmax(1) != expected.argmax(1)).sum()), float(np.abs(probabilities - expected).max())
 
 
+# ----------------------------------------------------------------------------------------------
+# int8: ONNX Runtime's static quantization, calibrated on training images
+# ----------------------------------------------------------------------------------------------
+
+
+def calibration_pixels(data_dir, dataset):
+    """CALIBRATION_IMAGES training images (0..1 pixels), drawn with a fixed seed."""
+    if not has_files(data_dir, dataset, TRAIN_FILES):
+        raise CliError(
+            f"export --int8 calibrates on {dataset.title}'s training images, which are not in "
+            f"{raw_dir(data_dir, dataset)}: give --data-dir, or train there first."
+        )
+    pixels, _ = trainer.pixel_split(data_dir, dataset, True, None)
+    chosen = torch.randperm(len(pixels), generator=generator_for(0, "int8"))[:CALIBRATION_IMAGES]
+    return pixels[chosen]
+
+
+def int8_bytes(float_bytes, calibration, metadata):
+    """The float file quantized by ONNX Runtime (QDQ, int8 weights per channel and activations),
+    its ranges calibrated on `calibration`; the metadata kept, and the quantization said."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": batch.numpy()} for batch in calibration.split(100)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        (folder / "float.onnx").write_bytes(float_bytes)
+        quant_pre_process(str(folder / "float.onnx"), str(folder / "prepared.onnx"), skip_symbolic_shape=True)
+        quantize_static(str(folder / "prepared.onnx"), str(folder / "int8.onnx"), Batches(),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8)  # fmt: skip
+        graph = onnx.load(str(folder / "int8.onnx"))
+    # What only debugging needs goes: torch's notes on each node (its source lines) and the inferred
+    # shapes of intermediate values, which ONNX Runtime infers again.
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+    del graph.graph.value_info[:]
+    del graph.metadata_props[:]
+    quantized = f"int8 (ONNX Runtime's static quantization, calibrated on {len(calibration)} training images)"
+    for key, value in (metadata | {"quantization": quantized}).items():
+        graph.metadata_props.add(key=key, value=value)
+    return graph.SerializeToString()
+
+
+def onnx_probabilities(file_bytes, pixels):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(file_bytes, providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(["probabilities"], {"image": batch.numpy()})[0] for batch in pixels.split(trainer.EVAL_BATCH_SIZE)]
+    )
+
+
+def check_int8(file_bytes, expected, pixels, labels, described):
+    """Refuses the int8 file where its test accuracy is more than INT8_TOLERANCE points below the
+    float model's (or, without the test set, where it gives another answer on over 1 % of the images)."""
+    probabilities = onnx_probabilities(file_bytes, pixels)
+    answers, float_answers = probabilities.argmax(1), expected.numpy().argmax(1)
+    differing = int((answers != float_answers).sum())
+    if labels is None:
+        logger.info("int8 against float on {}: {} answers differ", described, differing)
+        if differing > len(answers) / 100:
+            raise CliError(f"Export refused: the int8 file answers {differing} of {len(answers)} images otherwise.", 1)
+        return None
+    accuracy = 100 * float((answers == labels.numpy()).mean())
+    float_accuracy = 100 * float((float_answers == labels.numpy()).mean())
+    logger.info("int8 against float on {}: {:.3f} % against {:.3f} % test accuracy, {} answers differ",
+                described, accuracy, float_accuracy, differing)  # fmt: skip
+    if accuracy < float_accuracy - INT8_TOLERANCE:
+        raise CliError(
+            f"Export refused: the int8 file's test accuracy, {accuracy:.3f} %, is more than {INT8_TOLERANCE} points "
+            f"below the float model's {float_accuracy:.3f} %. Nothing was written.",
+            exit_code=1,
+        )
+    return accuracy
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def default_out(args):
+    suffix = ".html" if args.html else ".int8.onnx" if args.int8 else ".onnx"
+    return args.checkpoint.with_name(args.checkpoint.stem + suffix)
+
+
 def command(args):
     """Export, check, then write; exit code 1 (and no file) where ONNX Runtime disagrees."""
-    out = args.out or args.checkpoint.with_suffix(".onnx")
+    out = args.out or default_out(args)
     files.prepare_folder(out.parent)
+    if args.html and out.exists() and not offline_page.made_by_export(out):
+        raise CliError(f"{out} exists and is not a page that export wrote; it was left as it is. Give another --out.")
     model, payload, dataset = trained_model(args, torch.device("cpu"))
     learned = doubt_of(payload, args.checkpoint, torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # the plain layout, as the file stores it
+    if args.html:
+        described = f"{describe_model(args.checkpoint, payload, dataset)}; this page runs it in your browser, offline"
+        return write_page(out, model, learned, dataset, described)
     pixels, labels, described = check_images(args.data_dir, dataset)
     with torch.inference_mode():
         pytorch = PixelsToProbabilities(model, dataset, learned)
@@ -140,7 +246,8 @@ def command(args):
         if payload.get("eval_split") == "test"
         else None
     )
-    file_bytes = onnx_bytes(model, dataset, learned, onnx_metadata(payload, dataset, test_accuracy, learned))
+    metadata = onnx_metadata(payload, dataset, test_accuracy, learned)
+    file_bytes = onnx_bytes(model, dataset, learned, metadata)
     differing, largest = compare_with_onnx_runtime(file_bytes, expected, pixels)
     logger.info(
         "ONNX Runtime against PyTorch on {}: {} answers differ, largest difference in a probability {:.2e}",
@@ -155,6 +262,12 @@ def command(args):
             f"refused). Nothing was written to {out}.",
             exit_code=1,
         )
+    if args.int8:
+        float_size = len(file_bytes)
+        file_bytes = int8_bytes(file_bytes, calibration_pixels(args.data_dir, dataset), metadata)
+        test_accuracy = check_int8(file_bytes, expected, pixels, labels, described)
+        logger.info("int8: {:,} bytes, {:.2f} of the float file's {:,}", len(file_bytes),
+                    len(file_bytes) / float_size, float_size)  # fmt: skip
     files.write_atomically(out, lambda file: file.write(file_bytes))
     accuracy = "" if test_accuracy is None else f", {test_accuracy:.3f} % test accuracy"
     logger.info(
@@ -163,5 +276,19 @@ def command(args):
         len(file_bytes),
         ", ".join(f"'{name}'" for name in output_names(learned)),
         accuracy,
+    )
+    return 0
+
+
+def write_page(out, model, learned, dataset, description):
+    """export --html: the page, written atomically."""
+    page = offline_page.page_html(model, learned, dataset, description).encode()
+    files.write_atomically(out, lambda file: file.write(page))
+    logger.info(
+        "Wrote {} ({:,} bytes): open it in a browser, no server and no network needed; it holds the model's "
+        "weights{}, and runs them in JavaScript",
+        out,
+        len(page),
+        " and its 'not a digit' detector" if learned.detector is not None else "",
     )
     return 0

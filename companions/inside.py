@@ -11,6 +11,7 @@ size in that layer), so that the maps of one layer compare honestly: red above 0
 Convolutions and linear layers show their output before the activation: the blue that ReLU sets to 0.
 """
 
+import string
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,13 +187,17 @@ def overlay(figure, axis, pixels, attribution, title):
     figure.colorbar(scale, ax=axis, fraction=0.05, pad=0.02, aspect=12)
 
 
-MAP_COLUMNS = {"conv1": 6, "pool1": 6, "conv2": 8, "pool2": 8}
+MAP_COLUMNS = {"conv1": 6, "pool1": 6, "conv2": 8, "pool2": 8}  # a deeper network's conv1b, ... as its stage's
+
+
+def map_columns(name):
+    return MAP_COLUMNS.get(name.rstrip(string.ascii_lowercase))
 
 
 def plot_inside(inside, path, dataset, heading):
     """predict --layers: one image through every layer, why it answered, and the scores."""
     layers = dict(inside.layers)
-    maps = [name for name in layers if name in MAP_COLUMNS]
+    maps = [name for name in layers if map_columns(name)]
     figure = new_figure(11, 2.6 + 1.9 * len(maps) + 1.2)
     figure.set_layout_engine("constrained")
     rows = figure.add_gridspec(2 + len(maps), 1, height_ratios=[2.6] + [1.9] * len(maps) + [1.2])
@@ -206,7 +211,7 @@ def plot_inside(inside, path, dataset, heading):
     for index, name in enumerate(maps, start=1):
         values = layers[name].numpy()
         shape = "x".join(str(size) for size in values.shape)
-        show_diverging(figure, figure.add_subplot(rows[index]), mosaic(values, MAP_COLUMNS[name]), f"{name} ({shape})")
+        show_diverging(figure, figure.add_subplot(rows[index]), mosaic(values, map_columns(name)), f"{name} ({shape})")
     strips = rows[len(maps) + 1].subgridspec(1, 2)
     for column, name in enumerate(("fc1", "fc2")):
         values = layers[name].numpy()
@@ -230,8 +235,10 @@ def plot_scores(axis, inside, dataset):
 
 def plot_filters(model, path):
     """conv1's 6 filters, and conv2's 16 x 6 (a column per map it makes, a row per map it reads)."""
-    convolutions = [module.weight.detach().cpu() for name, module, _ in named_layers(model) if name.startswith("conv")]
-    conv1, conv2 = convolutions[:2]
+    stages = {
+        name: module.weight.detach().cpu() for name, module, _ in named_layers(model) if name in ("conv1", "conv2")
+    }
+    conv1, conv2 = stages["conv1"], stages["conv2"]  # each stage's 5x5 convolution
     figure = new_figure(9, 5.5)
     figure.set_layout_engine("constrained")
     rows = figure.add_gridspec(2, 1, height_ratios=[1, conv2.shape[1] / 3])

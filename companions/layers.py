@@ -1,13 +1,14 @@
-"""LeNet-5's layers by the names the literature gives them (conv1, pool1, conv2, pool2, fc1, fc2, fc3),
-and what each one costs, computed from the model itself: its output's shape, its parameters, its
-multiply-adds per image and the memory its output takes at a batch size (what backprop keeps for
-the backward pass).
+"""LeNet-5's layers by the names the literature gives them (conv1, pool1, conv2, pool2, fc1, fc2, fc3;
+a deeper network's further convolutions in a stage are conv1b, conv1c, ...), and what each one
+costs, computed from the model itself: its output's shape, its parameters, its multiply-adds per
+image and the memory its output takes at a batch size (what backprop keeps for the backward pass).
 
 A layer is a convolution, a pooling or a linear module; the modules that follow it before the next
 layer (its activation) belong to it.
 """
 
 import copy
+import string
 
 import torch
 import torch.nn as nn
@@ -21,16 +22,22 @@ def kind_of(module):
 
 def named_layers(model):
     """[(name, its module, the qualified names of the modules that belong to it)] in forward order."""
-    layers, counts = [], {}
+    layers, counts, in_stage = [], {}, 0  # in_stage: the convolutions since the last pooling
     for qualified, module in model.named_modules():
         if list(module.children()):
             continue  # a container: its modules come one by one
         kind = kind_of(module)
-        if kind is not None:
+        if kind is None:
+            if layers:
+                layers[-1][2].append(qualified)
+            continue
+        if kind == "conv" and in_stage:  # a further convolution of the stage: conv1b, conv1c, ...
+            name = f"conv{counts['conv']}{string.ascii_lowercase[in_stage]}"
+        else:
             counts[kind] = counts.get(kind, 0) + 1
-            layers.append((f"{kind}{counts[kind]}", module, [qualified]))
-        elif layers:
-            layers[-1][2].append(qualified)
+            name = f"{kind}{counts[kind]}"
+        in_stage = in_stage + 1 if kind == "conv" else 0
+        layers.append((name, module, [qualified]))
     return layers
 
 

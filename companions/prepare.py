@@ -190,7 +190,14 @@ def resized(pixels, longer_side):
     """0..1 pixels scaled so that their longer side is `longer_side`, as an 8-bit image."""
     scale = longer_side / max(pixels.shape)
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-    return Image.fromarray((pixels * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    return lanczos(Image.fromarray((pixels * 255).astype(np.uint8)), size)
+
+
+def lanczos(image, size):
+    """The image resampled to `size` with Pillow's Lanczos filter, its width first, then its height:
+    one pass per axis in a fixed order (Pillow chooses the order itself when both change), so that
+    export --html's page can do exactly the same."""
+    return image.resize((size[0], image.height), Image.Resampling.LANCZOS).resize(size, Image.Resampling.LANCZOS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,7 +235,7 @@ def with_strokes_like(ink, widths):
         if np.count_nonzero(np.asarray(large) > 127) < area / 2:
             break
         # Measured at the same scale, without cropping again: the width the strokes have now.
-        small = large.resize((max(1, large.width // 4), max(1, large.height // 4)), Image.Resampling.LANCZOS)
+        small = lanczos(large, (max(1, large.width // 4), max(1, large.height // 4)))
         distance = abs(stroke_width(np.asarray(small, dtype=np.float32)) - target)
         if distance >= best_distance:
             break

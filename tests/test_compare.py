@@ -37,6 +37,7 @@ def answer(out_dir):
         ("batch-norm=false", ()),
         ("optimizer=sgd,momentum=0.9", ("--optimizer", "sgd", "--momentum", "0.9")),
         ("widths=8,20,100,50,dropout=0.3", ("--widths", "8,20,100,50", "--dropout", "0.3")),
+        ("depth=2", ("--depth", "2")),
     ],
 )
 def test_a_spec_is_settings_joined_by_commas(spec, flags):

@@ -298,3 +298,68 @@ def draw_seven():
     image = Image.new("L", (200, 200), 0)
     ImageDraw.Draw(image).line([(40, 40), (160, 40), (90, 170)], fill=255, width=18)
     return image
+
+
+# --- int8 (export --int8) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(trained, synthetic_data, exported, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "digits.int8.onnx"
+    flags = ["--checkpoint", str(trained[0] / "lenet5_mnist.pt"), "--out", str(out), "--data-dir", str(synthetic_data)]
+    assert app.main(["export", "--int8", *flags]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_the_int8_file_is_a_third_of_the_size_or_less_and_answers_as_the_float_one(quantized, exported, synthetic_data):
+    assert quantized.stat().st_size <= exported.stat().st_size / 3
+    graph = onnx.load(quantized)
+    kinds = {initializer.data_type for initializer in graph.graph.initializer}
+    assert onnx.TensorProto.INT8 in kinds
+    assert "int8" in metadata(quantized)["quantization"] and metadata(quantized)["temperature"]
+    pixels, labels = app.pixel_split(synthetic_data, MNIST_DATA, False, None)
+    outputs = {}
+    for path in (exported, quantized):
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[path] = session.run(["probabilities", "not_a_digit"], {"image": pixels.numpy()})
+    accuracy = {path: (found[0].argmax(1) == labels.numpy()).mean() * 100 for path, found in outputs.items()}
+    assert accuracy[quantized] >= accuracy[exported] - 0.1 * 3  # 300 images: within one answer
+    assert np.abs(outputs[quantized][0] - outputs[exported][0]).max() < 0.2
+
+
+@pytest.mark.slow
+def test_the_int8_export_logs_its_accuracy_and_size(trained, synthetic_data, tmp_path, cli):
+    result = cli("export", "--int8", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--data-dir", synthetic_data,
+                 "--out", tmp_path / "model.int8.onnx")  # fmt: skip
+    assert result.code == 0
+    assert re.search(
+        r"int8 against float on the 300 test images .*: [\d.]+ % against [\d.]+ % test accuracy", result.log
+    )
+    assert re.search(r"int8: [\d,]+ bytes, 0\.\d\d of the float file's", result.log)
+
+
+@pytest.mark.slow
+def test_an_int8_file_that_loses_accuracy_is_refused_and_nothing_written(
+    trained, synthetic_data, tmp_path, cli, monkeypatch
+):
+    monkeypatch.setattr(onnx_export, "INT8_TOLERANCE", -1.0)  # no int8 file gains a point over its float model
+    result = cli("export", "--int8", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--data-dir", synthetic_data,
+                 "--out", tmp_path / "model.int8.onnx")  # fmt: skip
+    assert result.code == 1 and "Export refused: the int8 file's test accuracy" in result.errors()[0]
+    assert not (tmp_path / "model.int8.onnx").exists()
+
+
+@pytest.mark.slow
+def test_int8_without_the_training_images_is_one_line(trained, tmp_path, cli):
+    result = cli("export", "--int8", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--data-dir", tmp_path / "none")
+    assert result.code == 2 and "calibrates on MNIST's training images" in result.errors()[0]
+
+
+def test_the_onnx_example_reads_the_int8_file(quantized, tmp_path):
+    from conftest import run_process
+
+    photo = tmp_path / "seven.png"
+    Image.fromarray(255 - np.asarray(draw_seven())).save(photo)
+    result = run_process([sys.executable, str(REPO / "examples" / "onnx_predict.py"), str(quantized), str(photo)])
+    assert result.returncode == 0 and result.stdout.startswith(f"{photo}: "), result.stderr

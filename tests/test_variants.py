@@ -11,6 +11,8 @@ from conftest import QUICK, assert_same_weights, draw_digit, interrupt_at
 
 import mnist_recognition as app
 from companions import serve
+from companions.layers import named_layers
+from companions.trained import load_trained_model
 
 VARIANTS = {
     "max pooling": ("--pool", "max"),
@@ -20,6 +22,8 @@ VARIANTS = {
     "batch norm": ("--batch-norm",),
     "dropout": ("--dropout", "0.3"),
     "widths": ("--widths", "8,20,100,50"),
+    "depth": ("--depth", "1"),
+    "depth with batch norm and max pooling": ("--depth", "2", "--batch-norm", "--pool", "max"),
     "adamw": ("--optimizer", "adamw", "--weight-decay", "0.05"),
     "sgd with momentum": ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05"),
     "rmsprop": ("--optimizer", "rmsprop", "--momentum", "0.5", "--lr", "0.0005"),
@@ -45,6 +49,7 @@ def test_the_default_network_is_the_original_design_module_for_module():
         "activation": "relu",
         "batch_norm": False,
         "dropout": 0.0,
+        "depth": 0,
     }
     assert app.describe_architecture(app.LeNet5(**arguments), arguments) == "LeNet-5 (61,706 parameters)"
 
@@ -64,6 +69,24 @@ def test_each_variant_flag_builds_the_network_it_names():
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     description = app.describe_architecture(model, app.architecture(args))
     assert description.startswith("LeNet-5, widths 8,20,100,50, pool max, activation elu, batch_norm, dropout 0.3 (")
+
+
+def test_depth_adds_3x3_convolutions_to_each_stage_before_its_pooling():
+    model = app.LeNet5(**app.architecture(app.parse_args(["--depth", "2", "--batch-norm"])))
+    assert module_types(model.features) == [
+        *("Conv2d", "BatchNorm2d", "ReLU", *("Conv2d", "BatchNorm2d", "ReLU") * 2, "AvgPool2d"),
+        *("Conv2d", "BatchNorm2d", "ReLU", *("Conv2d", "BatchNorm2d", "ReLU") * 2, "AvgPool2d"),
+    ]
+    extra = [module for module in model.features if isinstance(module, nn.Conv2d)][1]
+    assert (extra.kernel_size, extra.padding, extra.in_channels, extra.out_channels) == ((3, 3), (1, 1), 6, 6)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("depth", ["-1", "9", "two"])
+def test_a_depth_out_of_range_is_refused_by_the_parser(depth, capsys):
+    with pytest.raises(SystemExit) as refused:
+        app.parse_args(["--depth", depth])
+    assert refused.value.code == 2 and "--depth" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -141,6 +164,14 @@ def test_a_variant_trains_resumes_bit_exactly_and_loads_in_every_command(
     finally:
         server.server_close()
     assert served["class"] == json.loads(predicted.stdout)[0]["class"]
+    model, _ = load_trained_model(checkpoint, torch.device("cpu"))
+    names = [name for name, _, _ in named_layers(model)]
+    assert [layer["name"] for layer in served["layers"]] == ["input", *names]  # the inside view, every layer
+    if "--depth" in flags:
+        assert names[:3] == ["conv1", "conv1b", "conv1c" if "2" in flags else "pool1"]
+        figure = tmp_path / "layers.png"
+        assert cli("predict", digit, "--layers", figure, "--device", "cpu", "--checkpoint", checkpoint).code == 0
+        assert figure.stat().st_size > 10_000
     exported = cli("export", "--checkpoint", checkpoint, "--data-dir", synthetic_data, "--out", tmp_path / "model.onnx")
     assert exported.code == 0 and "0 answers differ" in exported.log  # ONNX Runtime within 1e-5 of PyTorch
 
@@ -156,6 +187,7 @@ def test_a_checkpoint_records_its_network_and_one_that_does_not_fit_it_is_refuse
         "activation": "relu",
         "batch_norm": True,
         "dropout": 0.0,
+        "depth": 0,
     }
     payload["config"]["batch_norm"] = False  # settings that no longer describe the weights
     torch.save(payload, tmp_path / "altered.pt")
