@@ -223,6 +223,14 @@ def as_in_a_worker():
         torch.set_num_threads(threads)
 
 
+def worker_pool(workers, initializer=start_worker):
+    """`workers` processes, each set up by `initializer` (one torch thread). Forked where fork is safe
+    to have (Linux), as torch's DataLoader workers are: each starts at once, with torch imported, and
+    sets its one thread first. Elsewhere, fresh interpreters."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=initializer)
+
+
 def run_all(out_dir, runs, workers):
     """Train every run without a result, `workers` at a time; logs each as it ends."""
     todo = [run for run in runs if read_result(out_dir, run) is None]
@@ -238,10 +246,7 @@ def run_all(out_dir, runs, workers):
             done += 1
             log_run(result, done, len(runs))
         return
-    # Forked where fork is safe to have (Linux), as torch's DataLoader workers are: each starts at once,
-    # with torch imported, and sets its one thread first. Elsewhere, fresh interpreters.
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker) as pool:
+    with worker_pool(workers) as pool:
         futures = [pool.submit(train_one, out_dir, run) for run in todo]
         try:
             for future in as_completed(futures):

@@ -116,16 +116,20 @@ def onnx_bytes(model, dataset, learned, metadata):
     return graph.SerializeToString()
 
 
+def onnx_probabilities(file_bytes, pixels):
+    """ONNX Runtime's probabilities for the file and 0..1 pixels, batch by batch."""
+    import onnxruntime  # only the checks need it
+
+    session = onnxruntime.InferenceSession(file_bytes, providers=["CPUExecutionProvider"])
+    return np.concatenate(
+        [session.run(["probabilities"], {"image": batch.numpy()})[0] for batch in pixels.split(trainer.EVAL_BATCH_SIZE)]
+    )
+
+
 def compare_with_onnx_runtime(file_bytes, expected, pixels):
     """(answers that differ, the largest difference in a probability) between ONNX Runtime
     running the file and PyTorch's `expected` probabilities."""
-    import onnxruntime  # only the check needs it
-
-    session = onnxruntime.InferenceSession(file_bytes, providers=["CPUExecutionProvider"])
-    probabilities = np.concatenate(
-        [session.run(["probabilities"], {"image": batch.numpy()})[0] for batch in pixels.split(trainer.EVAL_BATCH_SIZE)]
-    )
-    expected = expected.numpy()
+    probabilities, expected = onnx_probabilities(file_bytes, pixels), expected.numpy()
     return int((probabilities.argmax(1) != expected.argmax(1)).sum()), float(np.abs(probabilities - expected).max())
 
 
@@ -178,15 +182,6 @@ def int8_bytes(float_bytes, calibration, metadata):
     for key, value in (metadata | {"quantization": quantized}).items():
         graph.metadata_props.add(key=key, value=value)
     return graph.SerializeToString()
-
-
-def onnx_probabilities(file_bytes, pixels):
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(file_bytes, providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [session.run(["probabilities"], {"image": batch.numpy()})[0] for batch in pixels.split(trainer.EVAL_BATCH_SIZE)]
-    )
 
 
 def check_int8(file_bytes, expected, pixels, labels, described):

@@ -18,13 +18,11 @@ search_answer.py writes that answer: search.json, search.md and search.html with
 
 import argparse
 import math
-import multiprocessing
 import os
 import socket
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from loguru import logger
@@ -187,24 +185,24 @@ def new_pruner(args):
     return optuna.pruners.MedianPruner() if args.prune else optuna.pruners.NopPruner()
 
 
-def load_study(args, space, trials_so_far=0, worker=0):
+def load_study(args, space):
+    """The study, as a worker process opens it for itself (its own handle on the storage)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(
         study_name=STUDY_NAME,
         storage=open_storage(args.storage, args.out_dir),
-        sampler=new_sampler(args, space, trials_so_far, worker),
+        sampler=new_sampler(args, space, 0, 0),
         pruner=new_pruner(args),
     )
 
 
-def create_or_check_study(args, description):
+def create_or_check_study(args, storage, description):
     """The study, made where the storage has none; refused where it holds another search's."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(args.storage, args.out_dir)
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True)
     recorded = study.user_attrs.get("search")
     if recorded is None:
@@ -214,7 +212,7 @@ def create_or_check_study(args, description):
             f"{args.storage or args.out_dir / STUDY_FILE} holds a study of another search ({describe(recorded)}); "
             "give another --out-dir or --storage for this one."
         )
-    return study, storage
+    return study
 
 
 def describe(description):
@@ -238,12 +236,16 @@ def counted(trial):
     )
 
 
-def trials_left(study, wanted):
-    """How many trials are still to start: --trials less those finished and those running."""
+def taken(trial):
+    """Whether a trial holds one of --trials' places: it counts, or it is running."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    return wanted - sum(counted(trial) or trial.state == TrialState.RUNNING for trial in trials)
+    return counted(trial) or trial.state == TrialState.RUNNING
+
+
+def trials_left(study, wanted):
+    """How many trials are still to start: --trials less those finished and those running."""
+    return wanted - sum(map(taken, study.get_trials(deepcopy=False)))
 
 
 def this_process():
@@ -274,10 +276,8 @@ class Surplus(Exception):
 def check_needed(study, trial, wanted):
     """Raise Surplus where the trials numbered before this one, finished or running, are --trials
     already (another process started the last one a moment before)."""
-    from optuna.trial import TrialState
-
     before = [other for other in study.get_trials(deepcopy=False) if other.number < trial.number]
-    if sum(counted(other) or other.state == TrialState.RUNNING for other in before) >= wanted:
+    if sum(map(taken, before)) >= wanted:
         trial.set_user_attr("surplus", True)
         raise Surplus(f"trial {trial.number} is not needed: {wanted} trials are finished or running")
 
@@ -320,7 +320,7 @@ def work(args, space, base, worker):
     parent, ran = os.getppid(), 0
     study = load_study(args, space)
     while trials_left(study, args.trials) > 0 and os.getppid() == parent:
-        study = load_study(args, space, len(study.get_trials(deepcopy=False)), worker)
+        study.sampler = new_sampler(args, space, len(study.get_trials(deepcopy=False)), worker)
         study.optimize(
             lambda trial: objective(args, space, base, trial),
             n_trials=1,
@@ -354,8 +354,7 @@ def run_trials(args, space, base, workers):
         with compare.as_in_a_worker():
             log_search_lines()
             return work(args, space, base, 0)
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=start_worker) as pool:
+    with compare.worker_pool(workers, start_worker) as pool:
         futures = [pool.submit(work, args, space, base, worker) for worker in range(workers)]
         return sum(future.result() for future in futures)
 
@@ -423,13 +422,14 @@ def check_space(args, base, space):
 def check_folder(args, description):
     files.prepare_out_dir(args.out_dir, "search", WRITES)
     marker = args.out_dir / files.METRICS_FILE
-    if marker.is_file() and files.read_json(marker).get("search") != description:
-        raise CliError(
-            f"{args.out_dir} holds a search of another baseline or space "
-            f"({describe(files.read_json(marker).get('search'))}); give another --out-dir for this one."
-        )
-    if not marker.is_file():
+    recorded = files.read_json(marker).get("search") if marker.is_file() else None
+    if recorded is None:
         files.write_json(marker, {"command": "search", "search": description})
+    elif recorded != description:
+        raise CliError(
+            f"{args.out_dir} holds a search of another baseline or space ({describe(recorded)}); "
+            "give another --out-dir for this one."
+        )
     files.prepare_folder(args.out_dir / "trials")
     files.prepare_folder(args.out_dir / "logs")
 
@@ -445,11 +445,13 @@ def command(args):
         if args.trials > size:
             logger.info("The grid has {} points: {} trials, not {}", size, size, args.trials)
             args.trials = size
-    if args.storage:  # a storage that cannot be opened is said before the folder is made
-        open_storage(args.storage, args.out_dir)
+    # A storage that --storage names is opened before the folder is made, so that one that cannot be
+    # opened is said first; the default one lives in the folder.
+    storage = open_storage(args.storage, args.out_dir) if args.storage else None
     description = {"baseline": base, "space": list(args.space), "sampler": args.sampler}
     check_folder(args, description)
-    study, storage = create_or_check_study(args, description)
+    storage = storage or open_storage(None, args.out_dir)
+    study = create_or_check_study(args, storage, description)
     retry_abandoned(study, storage)
     left = max(0, trials_left(study, args.trials))
     cores = (os.cpu_count() or 1) if pick_device(args.device).type == "cpu" else 1
@@ -459,8 +461,7 @@ def command(args):
                 left, workers, where)  # fmt: skip
     if left:
         run_trials(args, space, base, workers)
-    study = load_study(args, space)
-    if not study_done(study, args.trials):
+    if not study_done(study, args.trials):  # the storage is read anew: every process's trials
         logger.info("Trials of other processes are still running: the last of them to finish writes the answer")
         return 0
     best = contenders(study, base, max(args.confirm, 1))

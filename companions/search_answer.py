@@ -54,7 +54,7 @@ def importances(study):
     return {name: float(value) for name, value in found.items() if math.isfinite(value)}
 
 
-def winner_of(trials, contenders, confirmation):
+def winner_of(contenders, confirmation):
     """The confirmed variant with the best mean (with compare's entry), or else the best complete
     trial that differs from the baseline; None where no trial does."""
     if confirmation:
@@ -94,7 +94,7 @@ def summarise(study, description, contenders, confirmation, command_for):
     """search.json's content. `contenders`: the best trials' specs that differ from the baseline,
     best first; `command_for(spec)`: the command line that trains a spec."""
     trials = [trial_entry(trial) for trial in study.get_trials(deepcopy=False) if not trial.user_attrs.get("surplus")]
-    winner = winner_of(trials, contenders, confirmation)
+    winner = winner_of(contenders, confirmation)
     if winner:
         winner["command"] = shlex.join(command_for(winner["spec"]))
     summary = {"command": "search", **description, "trials": trials, "importance": importances(study)}
@@ -110,10 +110,6 @@ def summarise(study, description, contenders, confirmation, command_for):
 # ----------------------------------------------------------------------------------------------
 
 
-def percent(value):
-    return "" if value is None else f"{value:.2f}"
-
-
 def trial_rows(summary):
     header = ("trial", "settings", "state", "accuracy %", "epochs evaluated", "seconds")
     rows = [
@@ -121,7 +117,7 @@ def trial_rows(summary):
             str(trial["number"]),
             trial["spec"] or "",
             trial["state"],
-            percent(trial["accuracy"]),
+            comparison.percent(trial["accuracy"]),
             str(len(trial["epochs"])),
             "" if trial["seconds"] is None else f"{trial['seconds']:.1f}",
         )
