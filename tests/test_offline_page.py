@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import QUICK, paper_digit, real_dataset_folder
 from PIL import Image
-from test_serve import DIGIT_STROKES, NON_DIGIT_STROKES, post_image, start_serving, stop_serving
+from test_serve import DIGIT_STROKES, NON_DIGIT_STROKES, post_image, start_serving, stop_serving, with_doubt
 
 from companions import offline_page
 from companions.trained import load_trained_model
@@ -149,7 +149,8 @@ def drawn_and_compared(browser, port, strokes_by_name):
 def test_the_file_from_disk_offline_reads_drawings_and_photos_as_serve_does(trained, browser, tmp_path, cli):
     from page_driving import By
 
-    checkpoint = trained[0] / "lenet5_mnist.pt"
+    # A temperature and thresholds of its own, so that each reaches the page's answers.
+    checkpoint = with_doubt(trained[0] / "lenet5_mnist.pt", tmp_path / "model.pt", temperature=1.7, unsure_below=0.6)
     page = export_page(cli, checkpoint, tmp_path / "model.html")
     open_offline(browser, page)
     server = start_serving(checkpoint)

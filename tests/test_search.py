@@ -82,6 +82,18 @@ def test_a_storage_that_cannot_be_opened_is_one_line_before_anything_is_written(
     assert result.errors() == [line for line in result.log.splitlines() if f"--storage {storage}" in line]
 
 
+def test_a_trial_begun_once_every_place_is_taken_ends_at_once():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for accuracy in (90.0, 91.0):
+        study.add_trial(optuna.trial.create_trial(value=accuracy))
+    running, late = study.ask(), study.ask()  # the third place taken by a running trial, then one more
+    search.check_needed(study, running, 3)
+    with pytest.raises(search.Surplus):
+        search.check_needed(study, late, 3)
+    assert late.user_attrs == {"surplus": True}
+
+
 def test_a_trials_settings_that_train_as_the_baseline_are_known_as_the_baseline():
     base = ["--recipe", "fast", "--validation", "10000"]
     assert search.is_baseline(base, "lr=0.015,batch_size=128")  # the fast recipe's own values
