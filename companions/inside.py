@@ -194,8 +194,9 @@ def map_columns(name):
     return MAP_COLUMNS.get(name.rstrip(string.ascii_lowercase))
 
 
-def plot_inside(inside, path, dataset, heading):
-    """predict --layers: one image through every layer, why it answered, and the scores."""
+def plot_inside(inside, path, dataset, heading, probability=None):
+    """predict --layers: one image through every layer, why it answered, and the scores, titled with
+    `probability`, the answer's (calibrated, as predict prints it; the softmax of the scores without one)."""
     layers = dict(inside.layers)
     maps = [name for name in layers if map_columns(name)]
     figure = new_figure(11, 2.6 + 1.9 * len(maps) + 1.2)
@@ -207,7 +208,7 @@ def plot_inside(inside, path, dataset, heading):
     best, runner_up = dataset.classes[inside.top], dataset.classes[inside.runner_up]
     overlay(figure, figure.add_subplot(top[1]), pixels, inside.attribution, f"why {best}")
     overlay(figure, figure.add_subplot(top[2]), pixels, inside.contrast, f"why {best}, not {runner_up}")
-    plot_scores(figure.add_subplot(top[3]), inside, dataset)
+    plot_scores(figure.add_subplot(top[3]), inside, dataset, probability)
     for index, name in enumerate(maps, start=1):
         values = layers[name].numpy()
         shape = "x".join(str(size) for size in values.shape)
@@ -222,15 +223,15 @@ def plot_inside(inside, path, dataset, heading):
     save_figure(figure, path)
 
 
-def plot_scores(axis, inside, dataset):
+def plot_scores(axis, inside, dataset, probability=None):
     scores = inside.scores.numpy()
     bars = axis.bar(range(len(scores)), scores, color="lightgray")
     bars[inside.top].set_color("tab:red")
     axis.axhline(0, color="black", linewidth=0.6)
     axis.set_xticks(range(len(scores)))
     axis.set_xticklabels(dataset.classes, fontsize=7, rotation=45 if has_long_names(dataset) else 0)
-    probability = 100 * inside.probabilities[inside.top].item()
-    axis.set_title(f"fc3: the 10 scores ({dataset.classes[inside.top]}, {probability:.1f} %)", fontsize=9)
+    probability = inside.probabilities[inside.top].item() if probability is None else probability
+    axis.set_title(f"fc3: the 10 scores ({dataset.classes[inside.top]}, {100 * probability:.1f} %)", fontsize=9)
 
 
 def plot_filters(model, path):

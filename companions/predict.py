@@ -103,12 +103,15 @@ def command(args):
         plot_inputs(inputs, results, args.show, dataset)
         logger.info("Wrote {}", args.show)
     if args.layers and results:
-        plot_layers(model, inputs[0][1], results[0]["file"], args.layers, dataset)
+        plot_layers(model, inputs[0][1], results[0], args.layers, dataset)
     return 1 if failures else 0
 
 
-def plot_layers(model, network_input, name, path, dataset):
+def plot_layers(model, network_input, result, path, dataset):
+    """The first image through every layer, titled with its answer's probability as printed."""
     from companions import inside
 
-    inside.plot_inside(inside.look_inside(model, network_input, dataset), path, dataset, f"{name} inside LeNet-5")
+    seen = inside.look_inside(model, network_input, dataset)
+    heading = f"{result['file']} inside LeNet-5"
+    inside.plot_inside(seen, path, dataset, heading, result["probability"])
     logger.info("Wrote {}", path)

@@ -102,6 +102,20 @@ def test_predict_layers_draws_one_image_through_every_layer(trained, tmp_path, c
         assert len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 100  # maps in many shades
 
 
+def test_predict_layers_titles_the_scores_with_the_probability_predict_prints(trained, tmp_path, cli, monkeypatch):
+    from test_serve import with_doubt
+
+    from companions import inside
+
+    checkpoint = with_doubt(trained[0] / "lenet5_mnist.pt", tmp_path / "model.pt", temperature=2.5)
+    drawn = {}
+    monkeypatch.setattr(inside, "plot_scores", lambda axis, seen, dataset, probability: drawn.update(p=probability))
+    [path] = digit_files(tmp_path, digits=[4])
+    result = cli("predict", path, "--json", "--checkpoint", checkpoint, "--layers", tmp_path / "inside.png")
+    [answer] = json.loads(result.stdout)
+    assert result.code == 0 and drawn["p"] == answer["probability"]  # calibrated, not the raw softmax
+
+
 def test_predict_layers_takes_one_image_and_says_so_before_reading_any(trained, tmp_path, cli):
     paths = digit_files(tmp_path, digits=(2, 5))
     figure = tmp_path / "inside.png"
