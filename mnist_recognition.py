@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from companions import command_line, doubt, layers
+from companions import command_line, doubt, kept_detector, layers
 from companions.adam import Adam  # torch's fused Adam, bit for bit, without torch.compile's hooks
 from companions.augment import augment_batch, generator_for
 from companions.command_line import (
@@ -166,8 +166,8 @@ SETTINGS = (
             commands=DATA_COMMANDS, recorded=False),
     Setting("no_figures", False, "write the model, checkpoint and metrics.json only: no figures and no report.html "
             "(quicker; compare's runs)", recorded=False),
-    Setting("no_detector", False, "train no 'not a digit' detector beside the model: its answers are only sure "
-            "or not sure (quicker; compare's runs)", recorded=False),
+    Setting("no_detector", False, "give the model no 'not a digit' detector (the dataset's, learned once and kept "
+            "in its folder): its answers are only sure or not sure", recorded=False),
     Setting("resume", False, f"continue from <out-dir>/{CHECKPOINT_FILE}; --epochs may be raised "
             "with the constant schedule", recorded=False),
 )
@@ -481,9 +481,11 @@ def train(args, runtime, after_epoch=None):
     timeline["evaluated"] = time.time()
     if runtime.is_main:
         # What the model knows it does not know, learned from the training images (companions/doubt.py):
-        # a temperature that calibrates its probabilities, the "not sure" threshold, and a detector
-        # beside it for "not a digit". The model's own weights stay as they are.
-        learned = doubt.learn_doubt(model, *train_set, DATASETS[args.dataset], args.seed, not args.no_detector)
+        # a temperature that calibrates its probabilities, the "not sure" threshold, and beside it the
+        # dataset's "not a digit" detector, learned once per dataset. The model's own weights stay as they are.
+        dataset = DATASETS[args.dataset]
+        detector = () if args.no_detector else kept_detector.detector_for(args.data_dir, dataset, runtime.device)
+        learned = doubt.learn_doubt(model, *train_set, dataset, args.seed, *detector)
         timeline["doubt_learned"] = time.time()
         write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set, learned)
     return 0

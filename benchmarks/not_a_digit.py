@@ -33,6 +33,7 @@ import math
 import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,14 @@ import mnist_recognition as app  # noqa: E402
 from companions import doubt, non_digits, prepare  # noqa: E402
 from companions.augment import generator_for  # noqa: E402
 from companions.dataset_files import has_files  # noqa: E402
-from companions.trained import load_trained_model  # noqa: E402
+from companions.detector import scores_of, threshold_for, train_detector  # noqa: E402
+from companions.trained import doubt_of, load_trained_model  # noqa: E402
 
 # Letters that are digits when written by hand (O, I, l, S, Z, B, b, g, q, G) are left out.
 LETTERS = "ACEFHKLMNPRTUVWXYacdefhkmnprtuvwxy"
+# Letters of scripts that no family draws, in DejaVu Sans (matplotlib's): Hebrew, Arabic, Armenian,
+# Georgian; those that look like a digit (Hebrew vav, samekh; Armenian O, Z-, 3-shaped ones) are left out.
+OTHER_SCRIPTS = "אבגדהזחטכלמנעפצקרשתبتثجحخشصضطظعغفقكميԱԲԴԵԷԹԺԻԼԽԾԿՀՂՃՄՆՇՈՊՋՌՎՐՒՓՔՖაბდეთიკლმნპჟრსტუფქღყშჩცძწჭხჯჰ"
 
 
 # Doodles as polylines in a unit square (None lifts the pen), drawn with the page's 28-px pen on 280x280.
@@ -156,6 +161,12 @@ def unseen_kinds(data_dir, dataset, count):
             for i in range(count)
         ]
         kinds[f"handwritten letters ({len(fonts)} fonts)"] = through_predict(letters, dataset)
+    script_font = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+    scripts = [
+        in_font(OTHER_SCRIPTS[i % len(OTHER_SCRIPTS)], ImageFont.truetype(script_font, int(rng.integers(90, 170))), rng)
+        for i in range(count)
+    ]
+    kinds["other scripts' letters"] = through_predict(scripts, dataset)
     return kinds
 
 
@@ -186,12 +197,11 @@ def mahalanobis_scorer(model, images, labels):
 
 
 def scorers(model, learned, train_set):
-    detector = learned.detector
     return {
         "msp": lambda x: -F.softmax(doubt.logits_of(model, x) / learned.temperature, 1).max(1).values,
         "energy": lambda x: -torch.logsumexp(doubt.logits_of(model, x), 1),
         "mahalanobis": mahalanobis_scorer(model, *train_set),
-        "detector": lambda x: doubt.logits_of(detector, x),
+        "detector": lambda x: scores_of(learned.detector, x),
     }
 
 
@@ -205,9 +215,20 @@ def threshold_at(scores, aim):
     return scores.sort(descending=True).values[int(aim * len(scores))].item()
 
 
+def auroc_and_fpr95(inside, outside):
+    """(AUROC, FPR at 95 % TPR) in percent, outliers as positives (higher scores: less like the dataset),
+    as Outlier Exposure and OpenOOD report them: AUROC as the Mann-Whitney U statistic, ties counted half."""
+    from scipy.stats import mannwhitneyu
+
+    outside, inside = outside.double().numpy(), inside.double().numpy()
+    auroc = mannwhitneyu(outside, inside).statistic / (len(outside) * len(inside))
+    caught_95 = np.sort(outside)[int(np.floor(0.05 * len(outside)))]  # 95 % of the outliers score at least this
+    return 100 * auroc, 100 * np.mean(inside >= caught_95)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a model trained with --validation N")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a model trained with --validation 10000")
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent.parent / "data")
     parser.add_argument("--count", type=int, default=1000, help="images of each family and kind")
     parser.add_argument("--aim", type=float, default=0.01, help="the share of right validation answers flagged")
@@ -219,6 +240,9 @@ def main():
     held_out = payload.get("config", {}).get("validation", 0)
     if not held_out:
         sys.exit(f"{args.checkpoint} was not trained with --validation N: its held-out images are unknown")
+    learned = doubt_of(payload, args.checkpoint, device)
+    if learned.detector is None:
+        sys.exit(f"{args.checkpoint} has no 'not a digit' detector: train it without --no-detector")
     dataset = app.DATASETS[payload["config"]["dataset"]]
     images, labels = app.normalised_split(args.data_dir, dataset, True, None, device)
     train_set, validation = (images[:-held_out], labels[:-held_out]), (images[-held_out:], labels[-held_out:])
@@ -239,12 +263,13 @@ def main():
     unseen = unseen_kinds(args.data_dir, dataset, args.count)
 
     print(f"{args.checkpoint}: thresholds flag {args.aim:.1%} of the validation split's right answers")
-    learned = doubt.learn_doubt(model, *train_set, dataset, seed=0)
     header = ["", "test right flagged", *families, *unseen, "unseen kinds (mean)"]
-    rows = {}
+    rows, areas = {}, {}
     for name, score in scorers(model, learned, train_set).items():
         threshold = threshold_at(score(validation_right), args.aim)
         rows[name] = [flagged_share(score(x) > threshold) for x in (test_right, *families.values(), *unseen.values())]
+        inside = score(test[0])
+        areas[name] = [auroc_and_fpr95(inside, score(x)) for x in unseen.values()]
     rows["doubt (shipped)"] = [
         flagged_share(shipped_flags(model, learned, x)) for x in (test_right, *families.values(), *unseen.values())
     ]
@@ -252,38 +277,51 @@ def main():
     held_out_rows = {"detector": [], "doubt (shipped)": []}
     for name, images_of_family in families.items() if not args.no_held_out else ():
         others = [other for other in families if other != name]
-        detector, scores = doubt.train_detector(*train_set, dataset, 0, families=others)
-        without = doubt.Doubt(learned.temperature, learned.unsure_below, detector, doubt.detector_threshold(scores))
-        threshold = threshold_at(doubt.logits_of(detector, validation_right), args.aim)
-        held_out_rows["detector"].append(flagged_share(doubt.logits_of(detector, images_of_family) > threshold))
+        network, scores = train_detector(images, labels, dataset, families=others)
+        without = doubt.Doubt(learned.temperature, learned.unsure_below, network, threshold_for(scores))
+        threshold = threshold_at(scores_of(network, validation_right), args.aim)
+        held_out_rows["detector"].append(flagged_share(scores_of(network, images_of_family) > threshold))
         held_out_rows["doubt (shipped)"].append(flagged_share(shipped_flags(model, without, images_of_family)))
+        print(f"held out {name}: {held_out_rows['detector'][-1]:.1f} / {held_out_rows['doubt (shipped)'][-1]:.1f}")
     print_table(header, rows, len(families), held_out_rows)
-    print_aims(model, learned, train_set, validation, unseen, dataset)
+    print_areas(list(unseen), areas)
+    print_aims(model, learned, validation, unseen)
+
+
+def print_areas(kinds, areas):
+    """AUROC and FPR95 of each score on each unseen kind against the whole test set, and their means."""
+    print("\n| score | " + " | ".join(kinds) + " | mean |")
+    print("|---" * (len(kinds) + 2) + "|")
+    for name, values in areas.items():
+        cells = [f"{auroc:.1f} / {fpr:.1f}" for auroc, fpr in values]
+        means = np.mean(values, 0)
+        print(f"| {name} | " + " | ".join(cells) + f" | **{means[0]:.1f} / {means[1]:.1f}** |")
+    print("Each cell: AUROC / FPR at 95 % of the outliers caught, in percent (outliers as positives, the test")
+    print("set as the dataset's images; AUROC higher is better, FPR95 lower).")
 
 
 AIMS = {"unsure": (0.003, 0.005, 0.01, 0.02, 0.03), "detector": (0.005, 0.0075, 0.01)}
 
 
-def print_aims(model, learned, train_set, validation, unseen, dataset):
+def print_aims(model, learned, validation, unseen):
     """How the two aims that set the shipped thresholds were chosen: for each pair, the shares of the
-    validation split's right and wrong answers flagged, and of the unseen kinds."""
-    plain, augmented, chosen = doubt.calibration_images(train_set[0], dataset, seed=0)
-    labels = train_set[1][chosen].cpu()
-    logits, _ = doubt.calibration_logits(model, plain, augmented, labels)
-    calibration = F.softmax(logits / learned.temperature, 1)
-    _, held_out_scores = doubt.train_detector(*train_set, dataset, seed=0)
+    validation split's right and wrong answers flagged, and of the unseen kinds. The "not sure"
+    threshold is set here on the validation split's right answers, the detector's on its held-out
+    images (the same split)."""
+    held_out_scores = scores_of(learned.detector, validation[0])
     inputs = {"validation": validation[0], **unseen}
     confidence = {
         name: F.softmax(doubt.logits_of(model, x) / learned.temperature, 1).max(1).values for name, x in inputs.items()
     }
-    scores = {name: doubt.logits_of(learned.detector, x) for name, x in inputs.items()}
+    scores = {name: scores_of(learned.detector, x) for name, x in inputs.items()}
     right = doubt.logits_of(model, validation[0]).argmax(1) == validation[1]
+    calibration = F.softmax(doubt.logits_of(model, validation[0]) / learned.temperature, 1)
     print("\n| 'not sure' aim | detector aim | validation: right flagged | wrong flagged | unseen kinds (mean) |")
     print("|---|---|---|---|---|")
     for unsure_aim in AIMS["unsure"]:
-        unsure_below = doubt.unsure_threshold(calibration, labels, unsure_aim)
+        unsure_below = doubt.unsure_threshold(calibration, validation[1], unsure_aim)
         for detector_aim in AIMS["detector"]:
-            above = doubt.detector_threshold(held_out_scores, detector_aim)
+            above = threshold_for(held_out_scores, detector_aim)
             flags = {name: (confidence[name] < unsure_below) | (scores[name] > above) for name in inputs}
             unseen_mean = np.mean([flagged_share(flags[name]) for name in unseen])
             print(

@@ -5,7 +5,9 @@
     python benchmarks/wall_time.py --runs 5 --baseline HEAD~1     # side by side with another commit
     python benchmarks/wall_time.py --runs 3 --baseline HEAD~1 --original   # and the default recipe's run
 
-Cases: `--help`; `--recipe fast` (training, with every output written); with --original, the
+Cases: `--help`; `--recipe fast` (training, with every output written), and the same with
+`--no-detector` (this tree only: the ratio says what the kept "not a digit" detector costs a run;
+the set-up run before the rounds learns it, if the data folder has none yet); with --original, the
 default recipe's whole run too; `evaluate` on the test set; `predict` on one photo-like image; and
 a bare `python -c "import torch"`, the floor of every command. Each round runs every case once, in
 an order that rotates from round to round; with --baseline, that commit's tree (taken with `git
@@ -46,6 +48,15 @@ def cases(script, version, work, data_dir, original=False):
     return {
         "--help": [script, "--help"],
         "train --recipe fast": [script, "--recipe", "fast", *data, "--out-dir", work / f"train-{version}"],
+        "fast --no-detector": [
+            script,
+            "--recipe",
+            "fast",
+            "--no-detector",
+            *data,
+            "--out-dir",
+            work / f"bare-{version}",
+        ],
         **(default_recipe if original else {}),
         "evaluate (10,000 images)": [
             script,
@@ -59,6 +70,9 @@ def cases(script, version, work, data_dir, original=False):
         "predict (one image)": [script, "predict", work / "digit.jpg", "--checkpoint", checkpoint],
         "python -c 'import torch'": ["-c", "import torch"],
     }
+
+
+THIS_TREE_ONLY = ("python -c 'import torch'", "fast --no-detector")  # the floor, and what the detector costs
 
 
 def run(command):
@@ -132,7 +146,7 @@ def main():
             (version, name, command)
             for version, script in scripts.items()
             for name, command in cases(script, version, work, args.data_dir, args.original).items()
-            if not (version == "baseline" and name.startswith("python -c"))
+            if not (version == "baseline" and name in THIS_TREE_ONLY)
         ]
         seconds = {(version, name): [] for version, name, _ in runs}
         breakdowns = {version: [] for version in scripts}
@@ -156,6 +170,8 @@ def report(args, scripts, seconds, breakdowns):
             old = median(seconds[("baseline", name)])
             line += f"   baseline {old:6.2f} s   baseline/this {old / this:.2f}x"
         print(line)
+    detector_cost = median(seconds[("this", "train --recipe fast")]) / median(seconds[("this", "fast --no-detector")])
+    print(f"--recipe fast with the kept detector / with --no-detector: {detector_cost:.3f}x")
     for version in scripts:
         parts = {part: median([b[part] for b in breakdowns[version]]) for part in breakdowns[version][0]}
         wall = median(seconds[(version, "train --recipe fast")])

@@ -88,6 +88,14 @@ def augment_batch(images, names, generator, count, share, limits):
     return images if amounts is None else thickened(images, amounts[share])
 
 
+def augment_all(images, names, generator, limits):
+    """Each image with the augmentations `names`, by its own random amounts; a thousand at a time,
+    since the random fields for all at once would be slower."""
+    return torch.cat(
+        [augment_batch(part, names, generator, len(part), slice(None), limits) for part in images.split(1000)]
+    )
+
+
 def generator_for(*numbers):
     """A generator seeded by these numbers together (the CPU generator keeps 32 bits of a seed)."""
     digest = hashlib.sha256(",".join(map(str, numbers)).encode()).digest()

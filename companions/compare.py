@@ -150,7 +150,7 @@ def train_one(out_dir, run):
     from companions.trained import load_trained_model
 
     run_dir = out_dir / "runs" / run.name()
-    args = trainer.parse_args([*run.argv, "--no-figures", "--no-detector", "--out-dir", str(run_dir)])
+    args = trainer.parse_args([*run.argv, "--no-figures", "--out-dir", str(run_dir)])
     with logged_to(out_dir / "logs" / f"{run.name()}.log"):
         code = trainer.train_command(args)
     if code != 0:
@@ -239,6 +239,7 @@ def run_all(out_dir, runs, workers):
         logger.info("{} of {} runs have their result already; training the other {}", done, len(runs), len(todo))
     if not todo:
         return
+    learn_detector_first(todo[0].argv)
     if workers == 1:
         for run in todo:
             with as_in_a_worker():
@@ -256,6 +257,20 @@ def run_all(out_dir, runs, workers):
             for future in futures:
                 future.cancel()
             raise
+
+
+def learn_detector_first(argv):
+    """The dataset's "not a digit" detector, kept (or learned once) here with every thread before the
+    runs begin, where each one-thread worker would otherwise wait for the first to learn it alone."""
+    from companions.dataset_files import prepare_files
+    from companions.kept_detector import detector_for
+
+    args = trainer.parse_args(list(argv))
+    if args.no_detector:
+        return
+    dataset = trainer.DATASETS[args.dataset]
+    prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
+    detector_for(args.data_dir, dataset, pick_device(args.device))
 
 
 def log_run(result, done, total):

@@ -25,6 +25,7 @@ from companions.doubt import learn_doubt
 from companions.errors import CliError
 from companions.evaluate import read_labelled
 from companions.files import METRICS_FILE, MODEL_FILE
+from companions.kept_detector import detector_for
 from companions.trained import doubt_of, trained_model
 
 FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
@@ -69,8 +70,10 @@ def command(args):
         percent(test_after.accuracy),
     )
     before, after = (own_before, test_before.accuracy), (own_after, test_after.accuracy)
-    # Fine-tuned, its probabilities are calibrated anew; the "not a digit" detector is the model's own.
-    learned = learn_doubt(model, *train_set, dataset, args.seed, kept=learned_before)
+    # Fine-tuned, its probabilities are calibrated anew; a model that had a "not a digit" detector gets
+    # the dataset's kept one (learned once per dataset), one without keeps none.
+    detector = () if learned_before.detector is None else detector_for(args.data_dir, dataset, runtime.device)
+    learned = learn_doubt(model, *train_set, dataset, args.seed, *detector)
     fine_tuned = what_was_done(args, found, dataset, held_out, before, after)
     save(out_dir, model, payload, test_after, fine_tuned, learned)
     logger.info("Wrote {} into {}/ in {:.1f} s", ", ".join(WRITES), out_dir, time.perf_counter() - started)

@@ -275,6 +275,118 @@ def pick(digits, count, generator):
     return digits[torch.randint(len(digits), (count,), generator=generator)]
 
 
+def pictures(count, generator, digits=None):
+    """Pictures of several strokes, as people doodle them: a face, a house, a heart, a tree, a cloud,
+    an arrow, a flower, a fish, a cup, an umbrella, an envelope, a car; each point moved by its own hand's
+    jitter, the whole squashed and turned a little."""
+    choice = torch.randint(len(PICTURES), (count,), generator=generator)
+    points, pen_down = polylines([PICTURES[name] for name in PICTURE_NAMES], choice)
+    points = points + torch.randn(points.shape, generator=generator) * uniform((count, 1, 1), 0.01, 0.04, generator)
+    points[..., 0] *= uniform((count, 1), 0.75, 1.25, generator)
+    angle = uniform((count, 1), -0.4, 0.4, generator)
+    x, y = points[..., 0], points[..., 1]
+    points = torch.stack([x * angle.cos() - y * angle.sin(), x * angle.sin() + y * angle.cos()], -1)
+    return strokes(points, pen_down, generator)
+
+
+def ring(x, y, rx, ry, start=0.0, end=2 * math.pi, steps=16):
+    """Points along an ellipse's arc, as a list of (x, y)."""
+    return [(x + rx * math.cos(a), y + ry * math.sin(a)) for a in torch.linspace(start, end, steps).tolist()]
+
+
+UP = None  # lifts the pen between two strokes
+# fmt: off
+PICTURES = {
+    "face": [*ring(0, 0, 1, 1), UP, *ring(-0.35, -0.3, 0.08, 0.08, steps=6), UP, *ring(0.35, -0.3, 0.08, 0.08, steps=6),
+             UP, *ring(0, 0.1, 0.5, 0.45, 0.5, math.pi - 0.5, 8)],
+    "house": [(-1, 1), (-1, -0.1), (1, -0.1), (1, 1), (-1, 1), UP, (-1.2, 0), (0, -1), (1.2, 0), UP,
+              (-0.2, 1), (-0.2, 0.4), (0.2, 0.4), (0.2, 1)],
+    "heart": [(0, 1), *ring(-0.45, -0.3, 0.5, 0.5, 2.5, 2 * math.pi, 10),
+              *ring(0.45, -0.3, 0.5, 0.5, math.pi, 2 * math.pi + 0.65, 10), (0, 1)],
+    "tree": [(-0.15, 1), (-0.15, 0.6), (-0.8, 0.6), (-0.35, 0.1), (-0.65, 0.1), (-0.25, -0.4), (-0.45, -0.4), (0, -1),
+             (0.45, -0.4), (0.25, -0.4), (0.65, 0.1), (0.35, 0.1), (0.8, 0.6), (0.15, 0.6), (0.15, 1)],
+    "cloud": [*ring(-0.6, 0.1, 0.4, 0.35, 1.2, 4.6, 8), *ring(0, -0.25, 0.5, 0.45, 3.3, 6.0, 8),
+              *ring(0.6, 0.1, 0.4, 0.35, 4.6, 8.0, 8), (-0.6, 0.45)],
+    "arrow": [(-1, 0.5), (1, -0.5), UP, (0.35, -0.6), (1, -0.5), (0.75, 0.1)],
+    "flower": [*ring(0, -0.4, 0.2, 0.2, steps=8), UP, *ring(0, -0.75, 0.15, 0.22, steps=8), UP,
+               *ring(0.35, -0.4, 0.22, 0.15, steps=8), UP, *ring(-0.35, -0.4, 0.22, 0.15, steps=8), UP,
+               (0, -0.2), (0, 1), UP, (0, 0.6), (0.4, 0.35)],
+    "fish": [*ring(0, 0, 0.75, 0.4, 0.3, 2 * math.pi - 0.3, 14), (1, 0.35), (1, -0.35), (0.7, -0.12), UP,
+             *ring(-0.4, -0.1, 0.05, 0.05, steps=5)],
+    "cup": [(-0.6, -0.7), (-0.5, 0.8), (0.5, 0.8), (0.6, -0.7), UP, *ring(0.65, 0.05, 0.3, 0.3, -1.4, 1.4, 8)],
+    "umbrella": [*ring(0, 0, 1, 0.7, math.pi, 2 * math.pi, 14), (-1, 0), UP, (0, 0), (0, 0.9),
+                 *ring(-0.15, 0.9, 0.15, 0.15, 0, math.pi, 5)],
+    "envelope": [(-1, -0.6), (1, -0.6), (1, 0.6), (-1, 0.6), (-1, -0.6), (0, 0.1), (1, -0.6)],
+    "car": [(-1, 0.3), (-1, -0.1), (-0.5, -0.2), (-0.3, -0.6), (0.4, -0.6), (0.6, -0.2), (1, -0.1), (1, 0.3), (-1, 0.3),
+            UP, *ring(-0.5, 0.35, 0.2, 0.2, steps=8), UP, *ring(0.5, 0.35, 0.2, 0.2, steps=8)],
+}
+# fmt: on
+PICTURE_NAMES = list(PICTURES)
+
+
+def polylines(drawings, choice):
+    """(points N x P x 2, pen_down N x P-1) of the drawings chosen, each a list of points with UP
+    between strokes; shorter ones padded by their last point, the pen lifted."""
+    longest = max(len(drawing) for drawing in drawings)
+    table = torch.zeros(len(drawings), longest, 2)
+    down = torch.zeros(len(drawings), longest - 1, dtype=torch.bool)
+    for index, drawing in enumerate(drawings):
+        points = [point for point in drawing if point is not None]
+        lifted = [i for i, point in enumerate(drawing) if point is None]
+        table[index, : len(points)] = torch.tensor(points)
+        table[index, len(points) :] = table[index, len(points) - 1]
+        down[index, : len(points) - 1] = True
+        for number, position in enumerate(lifted):
+            down[index, position - number - 1] = False  # the segment that jumps over the lift
+    return table[choice], down[choice]
+
+
+def textures(count, generator, digits=None):
+    """Hatching, a grid, dots, or clutter of short strokes: marks that fill the box without forming a shape."""
+    marks = 24  # points: twelve strokes of two points each
+    kind = torch.randint(4, (count, 1, 1), generator=generator)
+    stroke = torch.arange(marks).view(1, marks, 1) // 2
+    ends = torch.tensor([-1.0, 1.0]).repeat(marks // 2).view(1, marks, 1)
+    # Hatching: five parallel lines across the box; a grid: four one way and four across them.
+    hatch_offset = torch.linspace(-1, 1, 5)[stroke.clamp(max=4)]
+    hatching = torch.cat([ends, hatch_offset], 2).expand(count, -1, -1)
+    grid_offset = torch.linspace(-1, 1, 4)[(stroke % 4).clamp(max=3)]
+    across = torch.cat([ends, grid_offset], 2)
+    grid = torch.where(stroke < 4, across, across.flip(2)).where(stroke < 8, across[:, :1]).expand(count, -1, -1)
+    # Dots and clutter: short marks anywhere in the box.
+    centres = uniform((count, marks // 2, 1, 2), -1, 1, generator)
+    heading = uniform((count, marks // 2, 1, 1), 0, 2 * math.pi, generator)
+    direction = torch.cat([heading.cos(), heading.sin()], -1)
+    dots = torch.cat([centres, centres + 0.02 * direction], 2).reshape(count, marks, 2)
+    clutter = torch.cat([centres, centres + 0.4 * direction], 2).reshape(count, marks, 2)
+    points = torch.where(kind == 0, hatching, torch.where(kind == 1, grid, torch.where(kind == 2, dots, clutter)))
+    points = rotated(points, generator)
+    pen_down = torch.arange(marks - 1).expand(count, -1) % 2 == 0
+    return strokes(points, pen_down, generator)
+
+
+def words(count, generator, digits=None):
+    """Two to five letters side by side, in the fonts that matplotlib ships: a word, where one digit is awaited."""
+    from PIL import Image, ImageDraw
+
+    fonts = glyph_fonts()
+    lengths = torch.randint(2, 6, (count,), generator=generator).tolist()
+    letters = torch.randint(len(WORD_LETTERS), (count, 5), generator=generator).tolist()
+    font_choice = torch.randint(len(fonts), (count,), generator=generator).tolist()
+    images = torch.zeros(count, 1, 56, 224)
+    for index, (length, chosen, font) in enumerate(zip(lengths, letters, font_choice)):
+        canvas = Image.new("L", (224, 56))
+        draw = ImageDraw.Draw(canvas)
+        text = "".join(WORD_LETTERS[letter] for letter in chosen[:length])
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=fonts[font])
+        draw.text(((224 - right - left) / 2, (56 - bottom - top) / 2), text, fill=255, font=fonts[font])
+        images[index, 0] = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8).view(56, 224) / 255
+    return prepared(images)
+
+
+WORD_LETTERS = "abcdefghijkmnopqrstuvwxyzACEFHKLMNPRTUVWXY"
+
+
 # Families drawn with a pen or typed: they work for any dataset. Families made of the dataset's own
 # images (digits: its pixels and labels) say what a digit is not: mirrored, two side by side, overlaid.
 DRAWN = {
@@ -284,6 +396,9 @@ DRAWN = {
     "symbols": symbols,
     "blobs": blobs,
     "glyphs": glyphs,
+    "pictures": pictures,
+    "textures": textures,
+    "words": words,
 }
 FROM_DIGITS = {"mirrored_digits": mirrored_digits, "two_digits": two_digits, "overlaid": overlaid}
 FAMILIES = DRAWN | FROM_DIGITS

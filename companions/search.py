@@ -186,7 +186,7 @@ def objective(args, space, base, trial):
     spec = search_space.spec_of({dimension.name: dimension.suggest(trial) for dimension in space})
     trial.set_user_attr("spec", spec)
     name = f"trial-{trial.number}"
-    flags = [*base, *compare.parse_spec(spec).flags, "--seed", str(TRIAL_SEED), "--no-figures", "--no-detector"]
+    flags = [*base, *compare.parse_spec(spec).flags, "--seed", str(TRIAL_SEED), "--no-figures"]
     run_args = trainer.parse_args([*flags, "--out-dir", str(args.out_dir / "trials" / name)])
 
     def after_epoch(summary):  # the median pruner weighs each evaluated epoch
@@ -245,6 +245,7 @@ def log_search_lines():
 
 def run_trials(args, space, base, workers):
     """The trials, `workers` processes at once (each one torch thread), or here when one."""
+    compare.learn_detector_first(base)
     if workers == 1:
         with compare.as_in_a_worker():
             log_search_lines()

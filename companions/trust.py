@@ -79,7 +79,11 @@ class Trust:
     def table_rows(self):
         """(what, value) rows for report.html."""
         numbers = self.summary()
-        detector = "none (an older model file)" if numbers["not_a_digit_above"] is None else "trained with the model"
+        detector = (
+            "none (--no-detector, or an older model file)"
+            if numbers["not_a_digit_above"] is None
+            else f"the dataset's, learned once; flags above {numbers['not_a_digit_above']:.3f}"
+        )
         when_sure = numbers["accuracy_when_sure"]
         return [
             ("temperature", f"{numbers['temperature']:.3f}"),

@@ -195,6 +195,15 @@ def real_dataset_folder(shared_name, torchvision_folder):
     skip_unless_required(f"the real files were not found in data/{torchvision_folder}/raw/ or ../shared/{shared_name}/")
 
 
+@pytest.fixture(scope="session")
+def real_mnist(tmp_path_factory):
+    """A data folder holding the real MNIST, shared by a session's tests as a user's data/ is shared by
+    their runs: the first that needs the "not a digit" detector learns it, the rest reuse it."""
+    data_dir = tmp_path_factory.mktemp("real") / "data"
+    shutil.copytree(real_dataset_folder("mnist", "MNIST"), data_dir / "MNIST" / "raw")
+    return data_dir  # the first test to train on it learns the detector: minutes, within pytest.ini's timeout
+
+
 @pytest.fixture
 def browser(tmp_path):
     """Headless Chromium driven through Selenium and Debian's chromium-driver."""

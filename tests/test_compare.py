@@ -3,13 +3,12 @@ a run killed halfway that ends as an uninterrupted one, and shards that add up."
 
 import json
 import os
-import shutil
 import signal
 
 import numpy as np
 import pytest
 import torch
-from conftest import real_dataset_folder, script_command
+from conftest import script_command
 from scipy import stats
 
 import mnist_recognition as app
@@ -206,8 +205,7 @@ def test_evaluate_measures_each_model_and_their_ensemble(compared, cli):
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_on_real_mnist_the_baseline_seed_0_is_a_plain_run_to_the_last_digit(tmp_path, cli):
-    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
+def test_on_real_mnist_the_baseline_seed_0_is_a_plain_run_to_the_last_digit(tmp_path, cli, real_mnist):
     flags = (
         "--recipe",
         "fast",
@@ -217,7 +215,7 @@ def test_on_real_mnist_the_baseline_seed_0_is_a_plain_run_to_the_last_digit(tmp_
         "--device",
         "cpu",
         "--data-dir",
-        tmp_path / "data",
+        real_mnist,
     )
     result = cli(
         "compare", *flags, "--vary", "pool=max", "batch_norm=true", "--seeds", 3, "--out-dir", tmp_path / "compare"

@@ -3,11 +3,10 @@ figures that show them."""
 
 import dataclasses
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import LENET5_LAYER_SHAPES, real_dataset_folder
+from conftest import LENET5_LAYER_SHAPES
 from PIL import Image
 
 import mnist_recognition as app
@@ -84,12 +83,11 @@ def test_the_deletion_check_fails_an_attribution_that_points_the_wrong_way(train
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_on_real_test_digits_the_attribution_passes_the_deletion_check(tmp_path, cli):
-    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
-    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", tmp_path / "data")
+def test_on_real_test_digits_the_attribution_passes_the_deletion_check(tmp_path, cli, real_mnist):
+    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", real_mnist)
     assert cli(*flags, "--out-dir", tmp_path / "out").code == 0
     model, _ = load_trained_model(tmp_path / "out" / "lenet5_mnist.pt", CPU)
-    images, _ = app.normalised_split(tmp_path / "data", MNIST_DATA, False, 10, CPU)
+    images, _ = app.normalised_split(real_mnist, MNIST_DATA, False, 10, CPU)
     passed = [erasing_the_most_attributed_ink_hurts_more(model, image) for image in images]
     assert sum(passed) >= 9, passed
 

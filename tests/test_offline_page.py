@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK, paper_digit, real_dataset_folder
+from conftest import QUICK, paper_digit
 from PIL import Image
 from test_serve import DIGIT_STROKES, NON_DIGIT_STROKES, post_image, start_serving, stop_serving, with_doubt
 
@@ -216,9 +216,8 @@ def app_classes(name):
 
 @pytest.mark.real_data
 @pytest.mark.slow
-def test_a_fast_models_file_reads_ten_drawn_digits_as_serve_does(browser, tmp_path, cli):
-    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
-    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", tmp_path / "data")
+def test_a_fast_models_file_reads_ten_drawn_digits_as_serve_does(browser, tmp_path, cli, real_mnist):
+    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", real_mnist)
     assert cli(*flags, "--out-dir", tmp_path / "out").code == 0
     checkpoint = tmp_path / "out" / "lenet5_mnist.pt"
     open_offline(browser, export_page(cli, checkpoint, tmp_path / "model.html"))

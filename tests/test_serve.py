@@ -7,7 +7,6 @@ import io
 import json
 import random
 import re
-import shutil
 import signal
 import socket
 import threading
@@ -15,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import draw_digit, huge_png, paper_digit, real_dataset_folder, script_command
+from conftest import draw_digit, huge_png, paper_digit, script_command
 from PIL import Image
 
 import mnist_recognition as app
@@ -514,10 +513,9 @@ def test_a_chosen_file_is_answered_and_a_bad_one_shows_its_error(port, browser, 
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_digits_drawn_on_the_page_are_read_right_by_a_model_trained_on_real_mnist(browser, tmp_path, cli):
+def test_digits_drawn_on_the_page_are_read_right_by_a_model_trained_on_real_mnist(browser, tmp_path, cli, real_mnist):
     from page_driving import By, Keys, draw, open_page, shown_answer
 
-    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
     assert (
         cli(
             "--recipe",
@@ -526,7 +524,7 @@ def test_digits_drawn_on_the_page_are_read_right_by_a_model_trained_on_real_mnis
             "--device",
             "cpu",
             "--data-dir",
-            tmp_path / "data",
+            real_mnist,
             "--out-dir",
             tmp_path / "out",
         ).code
@@ -598,13 +596,14 @@ def test_the_page_shows_each_verdict_plainly(trained, browser, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_drawn_things_that_are_no_digit_are_called_so_by_a_model_trained_on_real_mnist(browser, tmp_path, cli):
+def test_drawn_things_that_are_no_digit_are_called_so_by_a_model_trained_on_real_mnist(
+    browser, tmp_path, cli, real_mnist
+):
     """The default recipe, as bash run.sh trains it: drawn digits are read right and sure, a zigzag,
     a star and a letter are not a digit (or, at the least, not sure)."""
     from page_driving import By, Keys, draw, open_page, shown_answer
 
-    shutil.copytree(real_dataset_folder("mnist", "MNIST"), tmp_path / "data" / "MNIST" / "raw")
-    flags = ("--no-download", "--device", "cpu", "--data-dir", tmp_path / "data", "--no-figures")
+    flags = ("--no-download", "--device", "cpu", "--data-dir", real_mnist, "--no-figures")
     assert cli(*flags, "--out-dir", tmp_path / "out").code == 0
     server = start_serving(tmp_path / "out" / "lenet5_mnist.pt")
     verdicts, read = {}, {}
