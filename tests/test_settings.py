@@ -250,13 +250,16 @@ def test_importing_the_script_loads_only_the_companions_every_command_needs():
         "command_line",
         "dataset_files",
         "datasets",
+        "detector",
         "devices",
         "doubt",
         "errors",
         "files",
         "grids",
+        "kept_detector",
         "layers",
         "non_digits",
+        "real_digits",
     )
     expected = ["companions", *(f"companions.{name}" for name in (*plumbing, "resume", "schedules"))]
     assert result.stdout.strip() == str(expected)
