@@ -27,6 +27,7 @@ from companions.augment import augment_all, generator_for
 from companions.detector import AUGMENTATION, Detector, scores_of
 from companions.detector import RECIPE as DETECTOR_RECIPE
 from companions.errors import CliError
+from companions.files import first_line
 
 UNSURE_AIM = 0.02  # the share of right answers on the calibration images that "not sure" may flag
 CALIBRATION_IMAGES = 20_000  # training images, augmented, that the temperature and threshold are fitted on
@@ -189,7 +190,7 @@ def saved_doubt(payload, device, path):
             str(saved.get("calibrated_on", "")),
         )
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise CliError(f"{path}: its calibration or 'not a digit' detector cannot be read ({reason}).") from None
     if not learned.temperature > 0:
         raise CliError(f"{path}: its temperature, {learned.temperature}, is not a positive number.")

@@ -59,6 +59,11 @@ def write_atomically(path, write):
         temporary.unlink(missing_ok=True)
 
 
+def first_line(error):
+    """An exception's message in one line: its first, or its type's name where it has none."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def os_reason(error):
     """An OSError in the system's words: 'No space left on device', 'Permission denied'."""
     return error.strerror or str(error)
@@ -199,7 +204,7 @@ def read_checkpoint(path):
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a foreign or damaged file fails in many ways; none runs code
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise CliError(
             f"{path}: not a readable checkpoint of this program ({reason}). Nothing in it was run."
         ) from None

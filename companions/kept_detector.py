@@ -21,7 +21,7 @@ from loguru import logger
 from companions.dataset_files import TRAIN_FILES, raw_dir, raw_split
 from companions.detector import RECIPE, Detector, threshold_for, train_detector
 from companions.errors import CliError
-from companions.files import os_reason, write_atomically
+from companions.files import first_line, os_reason, write_atomically
 
 KEPT_FORMAT = 1
 LOCK_TIMEOUT_SECONDS = 3600  # the longest a process waits for another that is learning the detector
@@ -31,6 +31,11 @@ def recipe_key(dataset):
     """A short digest of the dataset's name and the detector's recipe: the kept file's name."""
     described = json.dumps({"dataset": dataset.name, **RECIPE}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:12]
+
+
+def saved_recipe():
+    """RECIPE as a kept file holds it (its widths a list, as they load back)."""
+    return {**RECIPE, "widths": list(RECIPE["widths"])}
 
 
 def kept_path(data_dir, dataset):
@@ -80,7 +85,7 @@ def loaded(path, dataset, digest, device, quiet=False):
             detector = Detector.from_state(payload["detector"]).to(device).eval()
             return detector, float(payload["not_a_digit_above"])
     except Exception as error:  # a damaged or foreign file fails in many ways; none runs code
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
     if not quiet:
         logger.warning("{}: refused ({}); the '{}' detector is learned again.", path, reason, dataset.not_of_kind)
     return None
@@ -92,7 +97,7 @@ def mismatch(payload, dataset, digest):
         return "not a kept detector of this program"
     if payload.get("dataset") != dataset.name:
         return f"learned for {payload.get('dataset')}, not {dataset.name}"
-    if payload.get("recipe") != {**RECIPE, "widths": list(RECIPE["widths"])}:
+    if payload.get("recipe") != saved_recipe():
         return "learned with another recipe"
     if payload.get("training_files") != digest:
         return "learned from other training files than those in the folder now"
@@ -121,7 +126,7 @@ def learned_and_kept(path, data_dir, dataset, digest, device):
     payload = {
         "format": KEPT_FORMAT,
         "dataset": dataset.name,
-        "recipe": {**RECIPE, "widths": list(RECIPE["widths"])},
+        "recipe": saved_recipe(),
         "training_files": digest,
         "detector": {name: tensor.cpu() for name, tensor in detector.state_dict().items()},
         "not_a_digit_above": threshold,
