@@ -48,10 +48,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from companions import command_line, doubt, kept_detector, layers
-from companions.adam import Adam  # torch's fused Adam, bit for bit, without torch.compile's hooks
-from companions.augment import augment_batch, generator_for
-from companions.command_line import (
+from companions.doubt import kept_detector, verdicts
+from companions.reports.grids import grid_title, plot_digit_grid
+from companions.training import command_line, layers
+from companions.training.adam import Adam  # torch's fused Adam, bit for bit, without torch.compile's hooks
+from companions.training.augment import augment_batch, generator_for
+from companions.training.command_line import (
     Setting,
     adam_betas,
     as_text,
@@ -65,11 +67,11 @@ from companions.command_line import (
     positive_float,
     positive_int,
 )
-from companions.dataset_files import prepare_files, raw_split
-from companions.datasets import DATASETS
-from companions.devices import ACCELERATORS, global_sum, memory_format_for, ran_on, start_runtime, to_device
-from companions.errors import CliError, LossDiverged
-from companions.files import (
+from companions.training.dataset_files import prepare_files, raw_split
+from companions.training.datasets import DATASETS
+from companions.training.devices import ACCELERATORS, global_sum, memory_format_for, ran_on, start_runtime, to_device
+from companions.training.errors import CliError, LossDiverged
+from companions.training.files import (
     CALIBRATION_PNG,
     CHECKPOINT_FILE,
     CONFUSION_PNG,
@@ -86,20 +88,19 @@ from companions.files import (
     split_images_png,
     training_figures,
 )
-from companions.grids import grid_title, plot_digit_grid
-from companions.resume import (
+from companions.training.resume import (
     Progress,
     StopOnInterrupt,
     log_how_to_resume,
     restore_random_state,
     resumable_checkpoint,
 )
-from companions.schedules import new_schedule
+from companions.training.schedules import new_schedule
 
 IMPORTED_AT = time.time()
 
 # ----------------------------------------------------------------------------------------------
-# Settings: every flag declared once, and the recipes (the datasets: companions/datasets.py)
+# Settings: every flag declared once, and the recipes (the datasets: companions/training/datasets.py)
 # ----------------------------------------------------------------------------------------------
 
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
@@ -480,12 +481,12 @@ def train(args, runtime, after_epoch=None):
     log_accuracy(evaluation, DATASETS[args.dataset])
     timeline["evaluated"] = time.time()
     if runtime.is_main:
-        # What the model knows it does not know, learned from the training images (companions/doubt.py):
+        # What the model knows it does not know, learned from the training images (companions/doubt/verdicts.py):
         # a temperature that calibrates its probabilities, the "not sure" threshold, and beside it the
         # dataset's "not a digit" detector, learned once per dataset. The model's own weights stay as they are.
         dataset = DATASETS[args.dataset]
         detector = () if args.no_detector else kept_detector.detector_for(args.data_dir, dataset, runtime.device)
-        learned = doubt.learn_doubt(model, *train_set, dataset, args.seed, *detector)
+        learned = verdicts.learn_doubt(model, *train_set, dataset, args.seed, *detector)
         timeline["doubt_learned"] = time.time()
         write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set, learned)
     return 0
@@ -699,7 +700,7 @@ def log_accuracy(evaluation, dataset, images=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# The grids: 4x4 images with a title each (companions/grids.py draws them)
+# The grids: 4x4 images with a title each (companions/reports/grids.py draws them)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -729,8 +730,8 @@ def plot_predictions(eval_set, evaluation, seed, path, dataset):
 def draw_evaluation_figures(out_dir, eval_set, evaluation, seed, dataset, trust):
     """What an evaluation shows: which classes it confuses, its worst mistakes, 16 answers, and how far
     its probabilities can be trusted."""
-    from companions import report
-    from companions.trust import plot_calibration
+    from companions.doubt.trust import plot_calibration
+    from companions.reports import report
 
     report.plot_confusion_matrix(evaluation, out_dir / CONFUSION_PNG, dataset)
     report.plot_mistakes(eval_set, evaluation, out_dir / MISTAKES_PNG, dataset)
@@ -760,8 +761,8 @@ def training_files(split):
 
 def write_outputs(out_dir, args, runtime, model, progress, evaluation, timeline, train_set, eval_set, learned):
     """The model file, then the nine figures and report.html (unless --no-figures), and last metrics.json."""
-    from companions import report
-    from companions.trust import log_trust, measure_trust
+    from companions.doubt.trust import log_trust, measure_trust
+    from companions.reports import report
 
     dataset, split, config = DATASETS[args.dataset], evaluation.split, training_config(args)
     save_model(out_dir / MODEL_FILE, model, config, evaluation, doubt=learned.as_saved())
@@ -809,12 +810,23 @@ def train_command(args, after_epoch=None):
             dist.destroy_process_group()
 
 
+# Every other command lives in companions/, in the folder of what a user does with it.
+COMMAND_MODULES = {
+    "evaluate": "companions.using.evaluate",
+    "predict": "companions.using.predict",
+    "serve": "companions.using.serve",
+    "finetune": "companions.using.finetune",
+    "export": "companions.sharing.export",
+    "compare": "companions.experiments.compare",
+    "search": "companions.experiments.search",
+}
+
+
 def run_command(args):
-    """The command's exit code. evaluate, predict, serve, export and finetune live in companions/,
-    imported only when they run."""
+    """The command's exit code. Commands other than train are imported only when they run."""
     if args.command == "train":
         return train_command(args)
-    return importlib.import_module(f"companions.{args.command}").command(args)
+    return importlib.import_module(COMMAND_MODULES[args.command]).command(args)
 
 
 def bars_disabled(is_main):

@@ -18,8 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import mnist_recognition as app  # noqa: E402
-from companions import inside  # noqa: E402
-from companions.trained import load_trained_model  # noqa: E402
+from companions.reports import inside  # noqa: E402
+from companions.using.trained import load_trained_model  # noqa: E402
 
 
 def main():

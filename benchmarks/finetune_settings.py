@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import personal_handwriting  # noqa: E402
 
 import mnist_recognition as app  # noqa: E402
-from companions import devices, finetune, own_images, trained  # noqa: E402
+from companions.training import devices  # noqa: E402
+from companions.using import finetune, own_images, trained  # noqa: E402
 
 SETTINGS = [(3e-4, 0.25, 300), (1e-4, 0.25, 300), (3e-4, 0.125, 300), (1e-4, 0.125, 300), (3e-4, 0.25, 150)]
 

@@ -4,14 +4,14 @@
     python benchmarks/handwriting.py --checkpoints outputs/lenet5_mnist.pt [more.pt ...]
 
 Every image is made here from scratch, encoded as a file would be (PNG or JPEG), and read through
-predict's own code path (`companions.prepare.read_image`: open, grayscale, foreground, stroke width, 20-px box,
+predict's own code path (`companions.using.prepare.read_image`: open, grayscale, foreground, stroke width, 20-px box,
 centre of mass, normalisation); the model then answers for all of them at once. Each kind is read
 four times, side by side: with the simplest preparation ("before": the border's
 median as the background level, strokes as they are), with the background's light fitted as a
 plane ("+ light"), with the paper's grain taken away too ("+ grain"), and with stroke widths
 handled too ("now", the current preparation). Then, for each kind with today's preparation, the
 shares of the wrong answers and of the right ones that the model's verdicts flag ("not sure" or
-"not a digit"; companions/doubt.py). The kinds:
+"not a digit"; companions/doubt/verdicts.py). The kinds:
 
 - drawn (thin, MNIST-like, heavy pen): MNIST test digits re-drawn as a person draws on the page:
   the digit's skeleton traced with a round pen 10, 28 or 56 px wide on a 280x280 canvas;
@@ -37,8 +37,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
-from companions import doubt, prepare, trained  # noqa: E402
-from companions.serve import describe_model  # noqa: E402
+from companions.doubt import verdicts  # noqa: E402
+from companions.using import prepare, trained  # noqa: E402
+from companions.using.serve import describe_model  # noqa: E402
 
 FONTS = [
     "/usr/share/fonts/truetype/humor-sans/Humor-Sans.ttf",
@@ -198,9 +199,9 @@ def flagged(model, learned, files, labels, dataset):
     """(the share of wrong answers, the share of right answers) that the model's verdicts flag ("not
     sure" or "not a digit"), read through predict's own code path."""
     inputs = torch.stack([prepare.read_image(io.BytesIO(file), dataset)[1] for file in files])
-    logits = doubt.logits_of(model, inputs)
-    _, _, verdicts = learned.verdicts(logits, inputs)
-    right, flags = logits.argmax(1) == torch.tensor(labels), verdicts != 0
+    logits = verdicts.logits_of(model, inputs)
+    _, _, codes = learned.verdicts(logits, inputs)
+    right, flags = logits.argmax(1) == torch.tensor(labels), codes != 0
     return percent(flags[~right]) if (~right).any() else float("nan"), percent(flags[right])
 
 

@@ -13,7 +13,7 @@ itself without the validation split. The methods:
 - energy: the logits' log-sum-exp (Liu et al., 2020);
 - mahalanobis: the distance of fc2's output to the nearest class mean, under one covariance fitted
   on the training images (Lee et al., 2018);
-- detector: companions/doubt.py's network, trained on the dataset's images against the made families;
+- detector: companions/doubt/verdicts.py's network, trained on the dataset's images against the made families;
 - doubt: what predict and serve say: "not sure" (msp below its threshold) or the detector's "not a digit".
 
 Each family the detector learns from is held out in turn: a detector is trained without it, and
@@ -43,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from handwriting import FONTS as HANDWRITING_FONTS  # noqa: E402  (benchmarks/handwriting.py)
 
 import mnist_recognition as app  # noqa: E402
-from companions import doubt, non_digits, prepare  # noqa: E402
-from companions.augment import generator_for  # noqa: E402
-from companions.dataset_files import has_files  # noqa: E402
-from companions.detector import scores_of, threshold_for, train_detector  # noqa: E402
-from companions.trained import doubt_of, load_trained_model  # noqa: E402
+from companions.doubt import non_digits, verdicts  # noqa: E402
+from companions.doubt.detector import scores_of, threshold_for, train_detector  # noqa: E402
+from companions.training.augment import generator_for  # noqa: E402
+from companions.training.dataset_files import has_files  # noqa: E402
+from companions.using import prepare  # noqa: E402
+from companions.using.trained import doubt_of, load_trained_model  # noqa: E402
 
 # Letters that are digits when written by hand (O, I, l, S, Z, B, b, g, q, G) are left out.
 LETTERS = "ACEFHKLMNPRTUVWXYacdefhkmnprtuvwxy"
@@ -178,7 +179,7 @@ def fc2_features(model, images):
     """fc2's output (after its activation): the last layer's input."""
     seen = []
     hook = model.classifier[-1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-    doubt.logits_of(model, images)
+    verdicts.logits_of(model, images)
     hook.remove()
     return torch.cat(seen).float().cpu()
 
@@ -198,15 +199,15 @@ def mahalanobis_scorer(model, images, labels):
 
 def scorers(model, learned, train_set):
     return {
-        "msp": lambda x: -F.softmax(doubt.logits_of(model, x) / learned.temperature, 1).max(1).values,
-        "energy": lambda x: -torch.logsumexp(doubt.logits_of(model, x), 1),
+        "msp": lambda x: -F.softmax(verdicts.logits_of(model, x) / learned.temperature, 1).max(1).values,
+        "energy": lambda x: -torch.logsumexp(verdicts.logits_of(model, x), 1),
         "mahalanobis": mahalanobis_scorer(model, *train_set),
         "detector": lambda x: scores_of(learned.detector, x),
     }
 
 
 def shipped_flags(model, learned, inputs):
-    logits = doubt.logits_of(model, inputs)
+    logits = verdicts.logits_of(model, inputs)
     return learned.verdicts(logits, inputs)[2] != 0
 
 
@@ -249,7 +250,7 @@ def main():
     test = app.normalised_split(args.data_dir, dataset, False, None, device)
 
     def right_only(split):
-        return split[0][doubt.logits_of(model, split[0]).argmax(1) == split[1]]
+        return split[0][verdicts.logits_of(model, split[0]).argmax(1) == split[1]]
 
     validation_right, test_right = right_only(validation), right_only(test)
     digits = (train_set[0][:10_000] * dataset.std + dataset.mean, train_set[1][:10_000])
@@ -278,7 +279,7 @@ def main():
     for name, images_of_family in families.items() if not args.no_held_out else ():
         others = [other for other in families if other != name]
         network, scores = train_detector(images, labels, dataset, families=others)
-        without = doubt.Doubt(learned.temperature, learned.unsure_below, network, threshold_for(scores))
+        without = verdicts.Doubt(learned.temperature, learned.unsure_below, network, threshold_for(scores))
         threshold = threshold_at(scores_of(network, validation_right), args.aim)
         held_out_rows["detector"].append(flagged_share(scores_of(network, images_of_family) > threshold))
         held_out_rows["doubt (shipped)"].append(flagged_share(shipped_flags(model, without, images_of_family)))
@@ -311,15 +312,16 @@ def print_aims(model, learned, validation, unseen):
     held_out_scores = scores_of(learned.detector, validation[0])
     inputs = {"validation": validation[0], **unseen}
     confidence = {
-        name: F.softmax(doubt.logits_of(model, x) / learned.temperature, 1).max(1).values for name, x in inputs.items()
+        name: F.softmax(verdicts.logits_of(model, x) / learned.temperature, 1).max(1).values
+        for name, x in inputs.items()
     }
     scores = {name: scores_of(learned.detector, x) for name, x in inputs.items()}
-    right = doubt.logits_of(model, validation[0]).argmax(1) == validation[1]
-    calibration = F.softmax(doubt.logits_of(model, validation[0]) / learned.temperature, 1)
+    right = verdicts.logits_of(model, validation[0]).argmax(1) == validation[1]
+    calibration = F.softmax(verdicts.logits_of(model, validation[0]) / learned.temperature, 1)
     print("\n| 'not sure' aim | detector aim | validation: right flagged | wrong flagged | unseen kinds (mean) |")
     print("|---|---|---|---|---|")
     for unsure_aim in AIMS["unsure"]:
-        unsure_below = doubt.unsure_threshold(calibration, validation[1], unsure_aim)
+        unsure_below = verdicts.unsure_threshold(calibration, validation[1], unsure_aim)
         for detector_aim in AIMS["detector"]:
             above = threshold_for(held_out_scores, detector_aim)
             flags = {name: (confidence[name] < unsure_below) | (scores[name] > above) for name in inputs}

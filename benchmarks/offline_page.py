@@ -22,8 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import mnist_recognition as app  # noqa: E402
-from companions import serve  # noqa: E402
-from companions.report import cpu_name  # noqa: E402
+from companions.reports.report import cpu_name  # noqa: E402
+from companions.using import serve  # noqa: E402
 
 
 def parse_args():

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mnist_recognition as app  # noqa: E402
-from companions.export import PixelsToProbabilities  # noqa: E402
-from companions.report import cpu_name  # noqa: E402
-from companions.trained import doubt_of, load_trained_model  # noqa: E402
+from companions.reports.report import cpu_name  # noqa: E402
+from companions.sharing.export import PixelsToProbabilities  # noqa: E402
+from companions.using.trained import doubt_of, load_trained_model  # noqa: E402
 
 
 def parse_args():

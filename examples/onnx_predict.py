@@ -4,9 +4,10 @@ script, only `pip install onnxruntime numpy pillow`.
     python examples/onnx_predict.py outputs/lenet5_mnist.onnx my_digit.jpg [more.jpg ...]
     # my_digit.jpg: 7 99.7%        (or: 7 51.2% not sure; or: 4 99.1% not a digit, the 4 only a guess)
 
-Its preparation is a simpler form of predict's (docs/export.md says what it leaves out): dark ink
-on light paper, made light on dark; the paper's level (the image's median) taken away; cropped to
-the ink; its longer side 20 pixels, its centre of mass at the centre of a 28x28 field.
+Its preparation is a simpler form of predict's (docs/export.md says what it leaves out): light ink
+on a dark field as it is, and dark ink on light paper inverted, as predict decides (by the border's
+median); the paper's level (the border's median) taken away; cropped to the ink; its longer side
+20 pixels, its centre of mass at the centre of a 28x28 field.
 """
 
 import json
@@ -19,8 +20,10 @@ from PIL import Image
 
 def prepare(path):
     """The image in `path` as the file's input: [1, 1, 28, 28], pixels 0..1, light on dark."""
-    ink = 255 - np.asarray(Image.open(path).convert("L"), dtype=np.float32)
-    ink = np.clip(ink - np.median(ink), 0, None)
+    ink = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    if np.median(border_of(ink)) > 127:  # dark ink on light paper: inverted, as predict does
+        ink = 255 - ink
+    ink = np.clip(ink - np.median(border_of(ink)), 0, None)
     rows, cols = np.nonzero(ink > 0.2 * ink.max())
     ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] / ink.max()
     scale = 20 / max(ink.shape)
@@ -31,6 +34,11 @@ def prepare(path):
     field = Image.new("L", (28, 28))
     field.paste(digit, (round(13.5 - col_centre), round(13.5 - row_centre)))
     return np.asarray(field, dtype=np.float32)[None, None] / 255
+
+
+def border_of(pixels):
+    """The pixels along the image's four edges: the paper, where the digit does not touch them."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
 
 
 def read(session, path):

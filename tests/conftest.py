@@ -36,10 +36,13 @@ from PIL import Image, ImageDraw, ImageFont
 import mnist_recognition as app
 
 REPO = Path(__file__).resolve().parent.parent
+
 SCRIPT = REPO / "mnist_recognition.py"
 TRAIN_COUNT, TEST_COUNT = 1200, 300
-# Tests about training pin the CPU: they compare numbers that only the CPU path keeps bit-exact.
-QUICK = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cpu")
+# Tests about training pin the CPU: they compare numbers that only the CPU path keeps bit-exact. Most
+# look at the model, the log or metrics.json, not at the figures, which take most of a quick run.
+QUICK_WITH_FIGURES = ("--epochs", 2, "--batch-size", 32, "--no-download", "--device", "cpu")
+QUICK = (*QUICK_WITH_FIGURES, "--no-figures")
 
 
 # Each LeNet-5 layer's output for one image, as the original report draws them.
@@ -204,9 +207,20 @@ def real_mnist(tmp_path_factory):
     return data_dir  # the first test to train on it learns the detector: minutes, within pytest.ini's timeout
 
 
-@pytest.fixture
-def browser(tmp_path):
-    """Headless Chromium driven through Selenium and Debian's chromium-driver."""
+@pytest.fixture(scope="session")
+def real_fast(real_mnist, tmp_path_factory):
+    """A model of the `fast` recipe trained on the real MNIST, as `bash run.sh --recipe fast` trains it:
+    shared by the tests that need a model that reads real handwriting. Returns its output folder."""
+    out_dir = tmp_path_factory.mktemp("real_fast")
+    train_quietly(
+        "--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", real_mnist, "--out-dir", out_dir
+    )
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """Headless Chromium driven through Selenium and Debian's chromium-driver, started once a session."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
         skip_unless_required("Chromium and its driver are not installed (apt-get install chromium chromium-driver)")
@@ -224,7 +238,7 @@ def browser(tmp_path):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
         "--window-size=1100,900",
     ):
         options.add_argument(flag)
@@ -233,6 +247,15 @@ def browser(tmp_path):
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The session's browser, as a fresh one: a blank page, the network on, no requests logged yet."""
+    chromium.get("about:blank")
+    chromium.set_network_conditions(offline=False, latency=0, download_throughput=-1, upload_throughput=-1)
+    chromium.get_log("performance")
+    return chromium
 
 
 # --- a file system that says no --------------------------------------------------------------------
@@ -478,6 +501,7 @@ def fashion_trained(tmp_path_factory):
         "--no-download",
         "--device",
         "cpu",
+        "--no-figures",
         "--data-dir",
         data_dir,
         "--out-dir",
@@ -491,6 +515,8 @@ def trained(tmp_path_factory, synthetic_data):
     """The end-to-end run: `python mnist_recognition.py` as a user starts it, on the synthetic
     data, 4 epochs. Returns (out_dir, the CompletedProcess)."""
     out_dir = tmp_path_factory.mktemp("trained")
-    result = run_process(script_command(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", out_dir))
+    result = run_process(
+        script_command(*QUICK_WITH_FIGURES, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", out_dir)
+    )
     assert result.returncode == 0, result.stderr
     return out_dir, result

@@ -12,7 +12,7 @@ from conftest import script_command
 from scipy import stats
 
 import mnist_recognition as app
-from companions import compare
+from companions.experiments import compare
 
 FLAGS = ("--recipe", "fast", "--validation", 300, "--no-download", "--device", "cpu")
 VARY = ("--vary", "pool=max", "optimizer=sgd,momentum=0.9,lr=0.05")
@@ -191,7 +191,7 @@ def test_evaluate_measures_each_model_and_their_ensemble(compared, cli):
     assert [entry["checkpoint"] for entry in metrics["models"]] == [str(path) for path in checkpoints]
     # The ensemble's answers are the mean of the models' probabilities, recomputed here.
     images, labels = app.normalised_split(data_dir, app.DATASETS["mnist"], False, None, torch.device("cpu"))
-    from companions.trained import load_trained_model
+    from companions.using.trained import load_trained_model
 
     with torch.no_grad():
         mean = torch.stack(
@@ -210,16 +210,14 @@ def test_on_real_mnist_the_baseline_seed_0_is_a_plain_run_to_the_last_digit(tmp_
         "--recipe",
         "fast",
         "--train-limit",
-        10000,
+        5000,
         "--no-download",
         "--device",
         "cpu",
         "--data-dir",
         real_mnist,
     )
-    result = cli(
-        "compare", *flags, "--vary", "pool=max", "batch_norm=true", "--seeds", 3, "--out-dir", tmp_path / "compare"
-    )
+    result = cli("compare", *flags, "--vary", "pool=max", "--seeds", 2, "--out-dir", tmp_path / "compare")
     assert result.code == 0
     summary = json.loads((tmp_path / "compare" / "compare.json").read_text())
     threads = torch.get_num_threads()

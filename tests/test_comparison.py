@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from companions import comparison
+from companions.experiments import comparison
 
 
 def test_the_statistics_are_scipys_on_the_same_numbers():

@@ -8,11 +8,11 @@ import struct
 
 import pytest
 import torch
-from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, without, write_synthetic_mnist
+from conftest import DATASET_FILES, TEST_COUNT, TRAIN_COUNT, real_dataset_folder, without
 from torchvision.datasets import MNIST
 
 import mnist_recognition as app
-from companions import prepare
+from companions.using import prepare
 
 NO_DOWNLOAD = ("--no-download", "--device", "cpu")
 MNIST_DATA = app.DATASETS["mnist"]
@@ -194,13 +194,11 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path, cli):
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_one_epoch_on_real_mnist_reaches_97_5_percent(tmp_path, cli, real_mnist):
-    result = cli("--epochs", 1, *NO_DOWNLOAD, "--data-dir", real_mnist, "--out-dir", tmp_path / "out")
-    assert result.code == 0, result.log
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["eval_split"] == "test" and metrics["eval_images"] == 10_000
-    assert metrics["eval_accuracy"] >= 97.5
-    assert f"Accuracy of the network on the 10000 test images: {metrics['eval_accuracy']:.3f} %" in result.log
+def test_one_epoch_on_real_mnist_reads_98_5_percent_of_its_test_images(real_fast):
+    """The `fast` recipe's one epoch (its seeds read 98.9 to 99.1 %)."""
+    metrics = json.loads((real_fast / "metrics.json").read_text())
+    assert metrics["config"]["epochs"] == 1 and metrics["eval_split"] == "test" and metrics["eval_images"] == 10_000
+    assert metrics["eval_accuracy"] >= 98.5
 
 
 # --- other datasets in MNIST's format ------------------------------------------------------------
@@ -230,11 +228,11 @@ def test_every_dataset_entry_is_complete():
 
 
 @pytest.fixture(scope="module")
-def synthetic_kin(tmp_path_factory):
-    """Synthetic files for every dataset, each in its own torchvision folder under one data folder."""
+def synthetic_kin(tmp_path_factory, synthetic_data):
+    """The synthetic files for every dataset, each in its own torchvision folder under one data folder."""
     data_dir = tmp_path_factory.mktemp("kin") / "data"
     for dataset in app.DATASETS.values():
-        write_synthetic_mnist(data_dir, folder=dataset.folder)
+        shutil.copytree(synthetic_data / "MNIST" / "raw", data_dir / dataset.folder / "raw")
     return data_dir
 
 
@@ -337,6 +335,7 @@ def test_one_epoch_on_real_fashion_mnist_reaches_85_percent(tmp_path, cli):
         "--lr",
         "1e-2",
         "--no-detector",  # accuracy alone: no need to learn Fashion-MNIST's detector here
+        "--no-figures",
         *NO_DOWNLOAD,
         "--data-dir",
         tmp_path / "data",

@@ -11,10 +11,22 @@ import torch
 from conftest import assert_same_weights, run_process, torchrun_command, train_quietly
 
 import mnist_recognition as app
-from companions import devices, report
+from companions.reports import report
+from companions.training import devices
 
 # Ten steps of a global batch of 63: shares of 32 and 31, so the uneven split is tested too.
-TEN_STEPS = ("--epochs", 1, "--train-limit", 630, "--batch-size", 63, "--no-download", "--device", "cpu")
+TEN_STEPS = (
+    "--epochs",
+    1,
+    "--train-limit",
+    630,
+    "--batch-size",
+    63,
+    "--no-download",
+    "--device",
+    "cpu",
+    "--no-figures",
+)
 
 
 @pytest.fixture(scope="module")

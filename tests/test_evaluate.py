@@ -1,4 +1,4 @@
-"""companions/evaluate.py: a trained model re-checked on its test set or on a folder of labelled
+"""companions/using/evaluate.py: a trained model re-checked on its test set or on a folder of labelled
 images, into a folder of its own beside the checkpoint; the training run's files are never touched."""
 
 import hashlib
@@ -34,6 +34,7 @@ def evaluate_on_the_test_set(cli, checkpoint, data_dir, out_dir, *more):
 # --- evaluate ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_accuracy_recorded_by_training(trained, synthetic_data, tmp_path, cli):
     out_dir, _ = trained
     recorded = torch.load(out_dir / "lenet5_mnist.pt", weights_only=True)["eval_accuracy"]
@@ -54,6 +55,7 @@ def test_evaluate_claims_no_recorded_test_accuracy_for_a_model_chosen_on_validat
     assert "recorded" not in result.log  # what training recorded was a validation accuracy
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_test_limit_counts_only_those_images(trained, synthetic_data, tmp_path, cli):
     result = evaluate_on_the_test_set(cli, trained[0] / "lenet5_mnist.pt", synthetic_data, tmp_path, "--test-limit", 50)
     assert result.code == 0 and "Accuracy of the network on the 50 test images" in result.log

@@ -1,5 +1,6 @@
 """Taking a model elsewhere: export to ONNX, checked with ONNX Runtime."""
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -16,11 +17,35 @@ from onnx import numpy_helper
 from PIL import Image, ImageDraw
 
 import mnist_recognition as app
-from companions import export as onnx_export
-from companions import prepare, report, trained
-from companions.trained import doubt_of
+from companions.reports import report
+from companions.sharing import export as onnx_export
+from companions.using import prepare, trained
+from companions.using.trained import doubt_of
 
 MNIST_DATA = app.DATASETS["mnist"]
+
+
+def weights_digest(module):
+    return hashlib.sha256(b"".join(tensor.numpy().tobytes() for tensor in module.state_dict().values())).hexdigest()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def each_graph_exported_once():
+    """torch.onnx.export takes seconds, and most tests here are about what export checks, writes and
+    refuses: each model's graph, with its metadata, is exported once in this module."""
+    graphs = {}
+    export_graph = onnx_export.onnx_bytes
+
+    def once(model, dataset, learned, metadata):
+        detector = weights_digest(learned.detector) if learned.detector is not None else None
+        key = (weights_digest(model), detector, learned.temperature, dataset.name, json.dumps(metadata, sort_keys=True))
+        if key not in graphs:
+            graphs[key] = export_graph(model, dataset, learned, metadata)
+        return graphs[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "onnx_bytes", once)
+        yield
 
 
 def export(cli, checkpoint, out, data_dir):
@@ -62,6 +87,7 @@ def metadata(path):
 # --- the file --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7, 1000])
 def test_the_file_takes_any_batch_and_agrees_with_pytorch(batch, exported, trained):
     pixels = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
@@ -77,6 +103,7 @@ def test_the_file_takes_any_batch_and_agrees_with_pytorch(batch, exported, train
     )
 
 
+@pytest.mark.slow
 def test_the_file_carries_the_models_doubt(exported, trained):
     """The temperature and both thresholds in the metadata, and the detector's score as an output."""
     learned = doubt_of(torch.load(trained[0] / "lenet5_mnist.pt", weights_only=True), "model", torch.device("cpu"))
@@ -92,6 +119,7 @@ def test_the_file_carries_the_models_doubt(exported, trained):
     np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_graph_declares_a_dynamic_batch_of_28x28_pixels(exported):
     graph = onnx.load(exported).graph
     [image] = graph.input
@@ -102,6 +130,7 @@ def test_the_graph_declares_a_dynamic_batch_of_28x28_pixels(exported):
     assert [output.name for output in graph.output] == ["logits", "probabilities", "not_a_digit"]
 
 
+@pytest.mark.slow
 def test_the_file_is_self_contained_and_valid(exported):
     assert sorted(path.name for path in exported.parent.iterdir()) == ["digits.onnx"]  # no weights beside it
     model = onnx.load(exported, load_external_data=False)
@@ -114,6 +143,7 @@ def test_the_file_is_self_contained_and_valid(exported):
     assert parameters >= 61_706  # every weight is inside (plus the normalisation's two constants, if kept apart)
 
 
+@pytest.mark.slow
 def test_the_metadata_says_how_to_use_the_model(exported, trained):
     props = metadata(exported)
     assert json.loads(props["dataset"]) == {"name": "mnist", "title": "MNIST", "classes": list("0123456789")}
@@ -172,6 +202,7 @@ def test_the_default_file_is_the_checkpoints_path_with_onnx(trained, synthetic_d
     assert (tmp_path / "my_model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_the_file_is_written_in_the_operator_set_the_docs_name(exported):
     assert [(entry.domain, entry.version) for entry in onnx.load(exported).opset_import] == [("", onnx_export.OPSET)]
     assert f"opset {onnx_export.OPSET})" in (REPO / "docs" / "export.md").read_text()
@@ -250,6 +281,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused(trained, synthetic_d
 # --- the standalone example (examples/onnx_predict.py) ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_onnx_example_reads_photos_as_predict_does(exported, trained, tmp_path, cli):
     """The README's way to use the file without torch gives predict's answers on the same photos."""
     import random
@@ -277,6 +309,28 @@ def test_the_onnx_example_reads_photos_as_predict_does(exported, trained, tmp_pa
     )  # most, by a small model
 
 
+@pytest.mark.slow
+def test_the_onnx_example_reads_the_datasets_own_images_as_predict_does(
+    exported, trained, synthetic_data, tmp_path, cli
+):
+    """Light ink on a dark field, as the dataset's test images are when saved as they are."""
+    images = np.fromfile(synthetic_data / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.uint8, offset=16)
+    paths = []
+    for index, pixels in enumerate(images.reshape(-1, 28, 28)[:10]):
+        paths.append(tmp_path / f"test_{index}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    result = cli("predict", *paths, "--json", "--checkpoint", trained[0] / "lenet5_mnist.pt")
+    assert result.code == 0
+    predicted = {Path(entry["file"]).name: entry["name"] for entry in json.loads(result.stdout)}
+    example = load_example()
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    for path in paths:
+        assert example.read(session, path)[0] == predicted[path.name], path.name
+        seen_by_predict = prepare.prepared_pixels(prepare.open_grayscale(path), MNIST_DATA)
+        assert np.corrcoef(example.prepare(path).ravel(), seen_by_predict.ravel())[0, 1] > 0.9, path.name
+
+
+@pytest.mark.slow
 def test_the_onnx_example_runs_as_its_docstring_says(exported, tmp_path):
     from conftest import run_process
 
@@ -356,6 +410,7 @@ def test_int8_without_the_training_images_is_one_line(trained, tmp_path, cli):
     assert result.code == 2 and "calibrates on MNIST's training images" in result.errors()[0]
 
 
+@pytest.mark.slow
 def test_the_onnx_example_reads_the_int8_file(quantized, tmp_path):
     from conftest import run_process
 

@@ -10,7 +10,8 @@ from conftest import SCRIPT
 from PIL import Image
 
 import mnist_recognition as app
-from companions import devices, grids, report
+from companions.reports import grids, report
+from companions.training import devices
 
 MNIST_DATA = app.DATASETS["mnist"]
 

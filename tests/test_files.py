@@ -1,4 +1,4 @@
-"""companions/files.py: atomic writes, leftovers of killed writes, and checkpoints that are
+"""companions/training/files.py: atomic writes, leftovers of killed writes, and checkpoints that are
 refused without running anything in them."""
 
 import json
@@ -13,7 +13,8 @@ import torch
 from conftest import draw_digit
 
 import mnist_recognition as app
-from companions import devices, files, trained
+from companions.training import devices, files
+from companions.using import trained
 
 # --- atomic writes -------------------------------------------------------------------------------
 

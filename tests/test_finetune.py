@@ -1,4 +1,4 @@
-"""companions/finetune.py: a trained model taught a writer's own digits, measured on their held-out
+"""companions/using/finetune.py: a trained model taught a writer's own digits, measured on their held-out
 digits before and after, and written into a folder of its own, never over the model it started from."""
 
 import hashlib
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import draw_digit, labelled_folder
 
-from companions.finetune import stratified_hold_out
+from companions.using.finetune import stratified_hold_out
 
 
 def slanted_writer(folder, per_class, seed):

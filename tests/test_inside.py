@@ -10,8 +10,8 @@ from conftest import LENET5_LAYER_SHAPES
 from PIL import Image
 
 import mnist_recognition as app
-from companions import inside
-from companions.trained import load_trained_model
+from companions.reports import inside
+from companions.using.trained import load_trained_model
 
 MNIST_DATA = app.DATASETS["mnist"]
 CPU = torch.device("cpu")
@@ -83,15 +83,14 @@ def test_the_deletion_check_fails_an_attribution_that_points_the_wrong_way(train
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_on_real_test_digits_the_attribution_passes_the_deletion_check(tmp_path, cli, real_mnist):
-    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", real_mnist)
-    assert cli(*flags, "--out-dir", tmp_path / "out").code == 0
-    model, _ = load_trained_model(tmp_path / "out" / "lenet5_mnist.pt", CPU)
+def test_on_real_test_digits_the_attribution_passes_the_deletion_check(real_mnist, real_fast):
+    model, _ = load_trained_model(real_fast / "lenet5_mnist.pt", CPU)
     images, _ = app.normalised_split(real_mnist, MNIST_DATA, False, 10, CPU)
     passed = [erasing_the_most_attributed_ink_hurts_more(model, image) for image in images]
     assert sum(passed) >= 9, passed
 
 
+@pytest.mark.slow
 def test_the_figure_of_one_image_shows_every_layer(trained, tmp_path):
     model, _ = load_trained_model(trained[0] / "lenet5_mnist.pt", CPU)
     image = app.normalised_split(trained_data(trained), MNIST_DATA, False, 1, CPU)[0][0]

@@ -1,4 +1,4 @@
-"""companions/kept_detector.py: the "not a digit" detector, learned once per dataset and kept beside its files."""
+"""companions/doubt/kept_detector.py: the "not a digit" detector, learned once per dataset and kept beside its files."""
 
 import json
 import random
@@ -13,7 +13,7 @@ from loguru import logger
 from PIL import Image, ImageDraw
 
 import mnist_recognition as app
-from companions import detector, kept_detector
+from companions.doubt import detector, kept_detector
 
 MNIST_DATA = app.DATASETS["mnist"]
 CPU = torch.device("cpu")
@@ -29,13 +29,14 @@ def data_dir(tmp_path, synthetic_data):
 
 @pytest.fixture
 def learnings(monkeypatch):
-    """How many detectors were learned in this test."""
+    """How many detectors were learned in this test; each learned in one step from one family, since
+    these tests are about keeping it (test_detector.py is about learning it)."""
     count = []
     train = kept_detector.train_detector
 
-    def counted(*args, **kwargs):
+    def counted(images, labels, dataset):
         count.append(1)
-        return train(*args, **kwargs)
+        return train(images, labels, dataset, families=["blobs"], steps=1)
 
     monkeypatch.setattr(kept_detector, "train_detector", counted)
     return count
@@ -78,6 +79,7 @@ def test_the_first_call_learns_and_keeps_it_and_later_ones_load_it(data_dir, lea
     ],
     ids=["damaged", "another dataset", "other training files", "weights that do not fit", "foreign"],
 )
+@pytest.mark.slow
 def test_a_kept_file_that_is_not_this_datasets_detector_is_refused_in_one_line_and_learned_again(
     data_dir, learnings, warnings, spoil
 ):
@@ -91,6 +93,7 @@ def test_a_kept_file_that_is_not_this_datasets_detector_is_refused_in_one_line_a
     assert len(learnings) == 2
 
 
+@pytest.mark.slow
 def test_changing_the_dataset_files_or_the_recipe_learns_a_new_one(data_dir, learnings, monkeypatch):
     kept_detector.detector_for(data_dir, MNIST_DATA, CPU)
     write_synthetic_mnist(data_dir, seed=1)  # other training images in the same folder
@@ -111,9 +114,10 @@ def test_a_read_only_data_folder_gets_a_detector_for_the_run_alone(data_dir, lea
     assert not kept_detector.kept_path(data_dir, MNIST_DATA).exists()
 
 
+@pytest.mark.slow
 def test_training_runs_share_the_datasets_detector_and_each_model_file_carries_a_copy(data_dir, tmp_path, cli):
-    first = cli("--no-figures", *QUICK, "--data-dir", data_dir, "--out-dir", tmp_path / "first")
-    second = cli("--no-figures", *QUICK, "--seed", 1, "--data-dir", data_dir, "--out-dir", tmp_path / "second")
+    first = cli(*QUICK, "--data-dir", data_dir, "--out-dir", tmp_path / "first")
+    second = cli(*QUICK, "--seed", 1, "--data-dir", data_dir, "--out-dir", tmp_path / "second")
     assert first.code == second.code == 0
     assert "once" in first.log and "Learning the 'not a digit' detector" not in second.log
     kept = torch.load(kept_detector.kept_path(data_dir, MNIST_DATA), weights_only=True)
@@ -137,7 +141,7 @@ def test_training_runs_share_the_datasets_detector_and_each_model_file_carries_a
 LEARN_IN_A_PROCESS = """
 import sys, torch
 import mnist_recognition as app
-from companions import kept_detector
+from companions.doubt import kept_detector
 torch.set_num_threads(1)
 network, above = kept_detector.detector_for(sys.argv[1], app.DATASETS["mnist"], torch.device("cpu"))
 torch.save({"weights": network.state_dict(), "above": above}, sys.argv[2])

@@ -6,7 +6,7 @@ import torch.nn as nn
 from conftest import LENET5_LAYER_SHAPES
 
 import mnist_recognition as app
-from companions import layers
+from companions.training import layers
 
 # The original report's sums: 156 + 2,416 + 48,120 + 10,164 + 850 parameters, and the multiply-adds
 # of 6 maps of 28x28 from 5x5 windows, 16 maps of 10x10 from 6 x 5x5 windows, and the three matrices.

@@ -1,10 +1,10 @@
-"""companions/non_digits.py: the families of images that are not digits, made as predict prepares images."""
+"""companions/doubt/non_digits.py: the families of images that are not digits, made as predict prepares images."""
 
 import pytest
 import torch
 
-from companions import non_digits
-from companions.augment import generator_for
+from companions.doubt import non_digits
+from companions.training.augment import generator_for
 
 
 def some_digits(count=64):

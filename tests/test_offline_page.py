@@ -15,8 +15,8 @@ from conftest import QUICK, paper_digit
 from PIL import Image
 from test_serve import DIGIT_STROKES, NON_DIGIT_STROKES, post_image, start_serving, stop_serving, with_doubt
 
-from companions import offline_page
-from companions.trained import load_trained_model
+from companions.sharing import offline_page
+from companions.using.trained import load_trained_model
 
 PROBABILITY_TOLERANCE = 1e-4
 
@@ -155,8 +155,10 @@ def test_the_file_from_disk_offline_reads_drawings_and_photos_as_serve_does(trai
     open_offline(browser, page)
     server = start_serving(checkpoint)
     try:
-        drawn_and_compared(browser, server.server_address[1], {**DIGIT_STROKES, **NON_DIGIT_STROKES})
-        photos = {f"paper {digit}": paper_digit(digit, seed=digit) for digit in range(10)}
+        # Some digits here (a fast model's file reads all ten below) and every thing that is no digit.
+        drawings = {digit: DIGIT_STROKES[digit] for digit in (1, 4, 7, 8)}
+        drawn_and_compared(browser, server.server_address[1], {**drawings, **NON_DIGIT_STROKES})
+        photos = {f"paper {digit}": paper_digit(digit, seed=digit) for digit in (0, 3, 6, 9)}
         photos["dark paper 3"] = paper_digit(3, seed=1, ink=230, paper=40)
         photos["uneven light and grain 5"] = uneven(paper_digit(5, seed=5))
         for name, photo in photos.items():
@@ -209,17 +211,15 @@ def test_a_fashion_mnist_models_file_names_clothes(fashion_trained, browser, tmp
 
 
 def app_classes(name):
-    from companions.datasets import DATASETS
+    from companions.training.datasets import DATASETS
 
     return DATASETS[name].classes
 
 
 @pytest.mark.real_data
 @pytest.mark.slow
-def test_a_fast_models_file_reads_ten_drawn_digits_as_serve_does(browser, tmp_path, cli, real_mnist):
-    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", real_mnist)
-    assert cli(*flags, "--out-dir", tmp_path / "out").code == 0
-    checkpoint = tmp_path / "out" / "lenet5_mnist.pt"
+def test_a_fast_models_file_reads_ten_drawn_digits_as_serve_does(browser, tmp_path, cli, real_fast):
+    checkpoint = real_fast / "lenet5_mnist.pt"
     open_offline(browser, export_page(cli, checkpoint, tmp_path / "model.html"))
     server = start_serving(checkpoint)
     try:

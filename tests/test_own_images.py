@@ -1,4 +1,4 @@
-"""companions/own_images.py, and what uses it: serve --collect (POST /examples), evaluate --images
+"""companions/using/own_images.py, and what uses it: serve --collect (POST /examples), evaluate --images
 and finetune on folders of labelled images."""
 
 import errno
@@ -12,7 +12,7 @@ from PIL import Image
 from test_serve import png_bytes, request, stop_serving
 
 import mnist_recognition as app
-from companions import own_images, serve
+from companions.using import own_images, serve
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -23,7 +23,7 @@ def start_collecting(checkpoint, folder):
             ["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", "--collect", str(folder)]
         )
     )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     return server
 
 
@@ -123,7 +123,7 @@ def test_without_collect_examples_are_refused(trained):
     server = serve.start_server(
         app.parse_args(["serve", "--checkpoint", str(trained[0] / "lenet5_mnist.pt"), "--port", "0"])
     )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     try:
         status, answer = post_example(server.server_address[1], 1, png_bytes(paper_digit(1)))
         assert status == 403 and "--collect" in answer["error"]
@@ -243,6 +243,7 @@ def test_evaluate_images_measures_the_folder_and_writes_its_report(trained, tmp_
         assert (tmp_path / "out" / name).is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_images_names_each_problem_and_reads_the_rest(trained, tmp_path, cli):
     folder = labelled_folder(tmp_path / "mine", per_class=2, classes=(1, 2))
     (folder / "eleven").mkdir()

@@ -1,4 +1,4 @@
-"""companions/predict.py: reading your own images with a trained model."""
+"""companions/using/predict.py: reading your own images with a trained model."""
 
 import json
 import random
@@ -92,6 +92,7 @@ def test_a_figure_into_a_read_only_folder_is_one_line(trained, tmp_path, cli, re
     assert list((tmp_path / "figures").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_predict_layers_draws_one_image_through_every_layer(trained, tmp_path, cli):
     [path] = digit_files(tmp_path, digits=[4])
     figure = tmp_path / "inside.png"
@@ -102,10 +103,11 @@ def test_predict_layers_draws_one_image_through_every_layer(trained, tmp_path, c
         assert len(image.convert("RGB").getcolors(maxcolors=1_000_000)) > 100  # maps in many shades
 
 
+@pytest.mark.slow
 def test_predict_layers_titles_the_scores_with_the_probability_predict_prints(trained, tmp_path, cli, monkeypatch):
     from test_serve import with_doubt
 
-    from companions import inside
+    from companions.reports import inside
 
     checkpoint = with_doubt(trained[0] / "lenet5_mnist.pt", tmp_path / "model.pt", temperature=2.5)
     drawn = {}
@@ -184,7 +186,7 @@ def test_a_dataset_that_disagrees_with_the_checkpoint_is_refused(command, fashio
 @pytest.mark.slow
 def test_a_companions_error_is_one_line_when_the_script_runs_it(tmp_path):
     """`python mnist_recognition.py predict` runs the script as __main__, and the predict module
-    imports mnist_recognition, a second copy of it. The error it raises is companions.errors'
+    imports mnist_recognition, a second copy of it. The error it raises is companions.training.errors'
     CliError, the one class that main() catches: a missing checkpoint is one line, no traceback."""
     (tmp_path / "digit.png").write_bytes(b"not read: the checkpoint is checked first")
     result = run_process(script_command("predict", tmp_path / "digit.png", "--checkpoint", tmp_path / "missing.pt"))
@@ -193,8 +195,8 @@ def test_a_companions_error_is_one_line_when_the_script_runs_it(tmp_path):
 
 
 def test_an_answer_below_the_threshold_is_called_unsure_and_kept():
-    from companions import predict
-    from companions.doubt import Doubt
+    from companions.doubt.verdicts import Doubt
+    from companions.using import predict
 
     model = app.LeNet5().eval()
     with torch.no_grad():  # a model whose answer is class 3 with the probability the bias gives it

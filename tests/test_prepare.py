@@ -1,4 +1,4 @@
-"""companions/prepare.py: photos, scans and drawings made into the network's 28x28 input, as the dataset was made."""
+"""companions/using/prepare.py: photos, scans and drawings made into the network's 28x28 input, as MNIST was made."""
 
 import dataclasses
 import random
@@ -11,7 +11,7 @@ from conftest import draw_digit, off_centre, paper_digit, real_dataset_folder
 from PIL import Image, ImageDraw, ImageFilter
 
 import mnist_recognition as app
-from companions import prepare
+from companions.using import prepare
 
 MNIST_DATA = app.DATASETS["mnist"]
 

@@ -1,10 +1,10 @@
-"""companions/real_digits.py: the dataset's digits changed as paper, pens and scanners change them."""
+"""companions/doubt/real_digits.py: the dataset's digits changed as paper, pens and scanners change them."""
 
 import torch
 from test_non_digits import longer_sides, some_digits
 
-from companions import real_digits
-from companions.augment import generator_for
+from companions.doubt import real_digits
+from companions.training.augment import generator_for
 
 
 def test_changed_digits_are_placed_as_predict_places_a_digit_and_a_seed_makes_the_same():

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import QUICK, train_quietly
+from conftest import QUICK_WITH_FIGURES, train_quietly
 from PIL import Image
 
-from companions import report
+from companions.reports import report
 
 # What the README promises a training run's report shows, in this order.
 TRAINING_FIGURES = [
@@ -213,7 +213,7 @@ def test_where_the_copy_fails_this_process_draws_and_reports_its_error(tmp_path,
 
 @pytest.mark.slow
 def test_a_run_writes_the_same_figures_whichever_process_draws_them(synthetic_data, tmp_path, monkeypatch):
-    flags = (*QUICK, "--epochs", 1, "--train-limit", 256, "--data-dir", synthetic_data)
+    flags = (*QUICK_WITH_FIGURES, "--epochs", 1, "--train-limit", 256, "--data-dir", synthetic_data)
     train_quietly(*flags, "--out-dir", tmp_path / "two")
     monkeypatch.setattr(report, "exit_code_of", lambda draw, *args: sys.exit(1))
     train_quietly(*flags, "--out-dir", tmp_path / "one")

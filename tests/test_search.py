@@ -12,7 +12,7 @@ import pytest
 from conftest import paused_command, script_command
 
 import mnist_recognition as app
-from companions import search
+from companions.experiments import search
 
 FLAGS = ("--recipe", "fast", "--validation", 300, "--no-download", "--device", "cpu")
 SPACE = ("--space", "lr=log:3e-3..3e-2", "batch_size=64,128")

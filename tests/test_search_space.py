@@ -3,7 +3,7 @@ one line before anything is written."""
 
 import pytest
 
-from companions import search_space
+from companions.experiments import search_space
 
 
 @pytest.mark.parametrize(

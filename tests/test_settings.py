@@ -11,7 +11,7 @@ import torch
 from conftest import PROMISED_RECIPES, QUICK, SCRIPT
 
 import mnist_recognition as app
-from companions import command_line, devices
+from companions.training import command_line, devices
 
 
 def help_text(capsys, *args):
@@ -244,29 +244,30 @@ def test_importing_the_script_loads_only_the_companions_every_command_needs():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    plumbing = (
-        "adam",
-        "augment",
-        "command_line",
-        "dataset_files",
-        "datasets",
-        "detector",
-        "devices",
-        "doubt",
-        "errors",
-        "files",
-        "grids",
-        "kept_detector",
-        "layers",
-        "non_digits",
-        "real_digits",
-    )
-    expected = ["companions", *(f"companions.{name}" for name in (*plumbing, "resume", "schedules"))]
-    assert result.stdout.strip() == str(expected)
+    plumbing = {
+        "training": (
+            "adam",
+            "augment",
+            "command_line",
+            "dataset_files",
+            "datasets",
+            "devices",
+            "errors",
+            "files",
+            "layers",
+            "resume",
+            "schedules",
+        ),
+        "doubt": ("detector", "kept_detector", "non_digits", "real_digits", "verdicts"),
+        "reports": ("grids",),
+    }
+    expected = {"companions"} | {f"companions.{package}" for package in plumbing}
+    expected |= {f"companions.{package}.{name}" for package, names in plumbing.items() for name in names}
+    assert result.stdout.strip() == str(sorted(expected))
 
 
 def imported_modules(path):
-    """The names of the modules a file imports, wherever in it (`from companions import report` too)."""
+    """The names of the modules a file imports, wherever in it (`from companions.reports import report` too)."""
     tree = ast.parse(Path(path).read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     for node in ast.walk(tree):
@@ -275,21 +276,36 @@ def imported_modules(path):
     return names
 
 
+def companion_files(path):
+    """The files of companions/ that a file imports, as paths."""
+    modules = (SCRIPT.parent / (name.replace(".", "/") + ".py") for name in imported_modules(path))
+    return {module for module in modules if module.is_file() and "companions" in module.parts}
+
+
 def test_nothing_the_script_imports_imports_the_script():
     """Imports flow one way: what the script imports from companions/, at its top or inside a
     function, never imports it back (so the script needs no sys.modules patch). Only the commands
     that use a trained model, which main imports by name, import the script."""
-    companions = SCRIPT.parent / "companions"
-
-    def companions_of(path):
-        names = {name.split(".")[1] for name in imported_modules(path) if name.startswith("companions.")}
-        return {name for name in names if (companions / f"{name}.py").is_file()}
-
-    plumbing, unread = set(), companions_of(SCRIPT)
+    plumbing, unread = set(), companion_files(SCRIPT)
     while unread:  # and what those import, in turn
         plumbing |= unread
-        unread = set().union(*(companions_of(companions / f"{name}.py") for name in unread)) - plumbing
-    assert {"command_line", "files", "resume", "report", "adam", "devices", "layers", "inside"} <= plumbing
-    for name in plumbing:
-        assert "mnist_recognition" not in imported_modules(companions / f"{name}.py"), name
+        unread = set().union(*map(companion_files, unread)) - plumbing
+    names = {f"{path.parent.name}/{path.stem}" for path in plumbing}
+    assert {"training/command_line", "training/files", "reports/report", "reports/inside", "doubt/verdicts"} <= names
+    for path in plumbing:
+        assert "mnist_recognition" not in imported_modules(path), path
     assert "sys.modules" not in SCRIPT.read_text()
+
+
+# Each folder of companions/ may import only the folders before it here: what a folder imports
+# never imports it back.
+LAYERS = ("training", "reports", "doubt", "using", "sharing", "experiments")
+
+
+def test_the_folders_of_companions_import_one_way():
+    companions = SCRIPT.parent / "companions"
+    assert sorted(path.name for path in companions.iterdir() if (path / "__init__.py").is_file()) == sorted(LAYERS)
+    for path in companions.rglob("*.py"):
+        for imported in companion_files(path):
+            below = LAYERS.index(imported.parent.name) <= LAYERS.index(path.parent.name)
+            assert below, f"{path.relative_to(companions)} imports {imported.relative_to(companions)}"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from conftest import (
     PROMISED_RECIPES,
     QUICK,
+    QUICK_WITH_FIGURES,
     SCRIPT,
     TEST_COUNT,
     assert_same_weights,
@@ -32,8 +33,8 @@ from conftest import (
 from PIL import Image
 
 import mnist_recognition as app
-from companions import augment as kernels
-from companions import devices, files, resume
+from companions.training import augment as kernels
+from companions.training import devices, files, resume
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -122,7 +123,7 @@ def test_a_run_writes_every_output(trained):
 @pytest.mark.slow
 def test_evaluation_is_timed_apart_from_the_training_epochs(synthetic_data, tmp_path, monkeypatch, cli):
     """Each epoch's seconds are its training alone; the total counts everything."""
-    evaluate, pause = app.evaluate, 1.5
+    evaluate, pause = app.evaluate, 0.5
 
     def slow_evaluate(*args):
         time.sleep(pause)
@@ -152,12 +153,13 @@ def test_the_timeline_of_a_run_in_its_own_process_is_in_order(trained):
 
 
 def test_metrics_record_a_hash_of_the_code_that_made_them(trained):
-    """Of every source file a run may use: the script, then the companions' Python files and pages."""
-    package = SCRIPT.parent / "companions"
-    sources = [SCRIPT, *sorted(package.glob("*.py")), *sorted(package.glob("*.html"))]
+    """Of every source file a run may use: the script, then the companions' Python files, pages and scripts."""
+    companions = SCRIPT.parent / "companions"
+    sources = [SCRIPT, *sorted(companions.rglob("*.py")), *sorted(companions.rglob("*.html"))]
+    sources += sorted(companions.rglob("*.js"))
     metrics = json.loads((trained[0] / "metrics.json").read_text())
     assert metrics["script_sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
-    assert len(sources) >= 10
+    assert len(sources) >= 40
 
 
 def test_a_run_logs_what_the_original_did(trained):
@@ -179,7 +181,7 @@ def test_a_run_logs_what_the_original_did(trained):
 
 @pytest.mark.slow
 def test_same_seed_gives_identical_results_in_process_and_as_a_process(synthetic_data, tmp_path, trained):
-    train_quietly(*QUICK, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    train_quietly(*QUICK_WITH_FIGURES, "--epochs", 4, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert_same_run(trained[0], tmp_path)
 
 
@@ -229,13 +231,21 @@ def test_a_training_step_returns_the_summed_loss_and_right_answers_and_learns():
 
 # --- resuming ------------------------------------------------------------------------------------
 
-RESUMABLE = (*QUICK, "--epochs", 3, "--log-interval", 5)  # 38 batches an epoch
+RESUMABLE = (*QUICK_WITH_FIGURES, "--epochs", 3, "--log-interval", 5)  # 38 batches an epoch
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, synthetic_data):
     out_dir = tmp_path_factory.mktemp("uninterrupted")
     train_quietly(*RESUMABLE, "--data-dir", synthetic_data, "--out-dir", out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, synthetic_data):
+    """The checkpoint of a run as RESUMABLE's, without its figures: what --resume checks before it trains."""
+    out_dir = tmp_path_factory.mktemp("finished")
+    train_quietly(*RESUMABLE, "--no-figures", "--data-dir", synthetic_data, "--out-dir", out_dir)
     return out_dir
 
 
@@ -270,14 +280,14 @@ def refused_resume(cli, tmp_path, synthetic_data, *flags):
 
 
 @pytest.mark.slow
-def test_resume_with_other_settings_is_refused_naming_each(synthetic_data, tmp_path, uninterrupted, cli):
-    shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
+def test_resume_with_other_settings_is_refused_naming_each(synthetic_data, tmp_path, finished, cli):
+    shutil.copy(finished / "checkpoint.pt", tmp_path / "checkpoint.pt")
     error = refused_resume(cli, tmp_path, synthetic_data, "--batch-size", 16, "--lr", 0.01, "--seed", 5)
     assert "--batch-size 32 (now 16)" in error and "--lr 0.001 (now 0.01)" in error and "--seed 0 (now 5)" in error
 
 
-def test_resume_cannot_go_back_in_epochs(synthetic_data, tmp_path, uninterrupted, cli):
-    shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
+def test_resume_cannot_go_back_in_epochs(synthetic_data, tmp_path, finished, cli):
+    shutil.copy(finished / "checkpoint.pt", tmp_path / "checkpoint.pt")
     assert "--epochs 2 cannot go back" in refused_resume(cli, tmp_path, synthetic_data, "--epochs", 2)
 
 
@@ -287,8 +297,8 @@ def test_resume_from_a_model_file_without_training_state_is_refused(synthetic_da
 
 
 @pytest.mark.parametrize("format", [None, 1, 3])  # None: written before checkpoints had a format number
-def test_resume_from_another_versions_checkpoint_is_refused(format, synthetic_data, tmp_path, uninterrupted, cli):
-    payload = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+def test_resume_from_another_versions_checkpoint_is_refused(format, synthetic_data, tmp_path, finished, cli):
+    payload = torch.load(finished / "checkpoint.pt", weights_only=True)
     if format is None:
         del payload["format"]
     else:
@@ -299,9 +309,9 @@ def test_resume_from_another_versions_checkpoint_is_refused(format, synthetic_da
     assert f"checkpoint format {format or 1}, this version reads {files.CHECKPOINT_FORMAT}" in error
 
 
-def test_resume_from_a_checkpoint_of_the_renamed_seed_recipe_is_refused(synthetic_data, tmp_path, uninterrupted, cli):
+def test_resume_from_a_checkpoint_of_the_renamed_seed_recipe_is_refused(synthetic_data, tmp_path, finished, cli):
     """The original recipe was called `seed` before: such a checkpoint is refused, naming the change."""
-    payload = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    payload = torch.load(finished / "checkpoint.pt", weights_only=True)
     payload["config"]["recipe"] = "seed"
     torch.save(payload, tmp_path / "checkpoint.pt")
     assert "--recipe seed (now original)" in refused_resume(cli, tmp_path, synthetic_data)
@@ -620,7 +630,7 @@ def test_augmentation_never_touches_the_evaluation_images(synthetic_data, tmp_pa
 @pytest.mark.slow
 def test_resume_mid_epoch_with_augmentation_and_a_schedule_is_bit_exact(synthetic_data, tmp_path, monkeypatch, cli):
     flags = (
-        *QUICK,
+        *QUICK_WITH_FIGURES,
         "--epochs",
         3,
         "--augment",
@@ -655,7 +665,9 @@ def test_resume_with_a_schedule_cannot_change_the_epochs(synthetic_data, tmp_pat
 
 @pytest.mark.slow
 def test_validation_holds_out_the_last_training_images(synthetic_data, tmp_path, cli):
-    result = cli(*QUICK, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    result = cli(
+        *QUICK_WITH_FIGURES, "--epochs", 1, "--validation", 200, "--data-dir", synthetic_data, "--out-dir", tmp_path
+    )
     assert result.code == 0
     assert "1000 training and 200 validation images of MNIST" in result.log
     assert "validation loss" in result.log and "test loss" not in result.log
@@ -789,7 +801,7 @@ ONE_OF_EACH = """
 import io, sys
 sys.path.insert(0, {repo!r})
 import mnist_recognition as app
-from companions import serve
+from companions.using import serve
 data, out = {data!r}, {out!r}
 def check(command):
     if "torch._dynamo" in sys.modules:

@@ -7,14 +7,15 @@ import random
 import pytest
 import torch
 import torch.nn as nn
-from conftest import QUICK, assert_same_weights, draw_digit, interrupt_at
+from conftest import QUICK, QUICK_WITH_FIGURES, assert_same_weights, draw_digit, interrupt_at
 
 import mnist_recognition as app
-from companions import serve
-from companions.layers import named_layers
-from companions.trained import load_trained_model
+from companions.training.layers import named_layers
+from companions.using import serve
+from companions.using.trained import load_trained_model
 
-VARIANTS = {
+# Each changes the network: it must load in every command that uses a model.
+NETWORK_VARIANTS = {
     "max pooling": ("--pool", "max"),
     "leaky_relu": ("--activation", "leaky_relu"),
     "elu": ("--activation", "elu"),
@@ -24,6 +25,9 @@ VARIANTS = {
     "widths": ("--widths", "8,20,100,50"),
     "depth": ("--depth", "1"),
     "depth with batch norm and max pooling": ("--depth", "2", "--batch-norm", "--pool", "max"),
+}
+# Each changes only how LeNet-5 is trained.
+TRAINING_VARIANTS = {
     "adamw": ("--optimizer", "adamw", "--weight-decay", "0.05"),
     "sgd with momentum": ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05"),
     "rmsprop": ("--optimizer", "rmsprop", "--momentum", "0.5", "--lr", "0.0005"),
@@ -31,6 +35,9 @@ VARIANTS = {
     "adam with weight decay": ("--weight-decay", "0.001"),
     "step schedule": ("--schedule", "step"),
 }
+VARIANTS = {**NETWORK_VARIANTS, **TRAINING_VARIANTS}
+# Ten batches of 32 an epoch: enough to stop in the middle of the second and resume.
+SMALL_RUN = (*QUICK_WITH_FIGURES, "--train-limit", 320)
 
 
 def module_types(model):
@@ -135,10 +142,8 @@ def test_the_step_schedule_divides_the_rate_by_ten_after_half_and_three_quarters
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_a_variant_trains_resumes_bit_exactly_and_loads_in_every_command(
-    variant, synthetic_data, tmp_path, monkeypatch, cli
-):
-    flags = (*QUICK, *VARIANTS[variant], "--data-dir", synthetic_data)
+def test_a_variant_trains_and_resumes_bit_exactly(variant, synthetic_data, tmp_path, monkeypatch, cli):
+    flags = (*SMALL_RUN, *VARIANTS[variant], "--no-figures", "--data-dir", synthetic_data)
     assert cli(*flags, "--out-dir", tmp_path / "whole").code == 0
     interrupt_at(monkeypatch, epoch=2, batch=9)
     assert cli(*flags, "--out-dir", tmp_path / "resumed").code == 130
@@ -146,6 +151,13 @@ def test_a_variant_trains_resumes_bit_exactly_and_loads_in_every_command(
     assert cli(*flags, "--out-dir", tmp_path / "resumed", "--resume").code == 0
     assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", NETWORK_VARIANTS)
+def test_a_network_variant_loads_in_every_command(variant, synthetic_data, tmp_path, cli):
+    figures = () if "--depth" in NETWORK_VARIANTS[variant] else ("--no-figures",)  # the filters of a deeper network
+    flags = (*SMALL_RUN, *NETWORK_VARIANTS[variant], *figures, "--data-dir", synthetic_data)
+    assert cli(*flags, "--out-dir", tmp_path / "whole").code == 0
     checkpoint = tmp_path / "whole" / "lenet5_mnist.pt"
     recorded = json.loads((tmp_path / "whole" / "metrics.json").read_text())["eval_accuracy"]
     evaluated = cli(
@@ -199,7 +211,17 @@ def test_a_checkpoint_records_its_network_and_one_that_does_not_fit_it_is_refuse
 
 @pytest.mark.slow
 def test_a_checkpoint_written_before_the_variants_loads_and_resumes_as_lenet5(synthetic_data, tmp_path, cli):
-    flags = (*QUICK, "--epochs", 2, "--train-limit", 128, "--data-dir", synthetic_data, "--out-dir", tmp_path)
+    flags = (
+        *QUICK_WITH_FIGURES,
+        "--epochs",
+        2,
+        "--train-limit",
+        128,
+        "--data-dir",
+        synthetic_data,
+        "--out-dir",
+        tmp_path,
+    )
     assert cli(*flags[:-4], "--epochs", 1, *flags[-4:]).code == 0
     for name in ("lenet5_mnist.pt", "checkpoint.pt"):  # as an older version wrote them: no network settings
         payload = torch.load(tmp_path / name, weights_only=True)
@@ -211,9 +233,7 @@ def test_a_checkpoint_written_before_the_variants_loads_and_resumes_as_lenet5(sy
 
 
 def test_no_figures_writes_the_model_checkpoint_and_metrics_only(synthetic_data, tmp_path, cli):
-    result = cli(
-        *QUICK, "--epochs", 1, "--train-limit", 128, "--no-figures", "--data-dir", synthetic_data, "--out-dir", tmp_path
-    )
+    result = cli(*QUICK, "--epochs", 1, "--train-limit", 128, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert result.code == 0
     assert {path.name for path in tmp_path.iterdir()} == {"lenet5_mnist.pt", "checkpoint.pt", "metrics.json"}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
