@@ -212,9 +212,8 @@ def real_fast(real_mnist, tmp_path_factory):
     """A model of the `fast` recipe trained on the real MNIST, as `bash run.sh --recipe fast` trains it:
     shared by the tests that need a model that reads real handwriting. Returns its output folder."""
     out_dir = tmp_path_factory.mktemp("real_fast")
-    train_quietly(
-        "--recipe", "fast", "--no-download", "--device", "cpu", "--data-dir", real_mnist, "--out-dir", out_dir
-    )
+    flags = ("--recipe", "fast", "--no-download", "--device", "cpu", "--no-figures")
+    train_quietly(*flags, "--data-dir", real_mnist, "--out-dir", out_dir)
     return out_dir
 
 
