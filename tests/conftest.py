@@ -412,6 +412,12 @@ def run_process(command, timeout=120):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
+def interruptible():
+    """Ctrl-C as a terminal delivers it: a suite started as a background job (`... &` in a script)
+    ignores SIGINT, and its processes would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Background:
     """A process running in the background, with its log read line by line by a thread, so that
     waiting for a line fails at its deadline even when the process prints nothing."""
@@ -424,6 +430,7 @@ class Background:
             stdout=subprocess.DEVNULL,
             text=True,
             start_new_session=True,
+            preexec_fn=interruptible,
         )
         self.lines, self.log = queue.Queue(), []
         threading.Thread(target=self._read, daemon=True).start()

@@ -123,7 +123,7 @@ def test_a_run_writes_every_output(trained):
 @pytest.mark.slow
 def test_evaluation_is_timed_apart_from_the_training_epochs(synthetic_data, tmp_path, monkeypatch, cli):
     """Each epoch's seconds are its training alone; the total counts everything."""
-    evaluate, pause = app.evaluate, 0.5
+    evaluate, pause = app.evaluate, 1.5
 
     def slow_evaluate(*args):
         time.sleep(pause)
