@@ -369,10 +369,8 @@ def test_sigint_saves_mid_epoch_and_resume_is_bit_exact(synthetic_data, tmp_path
 # --- failures ------------------------------------------------------------------------------------
 
 
-def test_a_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(
-    synthetic_data, tmp_path, uninterrupted, cli
-):
-    shutil.copy(uninterrupted / "checkpoint.pt", tmp_path / "checkpoint.pt")
+def test_a_non_finite_loss_stops_with_exit_1_and_keeps_the_last_checkpoint(synthetic_data, tmp_path, finished, cli):
+    shutil.copy(finished / "checkpoint.pt", tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
     result = cli(*QUICK, "--lr", "1e30", "--log-interval", 5, "--data-dir", synthetic_data, "--out-dir", tmp_path)
     assert result.code == 1
