@@ -36,7 +36,6 @@ from PIL import Image, ImageDraw, ImageFont
 import mnist_recognition as app
 
 REPO = Path(__file__).resolve().parent.parent
-
 SCRIPT = REPO / "mnist_recognition.py"
 TRAIN_COUNT, TEST_COUNT = 1200, 300
 # Tests about training pin the CPU: they compare numbers that only the CPU path keeps bit-exact. Most
@@ -220,14 +219,14 @@ def real_fast(real_mnist, tmp_path_factory):
 @pytest.fixture(scope="session")
 def chromium(tmp_path_factory):
     """Headless Chromium driven through Selenium and Debian's chromium-driver, started once a session."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
+    binary, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and chromedriver):
         skip_unless_required("Chromium and its driver are not installed (apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = chromium
+    options.binary_location = binary
     for flag in (
         "--headless",
         "--no-sandbox",

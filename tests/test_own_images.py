@@ -9,29 +9,19 @@ import threading
 import pytest
 from conftest import labelled_folder, paper_digit
 from PIL import Image
-from test_serve import png_bytes, request, stop_serving
+from test_serve import png_bytes, request, start_serving, stop_serving
 
 import mnist_recognition as app
-from companions.using import own_images, serve
+from companions.using import own_images
 
 MNIST_DATA = app.DATASETS["mnist"]
-
-
-def start_collecting(checkpoint, folder):
-    server = serve.start_server(
-        app.parse_args(
-            ["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", "--collect", str(folder)]
-        )
-    )
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-    return server
 
 
 @pytest.fixture
 def collecting(trained, tmp_path):
     """(port, folder) of a server that saves examples into a new folder."""
     folder = tmp_path / "mine"
-    server = start_collecting(trained[0] / "lenet5_mnist.pt", folder)
+    server = start_serving(trained[0] / "lenet5_mnist.pt", "--collect", folder)
     yield server.server_address[1], folder
     stop_serving(server)
 
@@ -120,10 +110,7 @@ def test_a_bad_example_gets_its_4xx_and_leaves_nothing(case, collecting):
 
 
 def test_without_collect_examples_are_refused(trained):
-    server = serve.start_server(
-        app.parse_args(["serve", "--checkpoint", str(trained[0] / "lenet5_mnist.pt"), "--port", "0"])
-    )
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    server = start_serving(trained[0] / "lenet5_mnist.pt")
     try:
         status, answer = post_example(server.server_address[1], 1, png_bytes(paper_digit(1)))
         assert status == 403 and "--collect" in answer["error"]
@@ -134,7 +121,7 @@ def test_without_collect_examples_are_refused(trained):
 def test_a_folder_that_cannot_be_written_is_refused_and_left_as_it_was(trained, tmp_path):
     in_the_way = tmp_path / "a file, not a folder"
     in_the_way.write_text("the person's")
-    server = start_collecting(trained[0] / "lenet5_mnist.pt", in_the_way)
+    server = start_serving(trained[0] / "lenet5_mnist.pt", "--collect", in_the_way)
     try:
         status, answer = post_example(server.server_address[1], 1, png_bytes(paper_digit(1)))
         assert status == 403 and "cannot save into" in answer["error"]
@@ -189,7 +176,7 @@ def test_a_drawn_digit_labelled_on_the_page_is_saved_and_counted(trained, tmp_pa
     from page_driving import ActionChains, By, WebDriverWait
 
     folder = tmp_path / "mine"
-    server = start_collecting(trained[0] / "lenet5_mnist.pt", folder)
+    server = start_serving(trained[0] / "lenet5_mnist.pt", "--collect", folder)
     try:
         browser.get(f"http://127.0.0.1:{server.server_address[1]}/")
         wait = WebDriverWait(browser, 30)

@@ -28,10 +28,11 @@ MNIST_DATA = app.DATASETS["mnist"]
 # --- a server in this process, on 127.0.0.1 ----------------------------------------------------
 
 
-def start_serving(checkpoint):
-    """A server for `checkpoint` on a free port of 127.0.0.1, answering from a thread."""
+def start_serving(checkpoint, *flags):
+    """A server for `checkpoint` (and serve's other `flags`) on a free port of 127.0.0.1, answering from a
+    thread that checks for shutdown every 10 ms, so that stopping it takes no time."""
     server = serve.start_server(
-        app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu"])
+        app.parse_args(["serve", "--checkpoint", str(checkpoint), "--port", "0", "--device", "cpu", *map(str, flags)])
     )
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     return server
