@@ -116,6 +116,16 @@ def off_centre(image, canvas=(640, 480), at=(60, 150), paper=255):
     return page
 
 
+def digits_side_by_side(digits, tile=120, seed=0):
+    """Dark digits on white, each drawn in its own square tile, the tiles side by side: a number
+    with clear gaps."""
+    image = Image.new("L", (tile * len(digits) + 40, tile + 40), 255)
+    for index, digit in enumerate(digits):
+        drawn = draw_digit(digit, random.Random(seed + index), size=tile, ink=0, paper=255)
+        image.paste(drawn, (20 + tile * index, 20))
+    return image
+
+
 def huge_png(path):
     """A valid PNG whose header claims 100000 x 100000 pixels: a decompression bomb."""
     Image.new("L", (1, 1)).save(path)
@@ -240,7 +250,8 @@ def chromium(tmp_path_factory):
         "--window-size=1100,900",
     ):
         options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    # Every request the page makes, and what its scripts say (an error that stops one, say).
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(60)
     yield driver
@@ -253,6 +264,7 @@ def browser(chromium):
     chromium.get("about:blank")
     chromium.set_network_conditions(offline=False, latency=0, download_throughput=-1, upload_throughput=-1)
     chromium.get_log("performance")
+    chromium.get_log("browser")
     return chromium
 
 

@@ -14,10 +14,12 @@ __all__ = ["ActionChains", "By", "Keys", "WebDriverWait", "canvas_png", "draw", 
 def draw(browser, strokes):
     """Each stroke as a press, moves and a release of the mouse, in canvas pixels from its top left."""
     canvas = browser.find_element(By.ID, "canvas")
+    # Selenium's offsets count from the canvas's centre; the canvas's pixels are its CSS pixels.
+    width, height = browser.execute_script("const c = arguments[0]; return [c.clientWidth, c.clientHeight];", canvas)
     for stroke in strokes:
         (x, y), rest = stroke[0], stroke[1:]
         actions = ActionChains(browser, duration=10)
-        actions.move_to_element_with_offset(canvas, round(x) - 140, round(y) - 140).click_and_hold()
+        actions.move_to_element_with_offset(canvas, round(x) - width // 2, round(y) - height // 2).click_and_hold()
         for next_x, next_y in rest:
             actions.move_by_offset(round(next_x) - round(x), round(next_y) - round(y))
             x, y = next_x, next_y

@@ -4,10 +4,11 @@ images, into a folder of its own beside the checkpoint; the training run's files
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, TEST_COUNT, labelled_folder
+from conftest import QUICK, TEST_COUNT, digits_side_by_side, labelled_folder
 from PIL import Image
 
 import mnist_recognition as app
@@ -148,3 +149,67 @@ def test_a_read_only_output_folder_is_one_line(trained, synthetic_data, tmp_path
     assert result.code == 2 and len(result.errors()) == 1 and "Traceback" not in result.log
     assert f"Cannot write into the output folder {tmp_path / 'out'}: Permission denied" in result.errors()[0]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# --- a folder of whole numbers ----------------------------------------------------------------------
+
+
+def numbers_folder(folder, labels):
+    """Images of numbers, each named for its number, and labels.json that gives them."""
+    folder.mkdir()
+    for index, number in enumerate(labels):
+        digits_side_by_side([int(digit) for digit in number], seed=10 * index).save(folder / f"{number}.png")
+    (folder / "labels.json").write_text(json.dumps({f"{number}.png": number for number in labels}))
+    return folder
+
+
+def test_evaluate_reads_a_folder_of_numbers_and_counts_numbers_and_digits_right(trained, tmp_path, cli):
+    checkpoint = trained[0] / "lenet5_mnist.pt"
+    folder = numbers_folder(tmp_path / "numbers", ["2026", "314", "55"])
+    result = cli("evaluate", "--checkpoint", checkpoint, "--images", folder, "--out-dir", tmp_path / "out")
+    assert result.code == 0, result.log
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    read = {answer["file"]: answer["read"] for answer in metrics["answers"]}
+    predicted = json.loads(cli("predict", *sorted(folder.glob("*.png")), "--checkpoint", checkpoint, "--json").stdout)
+    assert read == {Path(answer["file"]).name: answer["number"] for answer in predicted}  # predict's answers
+    right = sum(read[f"{number}.png"] == number for number in ("2026", "314", "55"))
+    assert metrics["numbers"] == 3 and metrics["numbers_right"] == pytest.approx(100 * right / 3)
+    assert metrics["digits"] == 9 and 0 <= metrics["digits_right"] <= 100
+    assert f"{right} of 3 read right" in result.log
+
+
+def test_digits_read_right_count_misread_missing_and_extra_digits():
+    from companions.using.evaluate import matched_digits
+
+    assert matched_digits("2026", "2026") == 4
+    assert matched_digits("2026", "2028") == 3  # one misread
+    assert matched_digits("2026", "226") == 3  # one left out
+    assert matched_digits("2026", "20126") == 4  # one too many: all four found, in order
+    assert matched_digits("2026", "") == 0
+
+
+@pytest.mark.parametrize(
+    "labels, said",
+    [
+        ("not json", "cannot be read as JSON"),
+        ('["2026"]', "give each image's number"),
+        ('{"a.png": 2026}', "is not a string of digits"),
+        ('{"a.png": "20-26"}', "is not a string of digits"),
+        ('{"../a.png": "1"}', "is not a file name in"),
+    ],
+)
+def test_a_labels_file_that_does_not_give_numbers_is_one_line(labels, said, trained, tmp_path, cli):
+    folder = tmp_path / "numbers"
+    folder.mkdir()
+    (folder / "labels.json").write_text(labels)
+    result = cli("evaluate", "--checkpoint", trained[0] / "lenet5_mnist.pt", "--images", folder)
+    assert result.code == 2 and said in result.errors()[0] and not (trained[0] / "evaluation-numbers").exists()
+
+
+def test_a_missing_number_image_is_named_and_the_rest_are_read(trained, tmp_path, cli):
+    folder = numbers_folder(tmp_path / "numbers", ["71"])
+    (folder / "labels.json").write_text(json.dumps({"71.png": "71", "gone.png": "5"}))
+    checkpoint = trained[0] / "lenet5_mnist.pt"
+    result = cli("evaluate", "--checkpoint", checkpoint, "--images", folder, "--out-dir", tmp_path / "o")
+    assert result.code == 1 and "gone.png: no such file" in result.errors()[0]
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["numbers"] == 1

@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK, paper_digit
-from PIL import Image
-from test_serve import DIGIT_STROKES, NON_DIGIT_STROKES, post_image, start_serving, stop_serving, with_doubt
+from conftest import QUICK, digits_side_by_side, paper_digit
+from PIL import Image, ImageDraw
+from test_serve import DIGIT_STROKES, NON_DIGIT_STROKES, a_number, post_image, start_serving, stop_serving, with_doubt
 
 from companions.sharing import offline_page
 from companions.using.trained import load_trained_model
@@ -79,6 +79,8 @@ def open_offline(browser, page):
     browser.get(page.as_uri())
     WebDriverWait(browser, 30).until(lambda b: b.execute_script("return document.readyState") == "complete")
     browser.get_log("performance")  # what loading the file itself logged
+    errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert errors == []  # its scripts ran: a name declared twice, say, would stop the page's
 
 
 def page_answer(browser, image_bytes):
@@ -98,6 +100,11 @@ def seen_pixels(reply):
 def assert_same_answer(offline, served, what):
     assert "error" not in offline and "error" not in served, (what, offline, served)
     assert offline["class"] == served["class"] and offline["verdict"] == served["verdict"], what
+    assert offline["number"] == served["number"] and len(offline["digits"]) == len(served["digits"]), what
+    for mine, theirs in zip(offline["digits"], served["digits"]):
+        keys = ("class", "verdict", "box")
+        assert [mine[key] for key in keys] == [theirs[key] for key in keys], what
+        assert np.abs(np.subtract(mine["probabilities"], theirs["probabilities"])).max() <= PROBABILITY_TOLERANCE
     largest = np.abs(np.subtract(offline["probabilities"], served["probabilities"])).max()
     assert largest <= PROBABILITY_TOLERANCE, (what, largest)
     assert np.abs(seen_pixels(offline) - seen_pixels(served)).max() <= 1, what  # the same 28x28 input
@@ -116,6 +123,15 @@ def uneven(photo):
     light = np.linspace(0, -60, width)[None, :] + np.linspace(0, -30, height)[:, None]
     grain = np.random.default_rng(0).normal(0, 4, pixels.shape)
     return Image.fromarray(np.clip(pixels + light + grain, 0, 255).astype(np.uint8))
+
+
+def touching():
+    """A 1 and a 7 whose ink touches at the top: one piece of ink, that may be cut in two."""
+    image = Image.new("L", (260, 200), 255)
+    pen = ImageDraw.Draw(image)
+    pen.line(((50, 30), (45, 170)), fill=0, width=12)
+    pen.line(((50, 30), (190, 30), (120, 170)), fill=0, width=12, joint="curve")
+    return image
 
 
 def requests_made(browser):
@@ -158,9 +174,12 @@ def test_the_file_from_disk_offline_reads_drawings_and_photos_as_serve_does(trai
         # Some digits here (a fast model's file reads all ten below) and every thing that is no digit.
         drawings = {digit: DIGIT_STROKES[digit] for digit in (1, 4, 7, 8)}
         drawn_and_compared(browser, server.server_address[1], {**drawings, **NON_DIGIT_STROKES})
+        drawn_and_compared(browser, server.server_address[1], {"a number": a_number([4, 1, 7])})
         photos = {f"paper {digit}": paper_digit(digit, seed=digit) for digit in (0, 3, 6, 9)}
         photos["dark paper 3"] = paper_digit(3, seed=1, ink=230, paper=40)
         photos["uneven light and grain 5"] = uneven(paper_digit(5, seed=5))
+        photos["a number in uneven light"] = uneven(digits_side_by_side([2, 0, 2, 6], seed=7))
+        photos["digits that touch"] = touching()
         for name, photo in photos.items():
             buffer = io.BytesIO()
             photo.save(buffer, format="PNG")

@@ -193,7 +193,7 @@ def test_a_drawn_digit_labelled_on_the_page_is_saved_and_counted(trained, tmp_pa
         wait.until(lambda driver: "Saved as 7" in driver.find_element(By.ID, "saved").text)
         assert files_in(folder) == ["7/1.png"]
         with Image.open(folder / "7" / "1.png") as saved:
-            assert saved.size == (280, 280)  # the canvas as drawn
+            assert saved.size == (700, 280)  # the canvas as drawn
         assert browser.find_element(By.CSS_SELECTOR, '#counts span[data-class="7"]').text.endswith("7: 1")
     finally:
         stop_serving(server)

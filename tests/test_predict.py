@@ -6,10 +6,12 @@ import re
 
 import pytest
 import torch
-from conftest import draw_digit, huge_png, run_process, script_command, without
-from PIL import Image
+from conftest import digits_side_by_side, draw_digit, huge_png, run_process, script_command, without
+from PIL import Image, ImageDraw
 
 import mnist_recognition as app
+from companions.using import predict, prepare
+from companions.using.trained import doubt_of, load_trained_model
 
 MNIST_DATA = app.DATASETS["mnist"]
 
@@ -128,6 +130,71 @@ def test_predict_layers_takes_one_image_and_says_so_before_reading_any(trained, 
     assert not figure.exists()
 
 
+# --- whole numbers -------------------------------------------------------------------------------
+
+
+def test_predict_reads_a_whole_number_left_to_right(trained, tmp_path, cli):
+    path = tmp_path / "number.png"
+    digits_side_by_side([4, 7, 2, 9], seed=5).save(path)
+    result = cli("predict", path, "--checkpoint", trained[0] / "lenet5_mnist.pt", "--json")
+    assert result.code == 0
+    [answer] = json.loads(result.stdout)
+    pieces = answer["digits"]
+    assert len(pieces) == 4 and [piece["box"][0] for piece in pieces] == sorted(piece["box"][0] for piece in pieces)
+    assert answer["number"] == "".join(piece["name"] for piece in pieces if piece["verdict"] != "not_a_digit")
+    read = [piece for piece in pieces if piece["verdict"] != "not_a_digit"] or pieces
+    least_sure = min(read, key=lambda piece: piece["probability"])
+    assert all(answer[key] == value for key, value in least_sure.items() if key != "box")
+    line = cli("predict", path, "--checkpoint", trained[0] / "lenet5_mnist.pt").stdout
+    piece = r"(\d sure|\d not sure: \d+ %|not a digit \(a guess: \d\))"
+    assert re.fullmatch(rf"{re.escape(str(path))}: \d* \({piece}(, {piece}){{3}}\)\n", line), line
+
+
+def test_an_image_of_one_digit_gets_the_answer_it_always_had(trained, tmp_path, cli):
+    paths = digit_files(tmp_path, digits=(0, 3, 8), seed=300)
+    result = cli("predict", *paths, "--checkpoint", trained[0] / "lenet5_mnist.pt", "--json")
+    model, payload = load_trained_model(trained[0] / "lenet5_mnist.pt", torch.device("cpu"))
+    learned = doubt_of(payload, trained[0] / "lenet5_mnist.pt", torch.device("cpu"))
+    for path, answer in zip(paths, json.loads(result.stdout)):
+        _, network_input = prepare.read_image(path, MNIST_DATA)
+        alone = predict.classify(model, learned, network_input, torch.device("cpu"), MNIST_DATA)
+        assert {key: answer[key] for key in alone} == alone  # the same class, probabilities and verdict, bit for bit
+        assert answer["number"] == (alone["name"] if alone["verdict"] != "not_a_digit" else "")
+        assert [digit["box"] for digit in answer["digits"]] == [[0, 0, 140, 140]]
+
+
+def test_more_than_thirty_pieces_are_read_up_to_thirty_and_predict_says_so(trained, tmp_path, cli):
+    path = tmp_path / "bars.png"
+    bars = Image.new("L", (1300, 120), 255)
+    pen = ImageDraw.Draw(bars)
+    for index in range(42):
+        pen.line(((20 + 30 * index, 30), (20 + 30 * index, 90)), fill=0, width=8)
+    bars.save(path)
+    result = cli("predict", path, "--checkpoint", trained[0] / "lenet5_mnist.pt", "--json")
+    [answer] = json.loads(result.stdout)
+    assert result.code == 0 and len(answer["digits"]) == 30 and answer["unread"] == 12
+    [warning] = [line for line in result.log.splitlines() if "WARNING" in line]
+    assert "read the first 30 pieces of ink, left 12 more unread" in warning
+
+
+def test_predict_shows_each_piece_of_a_number_in_its_box(trained, tmp_path, cli, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn, add_patch = [], Axes.add_patch
+
+    def recording(axis, patch):  # the boxes are the patches drawn unfilled (the bars are filled)
+        if not patch.get_fill():
+            drawn.append(patch.get_xy())
+        return add_patch(axis, patch)
+
+    monkeypatch.setattr(Axes, "add_patch", recording)
+    path, figure = tmp_path / "number.png", tmp_path / "show.png"
+    digits_side_by_side([3, 5, 1], seed=9).save(path)
+    result = cli("predict", path, "--checkpoint", trained[0] / "lenet5_mnist.pt", "--show", figure)
+    assert result.code == 0 and figure.stat().st_size > 0
+    assert len(drawn) == 3 and [x for x, _ in drawn] == sorted(x for x, _ in drawn)
+
+
 BAD_INPUTS = {
     "not an image": (lambda path: path.write_text("just some text"), "not an image"),
     "empty": (lambda path: path.write_bytes(b""), "empty"),
@@ -196,7 +263,6 @@ def test_a_companions_error_is_one_line_when_the_script_runs_it(tmp_path):
 
 def test_an_answer_below_the_threshold_is_called_unsure_and_kept():
     from companions.doubt.verdicts import Doubt
-    from companions.using import predict
 
     model = app.LeNet5().eval()
     with torch.no_grad():  # a model whose answer is class 3 with the probability the bias gives it

@@ -105,6 +105,10 @@ function grain(abovePaper) {  // the paper's robust standard deviation along the
 class NoInk extends Error {}
 
 function foreground(gray) {  // light on dark, the paper's light and grain taken away, cropped
+  return cropped(inkOf(gray));
+}
+
+function inkOf(gray) {  // the whole image's ink above the paper, light on dark, 0..255 levels
   let pixels = gray.map(value => value);
   if (median(borderOf(pixels)) > 127) pixels = pixels.map(value => 255 - value);
   const light = backgroundLight(pixels);
@@ -115,7 +119,7 @@ function foreground(gray) {  // light on dark, the paper's light and grain taken
   const floor = f32(GRAIN_FLOOR * grain(above));
   const ink = above.map(value => Math.max(f32(value - floor), 0));
   if (ink.max() < MIN_INK_CONTRAST) throw new NoInk("no ink or object found; the image looks blank");
-  return cropped(ink);
+  return ink;
 }
 
 function cropped(ink) {  // scaled to 0..1, cropped to where it is above 0.2
@@ -306,9 +310,261 @@ function preparedPixels(gray) {  // the 28x28 0..1 pixels the network sees
     const item = resized(ink, 28);
     return pasted(item, (28 - item.width) >> 1, (28 - item.height) >> 1);
   }
+  return placedLikeMnist(ink);
+}
+
+function placedLikeMnist(ink) {  // cropped 0..1 ink (one digit) in a 28x28 field as MNIST's digits are
   if (MODEL.stroke_widths) ink = withStrokesLike(ink, MODEL.stroke_widths);
   const digit = resized(ink, 20), [rowCentre, colCentre] = centreOfMass(digit.map(value => value / 255));
   return pasted(digit, roundHalfEven(13.5 - colCentre), roundHalfEven(13.5 - rowCentre));
+}
+
+// ----------------------------------------------------------------------------------------------
+// A whole number: every digit in the image, in reading order, as companions/using/numbers.py finds
+// them (its settings come in MODEL.numbers), each prepared as one digit is above.
+// ----------------------------------------------------------------------------------------------
+
+const N = MODEL.numbers;
+
+function digitsIn(gray, judge) {  // {pieces: [{box, pixels, small, cutFromOne}], unread}
+  if (MODEL.kind !== "digit" || asInDataset(gray)) return wholeImage(gray);
+  const ink = inkOf(gray), [labels, groups] = joinedPieces(ink);
+  if (groups.length === 1) {  // its one piece is the whole image, prepared as one digit always was
+    const found = wholeImage(gray);
+    if (ratioOf(groups[0]) <= N.SPLITTABLE) return found;
+    const [[score], [isDigit]] = judge([found.pieces[0].pixels]);
+    const parts = split(ink, labels, groups[0], found.pieces[0], [score, isDigit], judge, true);
+    return parts.length === 1 ? found : {pieces: parts.map(part => ({...part, cutFromOne: true})), unread: 0};
+  }
+  const tallest = Math.max(...groups.map(heightOf)), unread = Math.max(0, groups.length - N.MAX_PIECES);
+  const kept = groups.slice(0, N.MAX_PIECES);
+  const wholes = kept.map(group => ({...pieceOf(ink, labels, group), small: heightOf(group) < N.SMALL * tallest}));
+  const tried = kept.map((_, i) => i).filter(i => !wholes[i].small && ratioOf(kept[i]) > N.SPLITTABLE);
+  const judged = new Map();
+  if (tried.length) {
+    const [scores, areDigits] = judge(tried.map(i => wholes[i].pixels));
+    tried.forEach((i, k) => judged.set(i, [scores[k], areDigits[k]]));
+  }
+  const pieces = [];
+  kept.forEach((group, i) => pieces.push(...(judged.has(i) ? split(ink, labels, group, wholes[i], judged.get(i), judge, false) : [wholes[i]])));
+  return {pieces: pieces.slice(0, N.MAX_PIECES), unread: unread + Math.max(0, pieces.length - N.MAX_PIECES)};
+}
+function wholeImage(gray) {
+  return {pieces: [{box: [0, 0, gray.width, gray.height], pixels: preparedPixels(gray)}], unread: 0};
+}
+
+const heightOf = group => group.box[3] - group.box[1], widthOf = group => group.box[2] - group.box[0];
+const ratioOf = group => widthOf(group) / heightOf(group);
+
+function labelled(mask, width, height) {  // scipy.ndimage.label, corners touching: numbered in reading order
+  const labels = new Int32Array(width * height);
+  let count = 0;
+  for (let start = 0; start < labels.length; start++) {
+    if (!mask[start] || labels[start]) continue;
+    labels[start] = ++count;
+    const stack = [start];
+    while (stack.length) {
+      const at = stack.pop(), row = Math.floor(at / width), col = at % width;
+      for (let dy = -1; dy <= 1; dy++) {
+        for (let dx = -1; dx <= 1; dx++) {
+          const y = row + dy, x = col + dx, next = y * width + x;
+          if (y < 0 || y >= height || x < 0 || x >= width || !mask[next] || labels[next]) continue;
+          labels[next] = count; stack.push(next);
+        }
+      }
+    }
+  }
+  return [labels, count];
+}
+
+function joinedPieces(ink) {  // [each pixel's label, the groups of pieces in reading order]
+  const level = f32(f32(N.INK_LEVEL) * ink.max());
+  const [labels, count] = labelled(ink.pixels.map(value => value > level), ink.width, ink.height);
+  const areas = new Array(count).fill(0), boxes = Array.from({length: count}, () => [Infinity, Infinity, -1, -1]);
+  labels.forEach((label, i) => {
+    if (!label) return;
+    const box = boxes[label - 1], row = Math.floor(i / ink.width), col = i % ink.width;
+    areas[label - 1]++;
+    box[0] = Math.min(box[0], col); box[1] = Math.min(box[1], row); box[2] = Math.max(box[2], col + 1); box[3] = Math.max(box[3], row + 1);
+  });
+  const largest = Math.max(...areas);
+  const groups = boxes.map((box, i) => ({labels: [i + 1], box})).filter((_, i) => areas[i] >= N.SPECK * largest);
+  groups.sort((a, b) => a.box[0] - b.box[0] || a.box[1] - b.box[1]);
+  let joined = [], reaching = [];
+  for (const group of groups) {
+    reaching = reaching.filter(other => other.box[2] > group.box[0]);
+    const partner = reaching.find(other => shareColumns(other, group));
+    if (partner) join(partner, group);
+    else { joined.push(group); reaching.push(group); }
+  }
+  const tallest = Math.max(...joined.map(heightOf));
+  const strokes = joined.filter(group => heightOf(group) < N.SMALL * tallest);
+  for (const stroke of joined.length <= 2 * N.MAX_PIECES ? strokes : []) {
+    const digit = joined.find(other => isFlag(stroke, other, tallest));
+    if (digit) { join(digit, stroke); joined = joined.filter(group => group !== stroke); }
+  }
+  joined.sort((a, b) => (a.box[0] + a.box[2]) / 2 - (b.box[0] + b.box[2]) / 2 || a.box[1] - b.box[1]);
+  return [labels, joined];
+}
+function shareColumns(first, second) {
+  const shared = Math.min(first.box[2], second.box[2]) - Math.max(first.box[0], second.box[0]);
+  const apart = Math.max(first.box[1], second.box[1]) - Math.min(first.box[3], second.box[3]);
+  const close = apart <= N.JOIN_GAP * Math.max(heightOf(first), heightOf(second));
+  return close && shared >= N.JOIN_OVERLAP * Math.min(widthOf(first), widthOf(second));
+}
+function isFlag(stroke, digit, tallest) {
+  const gap = Math.max(stroke.box[0] - digit.box[2], digit.box[0] - stroke.box[2]);
+  const aboveMiddle = stroke.box[3] <= (digit.box[1] + digit.box[3]) / 2;
+  return heightOf(digit) >= N.SMALL * tallest && gap <= N.FLAG_GAP * tallest && aboveMiddle;
+}
+function join(group, other) {
+  group.labels.push(...other.labels);
+  group.box = [Math.min(group.box[0], other.box[0]), Math.min(group.box[1], other.box[1]),
+               Math.max(group.box[2], other.box[2]), Math.max(group.box[3], other.box[3])];
+}
+
+function split(ink, labels, group, whole, [wholeScore, wholeIsDigit], judge, alone) {  // one piece, or the parts read best
+  if ((alone && wholeIsDigit) || (ratioOf(group) <= N.WIDE && wholeScore >= N.READ_WELL)) return [whole];
+  const [x0, y0, x1, y1] = group.box;
+  const cuts = [new Array(y1 - y0).fill(x0), ...candidateCuts(labels, ink.width, group), new Array(y1 - y0).fill(x1)];
+  const last = cuts.length - 1, parts = new Map();
+  for (let a = 0; a < last; a++) {
+    for (let b = a + 1; b <= last; b++) {
+      if ((a === 0 && b === last) || cuts[b][0] - cuts[a][0] > N.MAX_PART * heightOf(group)) continue;
+      const part = pieceOf(ink, labels, group, cuts[a], cuts[b]);
+      if (part) parts.set(a + "," + b, part);
+    }
+  }
+  if (!parts.size) return [whole];
+  const [scores, areDigits] = judge([...parts.values()].map(part => part.pixels));
+  const scoreOf = new Map();
+  [...parts.keys()].forEach((span, i) => { if (areDigits[i] || !alone) scoreOf.set(span, scores[i]); });
+  scoreOf.set("0," + last, wholeScore);
+  const best = bestParts(last, scoreOf);
+  return best.length === 1 && best[0] === "0," + last ? [whole] : best.map(span => parts.get(span));
+}
+
+function bestParts(last, scoreOf) {  // the spans whose scores, less PART_COST each, add up to the most
+  const best = new Map([[0, [0, []]]]);
+  for (let b = 1; b <= last; b++) {
+    let chosen = null;
+    for (let a = 0; a < b; a++) {
+      if (!best.has(a) || !scoreOf.has(a + "," + b)) continue;
+      const way = [best.get(a)[0] + scoreOf.get(a + "," + b) - N.PART_COST, [...best.get(a)[1], a + "," + b]];
+      if (!chosen || way[0] > chosen[0] || (way[0] === chosen[0] && way[1].length < chosen[1].length)) chosen = way;
+    }
+    if (chosen) best.set(b, chosen);
+  }
+  return best.get(last)[1];
+}
+
+function candidateCuts(labels, width, group) {  // straight down the columns crossing the least ink, and bent
+  const [x0, y0, x1, y1] = group.box, mine = new Set(group.labels), crossing = new Array(x1 - x0).fill(0);
+  for (let row = y0; row < y1; row++) {
+    for (let col = x0; col < x1; col++) crossing[col - x0] += mine.has(labels[row * width + col]);
+  }
+  const spacing = Math.max(1, roundHalfEven(N.CUT_SPACING * heightOf(group))), columns = [];
+  const order = crossing.map((_, i) => i).sort((a, b) => crossing[a] - crossing[b] || a - b);
+  for (const column of order) {
+    if (spacing <= column && column <= widthOf(group) - spacing && columns.every(other => Math.abs(column - other) >= spacing)) {
+      columns.push(column);
+    }
+    if (columns.length === N.CUTS) break;
+  }
+  columns.sort((a, b) => a - b);
+  const unique = new Map();
+  for (const cut of [...columns.map(column => new Array(y1 - y0).fill(x0 + column)),
+                     ...columns.map(column => bentCut(labels, width, group, column))]) {
+    if (!unique.has(cut.join(","))) unique.set(cut.join(","), cut);
+  }
+  const mean = cut => cut.reduce((sum, value) => sum + value, 0) / cut.length;
+  return [...unique.values()].sort((a, b) => mean(a) - mean(b));
+}
+
+function bentCut(labels, width, group, column) {  // the cheapest path near `column`, moving a column a row at most
+  const [x0, y0, x1, y1] = group.box, mine = new Set(group.labels), height = y1 - y0;
+  const reach = Math.max(1, roundHalfEven(N.BEND * heightOf(group)));
+  const low = Math.max(0, column - reach), high = Math.min(widthOf(group), column + reach + 1), span = high - low;
+  const cost = (row, x) => mine.has(labels[(y0 + row) * width + x0 + low + x]) ? N.INK_COST : 0;
+  const blocked = N.INK_COST * height + N.SLANT_COST * (height + span) + 1;
+  let total = Array.from({length: span}, (_, x) => cost(0, x));
+  const cameFrom = Array.from({length: height}, () => new Int8Array(span));
+  for (let row = 1; row < height; row++) {
+    const next = new Array(span);
+    for (let x = 0; x < span; x++) {
+      const options = [(x > 0 ? total[x - 1] : blocked) + N.SLANT_COST, total[x], (x + 1 < span ? total[x + 1] : blocked) + N.SLANT_COST];
+      const pick = options.indexOf(Math.min(...options));
+      cameFrom[row][x] = pick - 1; next[x] = options[pick] + cost(row, x);
+    }
+    total = next;
+  }
+  const ending = total.map((value, x) => value + N.SLANT_COST * Math.abs(low + x - column));
+  const path = new Array(height);
+  path[height - 1] = ending.indexOf(Math.min(...ending));
+  for (let row = height - 1; row > 0; row--) path[row - 1] = path[row] + cameFrom[row][path[row]];
+  return path.map(x => x0 + low + x);
+}
+
+function dilated(mask, width, height, times) {  // scipy.ndimage.binary_dilation with its cross, `times` over
+  let out = Uint8Array.from(mask);
+  for (let time = 0; time < times; time++) {
+    const source = out;
+    out = new Uint8Array(source.length);
+    for (let row = 0, i = 0; row < height; row++) {
+      for (let col = 0; col < width; col++, i++) {
+        out[i] = source[i] || (row > 0 && source[i - width]) || (row + 1 < height && source[i + width]) ||
+                 (col > 0 && source[i - 1]) || (col + 1 < width && source[i + 1]) ? 1 : 0;
+      }
+    }
+  }
+  return out;
+}
+
+function pieceOf(ink, labels, group, leftCut = null, rightCut = null) {  // its ink alone, prepared as one digit
+  const [x0, y0, x1, y1] = group.box, isPart = leftCut !== null, mine = new Set(group.labels);
+  if (!isPart) { leftCut = new Array(y1 - y0).fill(x0); rightCut = new Array(y1 - y0).fill(x1); }
+  const top = Math.max(y0 - N.HALO, 0), bottom = Math.min(y1 + N.HALO, ink.height);
+  const left = Math.max(Math.min(...leftCut) - N.HALO, 0), right = Math.min(Math.max(...rightCut) + N.HALO, ink.width);
+  const width = right - left, height = bottom - top, at = (row, col) => (top + row) * ink.width + left + col;
+  const ours = new Uint8Array(width * height), theirs = new Uint8Array(width * height);
+  for (let row = 0, i = 0; row < height; row++) {
+    for (let col = 0; col < width; col++, i++) {
+      const label = labels[at(row, col)];
+      ours[i] = mine.has(label) ? 1 : 0; theirs[i] = label > 0 && !ours[i] ? 1 : 0;
+    }
+  }
+  const near = dilated(ours, width, height, N.HALO);
+  let alone = new Gray(width, height);
+  for (let row = 0, i = 0; row < height; row++) {
+    const cut = Math.min(Math.max(top + row - y0, 0), y1 - y0 - 1);  // rows above or below: the nearest's cut
+    for (let col = 0; col < width; col++, i++) {
+      const inside = near[i] && !theirs[i] && left + col >= leftCut[cut] && left + col < rightCut[cut];
+      alone.pixels[i] = inside ? ink.pixels[at(row, col)] : 0;
+    }
+  }
+  if (alone.max() <= 0) return null;
+  const level = f32(f32(N.INK_LEVEL) * alone.max());
+  let kept = alone.pixels.map(value => value > level ? 1 : 0);
+  if (isPart) {
+    kept = withoutFragments(kept, width, height);
+    const around = dilated(kept, width, height, N.HALO);
+    alone = new Gray(width, height, alone.pixels.map((value, i) => around[i] ? value : 0));
+  }
+  let first = [Infinity, Infinity], last = [-1, -1];
+  kept.forEach((value, i) => {
+    if (!value) return;
+    const row = Math.floor(i / width), col = i % width;
+    first = [Math.min(first[0], row), Math.min(first[1], col)]; last = [Math.max(last[0], row), Math.max(last[1], col)];
+  });
+  return {box: [left + first[1], top + first[0], left + last[1] + 1, top + last[0] + 1], pixels: placedLikeMnist(cropped(alone))};
+}
+function withoutFragments(kept, width, height) {  // less the pieces far smaller than the largest
+  const [labels, count] = labelled(kept, width, height);
+  if (count < 2) return kept;
+  const areas = new Array(count).fill(0);
+  labels.forEach(label => { if (label) areas[label - 1]++; });
+  const largest = Math.max(...areas);
+  return labels.map(label => label > 0 && areas[label - 1] >= N.FRAGMENT * largest ? 1 : 0);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -323,20 +579,17 @@ const FORWARD = {
   conv(m, x) {
     const [channels, height, width] = x.shape, size = m.size, pad = m.padding;
     const outHeight = height + 2 * pad - size + 1, outWidth = width + 2 * pad - size + 1;
-    const y = new Tensor([m.out, outHeight, outWidth]);
+    const y = new Tensor([m.out, outHeight, outWidth]), weight = m.weight, input = x.data;
     for (let o = 0; o < m.out; o++) {
       for (let row = 0; row < outHeight; row++) {
+        const kyLow = Math.max(0, pad - row), kyHigh = Math.min(size, height + pad - row);
         for (let col = 0; col < outWidth; col++) {
+          const kxLow = Math.max(0, pad - col), kxHigh = Math.min(size, width + pad - col);
           let sum = m.bias[o];
           for (let c = 0; c < channels; c++) {
-            for (let ky = 0; ky < size; ky++) {
-              const inRow = row + ky - pad;
-              if (inRow < 0 || inRow >= height) continue;
-              for (let kx = 0; kx < size; kx++) {
-                const inCol = col + kx - pad;
-                if (inCol < 0 || inCol >= width) continue;
-                sum += m.weight[((o * channels + c) * size + ky) * size + kx] * x.data[(c * height + inRow) * width + inCol];
-              }
+            for (let ky = kyLow; ky < kyHigh; ky++) {
+              const w = ((o * channels + c) * size + ky) * size, i = (c * height + row + ky - pad) * width + col - pad;
+              for (let kx = kxLow; kx < kxHigh; kx++) sum += weight[w + kx] * input[i + kx];
             }
           }
           y.data[(o * outHeight + row) * outWidth + col] = sum;
@@ -495,23 +748,63 @@ function inputPng(pixels) {
   return small.toDataURL("image/png");
 }
 
-function answerFor(gray) {
+function answerFor(gray) {  // the number in the image, as serve's POST /predict?layers=1 answers
   if (gray.width * gray.height > MAX_IMAGE_PIXELS) {
     return {error: `the image is too large (over ${MAX_IMAGE_PIXELS.toLocaleString("en")} pixels)`};
   }
-  let pixels;
+  let found;
   try {
-    pixels = preparedPixels(gray);
+    found = digitsIn(gray, judge);
   } catch (error) {
     if (error instanceof NoInk) return {error: error.message};
     throw error;
   }
-  const input = new Tensor([1, 28, 28], pixels.map(value => f32(f32(value - MODEL.mean) / MODEL.std)));
-  const passes = forward(MODEL.classifier, input), scores = Array.from(passes.at(-1).y.data);
-  const probabilities = softmax(scores, MODEL.temperature);
+  const read = found.pieces.map(piece => reading(networkInput(piece.pixels)));
+  const digits = read.map(({passes, ...answer}, i) => {
+    const piece = found.pieces[i];
+    if (piece.small) Object.assign(answer, {verdict: "not_a_digit", sure: false});
+    else if (piece.cutFromOne && answer.sure) Object.assign(answer, {verdict: "not_sure", sure: false});
+    return {...answer, box: piece.box, input: inputPng(piece.pixels)};
+  });
+  const least = leastSure(digits), {box, ...answer} = digits[least];
+  const number = digits.filter(digit => digit.verdict !== "not_a_digit").map(digit => digit.name).join("");
+  return {
+    ...answer, number, digits, ...(found.unread ? {unread: found.unread} : {}),
+    ...insideOf(read[least].passes, networkInput(found.pieces[least].pixels)),
+  };
+}
+
+function networkInput(pixels) {  // 28x28 0..1 pixels normalised like the training data
+  return new Tensor([1, 28, 28], pixels.map(value => f32(f32(value - MODEL.mean) / MODEL.std)));
+}
+function reading(input) {  // the answer for one input, with the forward pass it came from
+  const passes = forward(MODEL.classifier, input), probabilities = softmax(Array.from(passes.at(-1).y.data), MODEL.temperature);
   const best = probabilities.indexOf(Math.max(...probabilities));
   let verdict = probabilities[best] < MODEL.unsure_below ? "not_sure" : "sure";
   if (MODEL.detector && notOfKindScore(input) > MODEL.not_a_digit_above) verdict = "not_a_digit";
+  return {class: best, name: CLASSES[best], probability: probabilities[best], verdict, sure: verdict === "sure", probabilities, passes};
+}
+function judge(pixelArrays) {  // the split's judge (companions/using/predict.py): [scores, whether each is a digit]
+  const scores = [], areDigits = [];
+  for (const pixels of pixelArrays) {
+    const input = networkInput(pixels), output = forward(MODEL.classifier, input).at(-1).y.data;
+    let score = Math.log(Math.max(Math.max(...softmax(Array.from(output), MODEL.temperature)), 1e-12)), isDigit = true;
+    if (MODEL.detector) {
+      const detected = notOfKindScore(input);
+      score -= N.DETECTOR_WEIGHT * Math.max(0, detected - (MODEL.not_a_digit_above - N.DETECTOR_SLACK));
+      isDigit = !(detected > MODEL.not_a_digit_above);
+    }
+    scores.push(score); areDigits.push(isDigit);
+  }
+  return [scores, areDigits];
+}
+function leastSure(digits) {  // the least sure digit read (of the least sure piece, where none is a digit)
+  let read = digits.map((_, i) => i).filter(i => digits[i].verdict !== "not_a_digit");
+  if (!read.length) read = digits.map((_, i) => i);
+  return read.reduce((least, i) => digits[i].probability < digits[least].probability ? i : least);
+}
+function insideOf(passes, input) {  // every layer's values, and why it answered (companions/reports/inside.py)
+  const scores = Array.from(passes.at(-1).y.data);
   const [top, runnerUp] = scores.map((value, index) => [value, index]).sort((a, b) => b[0] - a[0] || a[1] - b[1]).map(pair => pair[1]);
   const towards = Array(scores.length).fill(0), apart = Array(scores.length).fill(0);
   towards[top] = 1; apart[top] = 1; apart[runnerUp] = -1;
@@ -527,11 +820,7 @@ function answerFor(gray) {
     if (module.name === "conv1") layer.filters = nested(new Tensor([module.out, module.size, module.size], module.weight));
     layers.push(layer);
   }
-  return {
-    class: best, name: CLASSES[best], probability: probabilities[best], verdict, sure: verdict === "sure",
-    probabilities, input: inputPng(pixels), layers, attribution: explained(towards),
-    runner_up: {class: runnerUp, attribution: explained(apart)},
-  };
+  return {layers, attribution: explained(towards), runner_up: {class: runnerUp, attribution: explained(apart)}};
 }
 
 async function grayOfBlob(blob) {  // an image file (or the canvas's PNG) as Pillow reads it in grayscale

@@ -5,7 +5,8 @@
 The file is companions/using/page.html as serve gives it, with a Content-Security-Policy that allows no
 request at all, the weights (the classifier's and the detector's, base64 float32), the temperature
 and thresholds, and companions/sharing/offline_page.js, which answers the page's questions where serve's
-POST /predict would: the same preparation, forward pass, verdicts and inside view.
+POST /predict would: the same digits found in the image, preparation, forward pass, verdicts and
+inside view.
 """
 
 import base64
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from companions.training.errors import CliError
 from companions.training.layers import named_layers
+from companions.using import numbers, predict
 from companions.using.serve import page_for
 
 PAGE_SCRIPT = Path(__file__).with_name("offline_page.js")
@@ -85,9 +87,16 @@ def model_json(model, learned, dataset):
             "std": dataset.std,
             "kind": dataset.image_kind,
             "stroke_widths": list(dataset.stroke_widths) if dataset.stroke_widths else None,
+            "numbers": number_settings(),
         },
         separators=(",", ":"),
     )
+
+
+def number_settings():
+    """What reading a whole number goes by (companions/using/numbers.py, and the judge's in predict.py)."""
+    settings = {name: value for name, value in vars(numbers).items() if name.isupper()}
+    return settings | {"DETECTOR_WEIGHT": predict.DETECTOR_WEIGHT, "DETECTOR_SLACK": predict.DETECTOR_SLACK}
 
 
 def page_html(model, learned, dataset, description):

@@ -3,13 +3,17 @@ labelled images, with the evaluation's figures, report and metrics.json in a fol
 
     python mnist_recognition.py evaluate                          # -> outputs/evaluation/
     python mnist_recognition.py evaluate --images my_digits/      # -> outputs/evaluation-my_digits/
+    python mnist_recognition.py evaluate --images my_numbers/     # with a labels.json: whole numbers
     python mnist_recognition.py evaluate --checkpoint a.pt b.pt c.pt   # each, and their ensemble
 
 The default folder lies beside the checkpoint, so that a training run's own report, figures and
 metrics are never replaced.
 """
 
+import difflib
+import json
 import time
+from pathlib import Path
 
 import torch
 from loguru import logger
@@ -21,11 +25,14 @@ from companions.reports import report
 from companions.training import dataset_files, files
 from companions.training.devices import Runtime, pick_device
 from companions.training.errors import CliError
-from companions.training.files import METRICS_FILE, REPORT_FILE
+from companions.training.files import METRICS_FILE, REPORT_FILE, first_line
 from companions.using import own_images
+from companions.using.predict import read_number
+from companions.using.prepare import ImageError, open_grayscale
 from companions.using.trained import doubt_of, trained_model
 
 WRITES = (METRICS_FILE, REPORT_FILE, *files.EVALUATION_FIGURES)
+LABELS_FILE = "labels.json"  # in a folder of numbers: each image's file name and its number
 
 
 def command(args):
@@ -36,6 +43,8 @@ def command(args):
     runtime = Runtime(pick_device(args.device))
     model, payload, dataset = trained_model(args, runtime.device)
     learned = doubt_of(payload, args.checkpoint, runtime.device)
+    if args.images is not None and (args.images / LABELS_FILE).is_file():
+        return evaluate_numbers(args, runtime, model, learned, dataset)
     if args.images is not None:
         return evaluate_images(args, runtime, model, learned, dataset)
     if payload.get("eval_split") == "test":
@@ -164,6 +173,82 @@ def evaluate_images(args, runtime, model, learned, dataset):
     headline = f"{evaluation.accuracy:.3f} % of {len(evaluation.labels)} images in {args.images} right"
     write_results(out_dir, runtime, images, evaluation, trust, dataset, args.seed, metrics, settings, title, headline)
     return 1 if found.problems else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of whole numbers: labels.json gives each file's number
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate_numbers(args, runtime, model, learned, dataset):
+    """The share of whole numbers, and of their digits, that are read right from the images that
+    labels.json names (its file name to its number, "2026"); metrics.json records every answer.
+    Exit code 1 where some could not be read."""
+    if dataset.image_kind != "digit":
+        raise CliError(
+            f"--images {args.images}: {LABELS_FILE} gives numbers, and {args.checkpoint} reads {dataset.title}."
+        )
+    labels = read_number_labels(args.images)
+    out_dir = prepare_out_dir(args)
+    answers, problems = {}, []
+    for name in labels:
+        try:
+            gray = open_grayscale(args.images / name)
+            answers[name] = read_number(model, learned, gray, runtime.device, dataset)[0]["number"]
+        except ImageError as error:
+            problems.append(f"{args.images / name}: {error}")
+    for problem in problems:
+        logger.error("{}", problem)
+    if not answers:
+        raise CliError(f"--images {args.images}: none of the images in {LABELS_FILE} could be read.", exit_code=1)
+    right = sum(answers[name] == labels[name] for name in answers)
+    digits = sum(len(labels[name]) for name in answers)
+    digits_right = sum(matched_digits(labels[name], answers[name]) for name in answers)
+    logger.info(
+        "Numbers in {}: {} of {} read right ({:.1f} %); {} of their {} digits ({:.1f} %)",
+        args.images, right, len(answers), 100 * right / len(answers), digits_right, digits, 100 * digits_right / digits,
+    )  # fmt: skip
+    for name in answers:
+        if answers[name] != labels[name]:
+            logger.info("  {}: read {}, labelled {}", name, answers[name] or "no digit", labels[name])
+    files.write_json(out_dir / METRICS_FILE, {
+        "command": "evaluate",
+        "checkpoint": str(args.checkpoint),
+        "dataset": dataset.name,
+        "images": str(args.images),
+        "numbers": len(answers),
+        "numbers_right": 100 * right / len(answers),
+        "digits": digits,
+        "digits_right": 100 * digits_right / digits,
+        "answers": [{"file": name, "label": labels[name], "read": answers[name]} for name in answers],
+        "not_read": problems,
+    })  # fmt: skip
+    logger.info("Wrote {} into {}/", METRICS_FILE, out_dir)
+    return 1 if problems else 0
+
+
+def read_number_labels(folder):
+    """labels.json's files and numbers, each checked: a file name in the folder, a number of digits."""
+    path = folder / LABELS_FILE
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CliError(f"{path}: cannot be read as JSON ({first_line(error)}).") from None
+    example = '{"year.jpg": "2026", "meter.png": "004512"}'
+    if not isinstance(labels, dict) or not labels:
+        raise CliError(f"{path}: give each image's number, as in {example}.")
+    for name, number in labels.items():
+        if not (isinstance(number, str) and number.isascii() and number.isdigit()):
+            raise CliError(f"{path}: {name}'s number, {number!r}, is not a string of digits, as in {example}.")
+        if Path(name).name != name:
+            raise CliError(f"{path}: {name!r} is not a file name in {folder} (no folders), as in {example}.")
+    return labels
+
+
+def matched_digits(label, read):
+    """How many of the label's digits the answer has, in order (difflib's matching blocks): a digit
+    misread costs one, and so does one left out or one too many."""
+    return sum(block.size for block in difflib.SequenceMatcher(None, label, read, autojunk=False).get_matching_blocks())
 
 
 def write_results(out_dir, runtime, eval_set, evaluation, trust, dataset, seed, metrics, settings, title, headline):

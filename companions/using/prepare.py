@@ -133,8 +133,14 @@ def open_grayscale(source):
 
 
 def foreground(gray, steps=STEPS):
-    """The object of a photo or scan as 0..1 pixels, light on dark, cropped to it: inverted when
-    the border (the background) is light, the background's light and the paper's grain subtracted."""
+    """The object of a photo or scan as 0..1 pixels, light on dark, cropped to it."""
+    return cropped(ink_of(gray, steps))
+
+
+def ink_of(gray, steps=STEPS):
+    """The whole image's ink (or object) above the paper, light on dark, in 0..255 levels: inverted
+    when the border (the background) is light, the background's light and the paper's grain
+    subtracted; raises NoInk where nothing stands out."""
     pixels = np.asarray(gray, dtype=np.float32)
     if np.median(border_of(pixels)) > 127:  # dark on light paper: invert
         pixels = 255 - pixels
@@ -143,7 +149,7 @@ def foreground(gray, steps=STEPS):
     ink = np.maximum(above_paper - steps.grain_floor * grain(above_paper), 0)
     if ink.max() < MIN_INK_CONTRAST:
         raise NoInk("no ink or object found; the image looks blank")
-    return cropped(ink)
+    return ink
 
 
 def border_of(pixels):
@@ -252,7 +258,12 @@ def prepare_like_mnist(gray, dataset, steps=STEPS):
     """As MNIST was made: the digit light on dark, strokes as wide as the dataset's (where its widths
     are known), its longer side 20 px, its centre of mass at the centre of a 28x28 field. Returns
     28x28 pixels in 0..1."""
-    ink = foreground(gray, steps)
+    return placed_like_mnist(foreground(gray, steps), dataset, steps)
+
+
+def placed_like_mnist(ink, dataset, steps=STEPS):
+    """Cropped 0..1 ink (one digit) in a 28x28 field as MNIST's digits are: strokes as wide as the
+    dataset's, its longer side 20 px, its centre of mass at the centre."""
     if steps.match_strokes and dataset.stroke_widths:
         ink = with_strokes_like(ink, dataset.stroke_widths)
     digit = resized(ink, 20)

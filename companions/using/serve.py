@@ -3,8 +3,9 @@
     python mnist_recognition.py serve --checkpoint outputs/lenet5_mnist.pt   # then open http://127.0.0.1:8000/
 
 GET / is the page (page.html beside this file); POST /predict takes an image's bytes and answers
-with predict's JSON plus the network's 28x28 input; POST /predict?layers=1 adds every layer's values
-and why it answered (companions/reports/inside.py). Nothing else is served: no file is ever read
+with predict's JSON (the number, and each digit in it) plus the network's 28x28 input of each; POST
+/predict?layers=1 adds every layer's values and why it answered, for the least sure digit
+(companions/reports/inside.py). Nothing else is served: no file is ever read
 by its path. The HTTP contract is in docs/serve.md.
 """
 
@@ -31,8 +32,8 @@ from companions.reports.inside import as_json, look_inside
 from companions.training.devices import pick_device
 from companions.training.errors import CliError
 from companions.using import own_images
-from companions.using.predict import answer, classify
-from companions.using.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale, prepared_pixels
+from companions.using.predict import answer, least_sure, read_number
+from companions.using.prepare import ImageTooLarge, NoInk, UnreadableImage, normalised, open_grayscale
 from companions.using.trained import doubt_of, trained_model
 
 PAGE_FILE = Path(__file__).with_name("page.html")
@@ -119,20 +120,26 @@ class DigitServer(ThreadingHTTPServer):
         return {"folder": str(self.collect), "counts": own_images.counts(self.collect, self.dataset)}
 
     def prediction_for(self, body, with_layers=False):
-        """The JSON-ready prediction for an image's bytes, with every layer's values and why it answered
-        where `with_layers`; raises the preparation's ImageError."""
+        """The JSON-ready answer for an image's bytes: predict's, with each piece's 28x28 input, and
+        with every layer's values and why it answered (for the least sure digit) where
+        `with_layers`; raises the preparation's ImageError."""
         if not body:
             raise EmptyBody("the body is empty: send an image's bytes")
-        pixels = prepared_pixels(open_grayscale(io.BytesIO(body)), self.dataset)
-        network_input = normalised(pixels, self.dataset)
-        with self.model_lock:
-            if with_layers:  # the answer and the layers from one forward pass
+        gray = open_grayscale(io.BytesIO(body))
+        result, pieces = read_number(self.model, self.learned, gray, self.device, self.dataset, self.model_lock)
+        least = least_sure(result["digits"])
+        if with_layers:
+            network_input = normalised(pieces[least].pixels, self.dataset)
+            with self.model_lock:
                 seen = look_inside(self.model, network_input, self.dataset)
+            if len(pieces) == 1:  # one digit: the answer from the same forward pass as the layers
                 batch = network_input.unsqueeze(0).to(self.device)
-                result = {**answer(seen.scores, self.learned, batch, self.dataset), **as_json(seen)}
-            else:
-                result = classify(self.model, self.learned, network_input, self.device, self.dataset)
-        return {**result, "input": png_data_url(pixels)}
+                result |= answer(seen.scores, self.learned, batch, self.dataset)
+                result["digits"][0] |= {key: result[key] for key in result["digits"][0] if key != "box"}
+            result |= as_json(seen)
+        for digit, piece in zip(result["digits"], pieces):
+            digit["input"] = png_data_url(piece.pixels)
+        return {**result, "input": result["digits"][least]["input"]}
 
 
 class DigitRequestHandler(BaseHTTPRequestHandler):
