@@ -487,6 +487,7 @@ def test_a_number_drawn_on_the_page_shows_each_digit_with_its_verdict(port, brow
     shown = [piece.text for piece in pieces if piece.get_attribute("data-verdict") != "not_a_digit"]
     assert "".join(shown) == served["number"]
     assert len(browser.find_elements(By.CSS_SELECTOR, "#pieces figure img")) == 3
+    assert browser.find_element(By.ID, "bars-caption").text == "The least sure digit's probabilities:"
 
 
 MAP_COUNTS = {"input": 1, "conv1": 6, "pool1": 6, "conv2": 16, "pool2": 16}
