@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from companions.doubt import kept_detector, verdicts
 from companions.reports.grids import grid_title, plot_digit_grid
-from companions.training import command_line, layers
+from companions.training import command_line, exclusions, layers
 from companions.training.adam import Adam  # torch's fused Adam, bit for bit, without torch.compile's hooks
 from companions.training.augment import augment_batch, generator_for
 from companions.training.command_line import (
@@ -104,7 +104,7 @@ IMPORTED_AT = time.time()
 # ----------------------------------------------------------------------------------------------
 
 EVAL_BATCH_SIZE = 1000  # evaluation needs no gradients, so large batches cost little memory
-COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune", "compare", "search")
+COMMANDS = ("train", "evaluate", "predict", "serve", "export", "finetune", "compare", "search", "audit")
 
 DATA_COMMANDS = ("train", "evaluate", "finetune")  # the commands that read a dataset's files
 # fmt: off
@@ -149,6 +149,9 @@ SETTINGS = (
             must_match=True),
     Setting("train_limit", None, "use only the first N training images (quick runs; default: all)",
             positive_int, must_match=True),
+    Setting("exclude", None, "leave out of training the images this JSON file names: an audit.json's suspects "
+            "(those of 'audit --split train'; finetune: of 'audit --images' too), or a list of training-split "
+            "indices", Path, commands=("train", "finetune"), must_match=True),
     Setting("test_limit", None, "use only the first N test images (quick runs; default: all)",
             positive_int, commands=DATA_COMMANDS, must_match=True),
     Setting("log_interval", 200, "log loss and accuracy every N batches", positive_int),
@@ -318,6 +321,14 @@ def load_data(args, runtime):
     return (images[:kept][:limit], labels[:kept][:limit]), (images[kept:], labels[kept:])
 
 
+def leave_out_excluded(train_set, args, runtime):
+    """The training images but those --exclude names (by index in the whole training split)."""
+    indices = exclusions.training_indices(args.exclude, DATASETS[args.dataset])
+    images, labels = exclusions.kept(train_set, indices)
+    logger.info("Left out {} training images that {} names", len(train_set[1]) - len(labels), args.exclude)
+    return images.contiguous(memory_format=memory_format_for(runtime.device)), labels
+
+
 def evaluation_split(args):
     return "validation" if args.validation else "test"
 
@@ -438,6 +449,8 @@ def train(args, runtime, after_epoch=None):
     timeline = {"started": STARTED_AT, "imported": IMPORTED_AT, "main": time.time()}
     check_optimizer_settings(args)
     train_set, eval_set = load_data(args, runtime)  # first: where the data is bad, no folder is made
+    if args.exclude:
+        train_set = leave_out_excluded(train_set, args, runtime)
     timeline["data_loaded"] = time.time()
     writes = training_files(evaluation_split(args))
     out_dir = prepare_out_dir(args.out_dir, "train", writes) if runtime.is_main else args.out_dir
@@ -819,6 +832,7 @@ COMMAND_MODULES = {
     "export": "companions.sharing.export",
     "compare": "companions.experiments.compare",
     "search": "companions.experiments.search",
+    "audit": "companions.auditing.audit",
 }
 
 

@@ -9,9 +9,10 @@ doubt/        what a model knows it does not know: calibration, the verdicts, th
 using/        a trained model put to work: predict, serve, evaluate, finetune
 sharing/      a trained model handed on: export (ONNX, int8, one offline HTML page)
 experiments/  many runs compared: compare, search
+auditing/     labels checked: audit finds those that are probably wrong, with cleanlab
 
 Each folder imports only the folders above it in this list, so imports flow one way: the
 script imports training/, reports/ and doubt/, which never import the script; using/,
-sharing/ and experiments/ hold the commands that import the script, each imported by main
+sharing/, experiments/ and auditing/ hold the commands that import the script, each imported by main
 only when it runs.
 """

@@ -253,6 +253,7 @@ def test_importing_the_script_loads_only_the_companions_every_command_needs():
             "datasets",
             "devices",
             "errors",
+            "exclusions",
             "files",
             "layers",
             "resume",
@@ -299,7 +300,7 @@ def test_nothing_the_script_imports_imports_the_script():
 
 # Each folder of companions/ may import only the folders before it here: what a folder imports
 # never imports it back.
-LAYERS = ("training", "reports", "doubt", "using", "sharing", "experiments")
+LAYERS = ("training", "reports", "doubt", "using", "sharing", "experiments", "auditing")
 
 
 def test_the_folders_of_companions_import_one_way():

@@ -241,19 +241,25 @@ def run_all(out_dir, runs, workers):
     if not todo:
         return
     learn_detector_first(todo[0].argv)
+    for result in each_in_a_worker(train_one, [(out_dir, run) for run in todo], workers):
+        done += 1
+        log_run(result, done, len(runs))
+
+
+def each_in_a_worker(work, jobs, workers):
+    """work(*job) for every job, `workers` at a time in one-thread processes (with one: in this
+    process, as in a worker); yields each result as it ends. An error cancels the jobs not begun."""
     if workers == 1:
-        for run in todo:
+        for job in jobs:
             with as_in_a_worker():
-                result = train_one(out_dir, run)
-            done += 1
-            log_run(result, done, len(runs))
+                result = work(*job)
+            yield result
         return
     with worker_pool(workers) as pool:
-        futures = [pool.submit(train_one, out_dir, run) for run in todo]
+        futures = [pool.submit(work, *job) for job in jobs]
         try:
             for future in as_completed(futures):
-                done += 1
-                log_run(future.result(), done, len(runs))
+                yield future.result()
         except BaseException:
             for future in futures:
                 future.cancel()

@@ -161,26 +161,36 @@ def plural(count, word):
     return f"{count} {word}{'s' * (count != 1)}"
 
 
-def help_with_defaults(setting, recipes):
+def help_with_defaults(setting, recipes, default):
     """The setting's help, then its default and what each recipe sets it to."""
     by_recipe = [
         f"{recipe}: {as_text(values[setting.name])}" for recipe, values in recipes.items() if setting.name in values
     ]
-    if (setting.default is None or setting.default is False) and not by_recipe:
+    if (default is None or default is False) and not by_recipe:
         return setting.help
-    return f"{setting.help} (default: {'; '.join([as_text(setting.default)] + by_recipe)})"
+    return f"{setting.help} (default: {'; '.join([as_text(default)] + by_recipe)})"
 
 
 # compare takes every setting of a training run, but these: it has a folder of its own, chooses the
 # seeds, and resumes whatever is unfinished anyway.
 NOT_COMPARED = ("out_dir", "seed", "resume")
+# audit's folds are training runs of its own: on the whole training split but their fold, without
+# figures or a detector (only their probabilities are used), each finished or not yet begun.
+NOT_AUDITED = ("out_dir", "resume", "validation", "exclude", "no_figures", "no_detector")
+DEFAULT_RECIPE = {"audit": "fast"}  # the recipe of a command that trains, where not the original
 
 
 def takes(command, setting):
     """Whether `command` takes `setting` as a flag."""
     if command in ("compare", "search"):
         return "train" in setting.commands and setting.name not in NOT_COMPARED
+    if command == "audit":
+        return "train" in setting.commands and setting.name not in NOT_AUDITED
     return command in setting.commands
+
+
+def default_of(setting, command):
+    return DEFAULT_RECIPE.get(command, setting.default) if setting.name == "recipe" else setting.default
 
 
 def add_settings(parser, command, settings, recipes):
@@ -197,17 +207,17 @@ def add_settings(parser, command, settings, recipes):
                 type=setting.type,
                 choices=setting.choices,
                 default=argparse.SUPPRESS,
-                help=help_with_defaults(setting, recipes),
+                help=help_with_defaults(setting, recipes, default_of(setting, command)),
             )
 
 
 def resolve_settings(args, settings, recipes):
     """Fill every setting not given on the command line: from the recipe, else from the table."""
-    recipe = recipes[getattr(args, "recipe", "original")]
+    recipe = recipes[getattr(args, "recipe", DEFAULT_RECIPE.get(args.command, "original"))]
     args.given = {setting.name for setting in settings if hasattr(args, setting.name)}  # on the command line
     for setting in settings:
         if takes(args.command, setting) and not hasattr(args, setting.name):
-            setattr(args, setting.name, recipe.get(setting.name, setting.default))
+            setattr(args, setting.name, recipe.get(setting.name, default_of(setting, args.command)))
     return args
 
 
@@ -229,6 +239,7 @@ COMMAND_HELP = {
     "export": "write a trained model as one ONNX file, checked with ONNX Runtime",
     "compare": "train LeNet-5 and variants of it over paired seeds, and say which differences are real",
     "search": "search settings (grid, random or Bayesian), then check the best against seed noise",
+    "audit": "find the labels that are probably wrong, in a split of the dataset or in your own folder",
 }
 
 
@@ -271,7 +282,7 @@ def build_parser(settings, recipes):
         kwargs.setdefault("help", COMMAND_HELP[name])
         command = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
         add_settings(command, name, settings, recipes)
-        if name not in ("train", "compare"):
+        if name not in ("train", "compare", "audit"):
             several = name == "evaluate"  # evaluate measures each of several models, and their ensemble
             command.add_argument(
                 "--checkpoint",
@@ -374,6 +385,7 @@ def build_parser(settings, recipes):
     )
     add_compare_arguments(add("compare", description=compare_description()))
     add_search_arguments(add("search", description=search_description()))
+    add_audit_arguments(add("audit", description=audit_description()))
     return parser
 
 
@@ -477,6 +489,49 @@ def add_search_arguments(search):
         type=Path,
         default=Path("outputs") / "search",
         help="folder for the trials, the study and the answer",
+    )
+
+
+DEFAULT_FOLDS = 5
+
+
+def audit_description():
+    return (
+        "Find the labels that are probably wrong with cleanlab: the images that models which never learned\n"
+        "them read as another class, ranked by the probability they give the label, each marked where\n"
+        "confident learning counts it an error. --split train: K folds, each a training run\n"
+        "(the fast recipe unless --recipe) on the rest of the split, through compare's one-thread workers;\n"
+        "rerunning trains only the folds not yet trained. --split test: read by those folds' models as an\n"
+        "ensemble, or by the --checkpoint models. --images FOLDER: read by --checkpoint, which must not\n"
+        "have learned them. audit.json ranks the suspects, audit.html shows them; nothing is moved or changed."
+    )
+
+
+def add_audit_arguments(audit):
+    audited = audit.add_mutually_exclusive_group(required=True)
+    audited.add_argument("--split", choices=("train", "test"), help="audit a split of the dataset")
+    audited.add_argument("--images", type=Path, default=None, help=f"audit {IMAGE_FOLDER}")
+    audit.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="the models that read the images instead of the folds' (their ensemble): never for --split train, "
+        f"which they learned (default with --images: outputs/{MODEL_FILE})",
+    )
+    audit.add_argument("--folds", type=int, default=DEFAULT_FOLDS, help="how many folds the training split is cut into")
+    audit.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="folds trained at once, each a process with one torch thread (default: the CPU cores)",
+    )
+    audit.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for the folds, audit.json, audit.html and suspects.png (default: outputs/audit/ for --split "
+        "train, outputs/audit-test/ for --split test, audit-FOLDER/ beside --checkpoint for --images FOLDER)",
     )
 
 

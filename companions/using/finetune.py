@@ -19,13 +19,14 @@ from loguru import logger
 import mnist_recognition as trainer
 from companions.doubt.kept_detector import detector_for
 from companions.doubt.verdicts import learn_doubt
-from companions.training import dataset_files, files
+from companions.training import dataset_files, exclusions, files
 from companions.training.adam import Adam
 from companions.training.augment import augment_batch
 from companions.training.devices import Runtime, pick_device
 from companions.training.errors import CliError
 from companions.training.files import METRICS_FILE, MODEL_FILE
 from companions.using.evaluate import read_labelled
+from companions.using.own_images import LabelledImages
 from companions.using.trained import doubt_of, trained_model
 
 FEW_IMAGES = 5  # a class with fewer is warned about: too few to learn from, or to measure
@@ -40,6 +41,8 @@ def command(args):
     model, payload, dataset = trained_model(args, runtime.device)
     learned_before = doubt_of(payload, args.checkpoint, runtime.device)
     found = read_labelled(args.images, dataset)
+    indices, named = excluded(args, dataset)
+    found = without_named(found, named, args.exclude)
     warn_about_small_classes(found, dataset)
     held_out = stratified_hold_out(found.labels, args.hold_out, args.seed)
     learn = torch.ones(len(found.labels), dtype=torch.bool)
@@ -53,7 +56,9 @@ def command(args):
         args.seed,
     )
     dataset_files.prepare_files(args.data_dir, dataset, allow_download=not args.no_download)
-    train_set = trainer.normalised_split(args.data_dir, dataset, True, None, runtime.device)
+    train_set = exclusions.kept(trainer.normalised_split(args.data_dir, dataset, True, None, runtime.device), indices)
+    if indices:
+        logger.info("Left out {} of the dataset's training images that {} names", len(indices), args.exclude)
     test_set = trainer.normalised_split(args.data_dir, dataset, False, args.test_limit, runtime.device)
     out_dir = prepare_out_dir(args)
 
@@ -87,6 +92,7 @@ def what_was_done(args, found, dataset, held_out, before, after):
     return {
         "from": str(args.checkpoint),
         "images": str(args.images),
+        "exclude": str(args.exclude) if args.exclude else None,
         "per_class": found.per_class(dataset),
         "held_out": len(held_out),
         "held_out_accuracy_before": before[0],
@@ -118,6 +124,35 @@ def prepare_out_dir(args):
             "and finetune never writes over it. Give another --out-dir (by default finetuned/ beside the checkpoint)."
         )
     return files.prepare_out_dir(out_dir, "finetune", WRITES)
+
+
+def excluded(args, dataset):
+    """(the training-split indices, the files) that --exclude names; none without it."""
+    if not args.exclude:
+        return [], set()
+    indices, named, audited = exclusions.read_exclusions(args.exclude)
+    if audited is not None and audited[0] != dataset.name:
+        raise CliError(
+            f"--exclude {args.exclude}: audits {audited[0]}, not {dataset.name}. Give an audit of {dataset.name}."
+        )
+    if audited is not None and audited[1] == "test":
+        raise CliError(
+            f"--exclude {args.exclude}: audits the test split, which finetune never learns from. Give the "
+            "audit.json of 'audit --images' (your images) or of 'audit --split train'."
+        )
+    return indices, named
+
+
+def without_named(found, named, source):
+    """The person's images but the files `named`; logs how many were left out."""
+    if not named:
+        return found
+    keep = torch.tensor([path.resolve() not in named for path in found.files], dtype=torch.bool)
+    logger.info("Left out {} of your images that {} names", int((~keep).sum()), source)
+    if not keep.any():
+        raise CliError(f"--exclude {source}: names every one of your images; nothing is left to learn from.")
+    files_kept = [path for path, keep_it in zip(found.files, keep.tolist()) if keep_it]
+    return LabelledImages(found.inputs[keep], found.labels[keep], files_kept, found.problems)
 
 
 def warn_about_small_classes(found, dataset):

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """How well whole numbers are read: numbers of 2 to 6 handwritten digits, photographed on uneven paper.
 
-    python benchmarks/numbers.py --checkpoints outputs/lenet5_mnist.pt [more.pt ...]
-    python benchmarks/numbers.py --split validation     # the numbers the segmentation's settings were chosen on
-    python benchmarks/numbers.py --split validation --set CUTS=8 PART_COST=2   # other settings, on those
+    python benchmarks/whole_numbers.py --checkpoints outputs/lenet5_mnist.pt [more.pt ...]
+    python benchmarks/whole_numbers.py --split validation     # the numbers the segmentation's settings were chosen on
+    python benchmarks/whole_numbers.py --split validation --set CUTS=8 PART_COST=2   # other settings, on those
 
 Each number is made of MNIST test digits (handwriting the model never trained on: the test set's
 second half; `--split validation` takes its first half, on which companions/using/numbers.py's
@@ -29,19 +29,11 @@ predict's read of an image file, and serve's POST /predict on 127.0.0.1. The anc
   number right only where no two digits touch.
 """
 
-# ruff: noqa: E402 (the path is mended before anything imports the standard library's `numbers`)
-import os
-import sys
-
-# This file shares its name with the standard library's `numbers`, which numpy imports: its folder
-# goes to the end of the path, after the standard library's.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE] + [HERE]
-
 import argparse
 import http.client
 import io
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -51,11 +43,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import handwriting
+import handwriting  # noqa: E402
 
-import mnist_recognition as app
-from companions.using import numbers as numbers_module
-from companions.using import predict, prepare, serve, trained
+import mnist_recognition as app  # noqa: E402
+from companions.using import numbers as numbers_module  # noqa: E402
+from companions.using import predict, prepare, serve, trained  # noqa: E402
 
 KINDS = ("clear gaps", "close", "touching", "fonts")
 GAPS = {"clear gaps": (0.25, 0.8), "close": (0.05, 0.15), "touching": (0.05, 0.15)}  # of a digit's height
