@@ -64,6 +64,8 @@ def test_the_planted_labels_are_the_strongest_suspects_of_the_training_split(tra
     assert [entry["score"] for entry in found["suspects"]] == sorted(entry["score"] for entry in found["suspects"])
     page = (out_dir / "audit.html").read_text()
     assert page.count('class="suspect"') == len(ranked) and (out_dir / "suspects.png").stat().st_size > 0
+    confident = sum(entry["confident"] for entry in found["suspects"])
+    assert page.count('data-confident="true">') == confident == found["confident"]
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def command(args):
         "read_by": read_by,
         "method": f"cleanlab {cleanlab_version()}: find_label_issues, predicted_neq_given ranked by "
         f"{suspects.RANKED_BY}; confident: prune_by_noise_rate",
-        "confident": int(confident.sum()),
+        "confident": sum(entry["confident"] for entry in entries),
         "classes": suspects.confusions(entries, audited.labels, len(dataset.classes)),
         "suspects": entries,
     }
@@ -356,11 +356,11 @@ def log_answer(audit, audited, out_dir):
     shown = entries if audited.split == "images" else entries[:LOGGED_SUSPECTS]
     for entry in shown:
         logger.info(
-            "  {}: given {}, reads {} ({:.2g} % for its label{}){}",
+            "  {}: given {}, reads {} ({} for its label{}){}",
             suspects.name_of(entry) if "index" in entry else entry["file"],
             classes[entry["given"]],
             classes[entry["suggested"]],
-            100 * entry["probabilities"][entry["given"]],
+            percent(entry["score"]),
             "; a confident error" if entry["confident"] else "",
             fix_of(entry, audited) if audited.split == "images" else "",
         )
@@ -378,6 +378,10 @@ def log_answer(audit, audited, out_dir):
             shlex.quote(str(audited.what[:-1])),
             json_path,
         )
+
+
+def percent(probability):
+    return f"{100 * probability:.2g} %" if probability >= 1e-4 else "under 0.01 %"
 
 
 def fix_of(entry, audited):

@@ -71,7 +71,7 @@ def suspect_entries(ranked, scores, confident, labels, probabilities, where):
                 **where(image),
                 "given": given,
                 "suggested": suggested_class(probabilities[image], given),
-                "score": round(float(scores[image]), 6),
+                "score": float(f"{scores[image]:.3g}"),
                 "confident": bool(confident[image]),
                 "probabilities": [round(float(value), DIGITS) for value in probabilities[image]],
             }
@@ -139,7 +139,8 @@ def suspect_tiles(entries, inputs, dataset):
     for entry, image in zip(entries, inputs):
         given, suggested = dataset.classes[entry["given"]], dataset.classes[entry["suggested"]]
         tiles.append(
-            f'<figure class="suspect" data-rank="{entry["rank"]}"><img src="{png_of(image, dataset)}" '
+            f'<figure class="suspect" data-rank="{entry["rank"]}" data-confident="{str(entry["confident"]).lower()}">'
+            f'<img src="{png_of(image, dataset)}" '
             f'alt="{html.escape(name_of(entry))}"><figcaption><b>{html.escape(name_of(entry))}</b><br>'
             f"given {html.escape(given)}, reads {html.escape(suggested)}<br>"
             f"{100 * entry['probabilities'][entry['given']]:.1f} % for its label</figcaption></figure>"
