@@ -60,3 +60,12 @@ def test_kept_drops_the_indices_inside_the_split_only():
     images, labels = torch.arange(5.0).reshape(5, 1, 1, 1), torch.arange(5)
     kept_images, kept_labels = exclusions.kept((images, labels), [1, 3, 12])
     assert kept_labels.tolist() == [0, 2, 4] and kept_images.flatten().tolist() == [0.0, 2.0, 4.0]
+
+
+def test_finetune_may_leave_out_a_folders_suspects_but_not_the_test_splits(tmp_path):
+    folder_audit = {"dataset": "mnist", "split": "images", "suspects": [{"file": str(tmp_path / "1.png")}]}
+    indices, named = exclusions.exclusions_for(written(tmp_path / "a.json", folder_audit), MNIST, ("train", "images"))
+    assert (indices, named) == ([], {(tmp_path / "1.png").resolve()})
+    test_audit = {"dataset": "mnist", "split": "test", "suspects": [{"index": 3}]}
+    with pytest.raises(CliError, match="audits the test images, not the training split or your images"):
+        exclusions.exclusions_for(written(tmp_path / "b.json", test_audit), MNIST, ("train", "images"))

@@ -32,7 +32,7 @@ from companions.training.errors import CliError
 from companions.training.files import METRICS_FILE, MODEL_FILE
 from companions.using import own_images
 from companions.using.evaluate import read_labelled
-from companions.using.trained import doubt_of, load_trained_model
+from companions.using.trained import dataset_name, doubt_of, load_trained_model
 
 WRITES = (METRICS_FILE, suspects.AUDIT_JSON, suspects.AUDIT_HTML, suspects.SUSPECTS_PNG)
 CPU = torch.device("cpu")
@@ -101,7 +101,11 @@ def cleanlab_version():
 def calibrated(path, model, payload, images):
     """The model's probabilities at its own temperature (its calibration): cleanlab counts them as
     meaning what they say, which a label-smoothed model's raw ones do not."""
-    return torch.softmax(logits_of(model, images) / doubt_of(payload, path, CPU).temperature, 1)
+    return at_temperature(logits_of(model, images), doubt_of(payload, path, CPU).temperature)
+
+
+def at_temperature(logits, temperature):
+    return torch.softmax(logits / temperature, 1)
 
 
 def given_models(args):
@@ -120,8 +124,7 @@ def dataset_of(args, models):
     """The models' dataset (they must share one, and agree with an explicit --dataset), else --dataset."""
     if not models:
         return DATASETS[args.dataset]
-    trained_on = {path: payload.get("config", {}).get("dataset", "mnist") for path, _, payload in models}
-    names = set(trained_on.values())
+    names = {dataset_name(payload) for _, _, payload in models}
     if len(names) > 1:
         raise CliError(f"--checkpoint: the models were trained on different datasets ({', '.join(sorted(names))}).")
     name = names.pop()
@@ -176,11 +179,8 @@ def folder_images(folder, dataset, models):
 
 def default_out_dir(args):
     if args.images:
-        return (
-            args.checkpoint[0].parent / f"audit-{args.images.resolve().name}"
-            if args.checkpoint
-            else (Path("outputs") / f"audit-{args.images.resolve().name}")
-        )
+        beside = args.checkpoint[0].parent if args.checkpoint else Path("outputs")
+        return beside / f"audit-{args.images.resolve().name}"
     return Path("outputs") / ("audit" if args.split == "train" else "audit-test")
 
 
@@ -212,20 +212,14 @@ def out_of_sample(args, audited, models, out_dir):
     folds = fold_runs(args, out_dir, len(audited.labels) if audited.split == "train" else training_size(args))
     train_all(out_dir, folds, args.workers)
     results = [read_fold(out_dir, fold) for fold in folds]
-    recipe = args.recipe if "recipe" in args.given else "fast"
-    read_by = f"{args.folds} folds' models ({recipe} recipe, seed {args.seed})"
+    read_by = f"{args.folds} folds' models ({args.recipe} recipe, seed {args.seed})"
     if audited.split == "test":
-        ensemble = torch.stack([at_temperature(result, "test") for result in results]).mean(0)
+        ensemble = torch.stack([at_temperature(result["test"], result["temperature"]) for result in results]).mean(0)
         return ensemble, f"the ensemble of {read_by}"
     probabilities = torch.zeros(len(audited.labels), len(audited.dataset.classes))
     for result in results:
-        probabilities[result["held_out"]] = at_temperature(result, "train")
+        probabilities[result["held_out"]] = at_temperature(result["train"], result["temperature"])
     return probabilities, read_by
-
-
-def at_temperature(result, split):
-    """A fold model's probabilities on `split`, at its own temperature."""
-    return torch.softmax(result[split] / result["temperature"], 1)
 
 
 def training_size(args):
@@ -235,31 +229,26 @@ def training_size(args):
 
 @dataclass(frozen=True)
 class Fold:
-    number: int
-    count: int
+    name: str  # "fold-2-of-5"
     argv: tuple  # the fold's training command line but --out-dir
-
-    @property
-    def name(self):
-        return f"fold-{self.number}-of-{self.count}"
 
 
 def fold_runs(args, out_dir, size):
     """The K folds, each a training run without its share of the training split (written as the list
     that its --exclude names)."""
-    recipe = [] if "recipe" in args.given else ["--recipe", "fast"]
+    recipe = [] if "recipe" in args.given else ["--recipe", args.recipe]  # audit's default, not training's
     seed = [] if "seed" in args.given else ["--seed", str(args.seed)]
     base = [*recipe, *given_flags(args), *seed, "--no-detector"]
     order = torch.randperm(size, generator=torch.Generator().manual_seed(args.seed))
     files.prepare_folder(out_dir / "folds")
     folds = []
     for number in range(args.folds):
-        fold = Fold(number, args.folds, ())
-        path = out_dir / "folds" / f"{fold.name}.json"
+        name = f"fold-{number}-of-{args.folds}"
+        path = out_dir / "folds" / f"{name}.json"
         held_out = sorted(order[number :: args.folds].tolist())
         if not path.is_file() or files.read_json(path) != held_out:
             files.write_json(path, held_out)
-        folds.append(Fold(number, args.folds, (*base, "--exclude", str(path))))
+        folds.append(Fold(name, (*base, "--exclude", str(path))))
     return folds
 
 
@@ -360,7 +349,7 @@ def log_answer(audit, audited, out_dir):
             suspects.name_of(entry) if "index" in entry else entry["file"],
             classes[entry["given"]],
             classes[entry["suggested"]],
-            percent(entry["score"]),
+            suspects.percent(entry["score"]),
             "; a confident error" if entry["confident"] else "",
             fix_of(entry, audited) if audited.split == "images" else "",
         )
@@ -378,10 +367,6 @@ def log_answer(audit, audited, out_dir):
             shlex.quote(str(audited.what[:-1])),
             json_path,
         )
-
-
-def percent(probability):
-    return f"{100 * probability:.2g} %" if probability >= 1e-4 else "under 0.01 %"
 
 
 def fix_of(entry, audited):

@@ -143,9 +143,14 @@ def suspect_tiles(entries, inputs, dataset):
             f'<img src="{png_of(image, dataset)}" '
             f'alt="{html.escape(name_of(entry))}"><figcaption><b>{html.escape(name_of(entry))}</b><br>'
             f"given {html.escape(given)}, reads {html.escape(suggested)}<br>"
-            f"{100 * entry['probabilities'][entry['given']]:.1f} % for its label</figcaption></figure>"
+            f"{percent(entry['score'])} for its label</figcaption></figure>"
         )
     return "".join(tiles)
+
+
+def percent(probability):
+    """A label's probability as the log and the page write it."""
+    return f"{100 * probability:.2g} %" if probability >= 1e-4 else "under 0.01 %"
 
 
 def confusion_table(summary, dataset):

@@ -38,21 +38,31 @@ def checked_indices(path, indices):
     return sorted(set(indices))
 
 
-def training_indices(path, dataset):
-    """The indices in `dataset`'s training split that `path` leaves out; refused where it audited
-    another dataset, or another split than the training split."""
-    indices, _, audited = read_exclusions(path)
+LEARNED_FROM = {"train": "the training split", "images": "your images"}  # what each kind of audit names
+
+
+def exclusions_for(path, dataset, learned):
+    """(the training-split indices, the files) that `path` leaves out; refused where it audited another
+    dataset, or images other than those the command learns from (`learned`: kinds of LEARNED_FROM)."""
+    indices, named, audited = read_exclusions(path)
     if audited is None:
-        return indices
+        return indices, named
     name, split = audited
     if name != dataset.name:
         raise CliError(f"--exclude {path}: audits {name}, not {dataset.name}. Give an audit of {dataset.name}.")
-    if split != "train":
+    if split not in learned:
+        wanted = " or ".join(LEARNED_FROM[kind] for kind in learned)
+        commands = " or ".join(f"'audit --{'split train' if kind == 'train' else 'images'}'" for kind in learned)
         raise CliError(
-            f"--exclude {path}: audits the {split} images, not the training split; training leaves out only "
-            "training images. Give the audit.json of 'audit --split train'."
+            f"--exclude {path}: audits the {split} images, not {wanted}; only images learned from are left out. "
+            f"Give the audit.json of {commands}."
         )
-    return indices
+    return indices, named
+
+
+def training_indices(path, dataset):
+    """The indices in `dataset`'s training split that `path` leaves out of training."""
+    return exclusions_for(path, dataset, ("train",))[0]
 
 
 def kept(split, indices):

@@ -130,17 +130,7 @@ def excluded(args, dataset):
     """(the training-split indices, the files) that --exclude names; none without it."""
     if not args.exclude:
         return [], set()
-    indices, named, audited = exclusions.read_exclusions(args.exclude)
-    if audited is not None and audited[0] != dataset.name:
-        raise CliError(
-            f"--exclude {args.exclude}: audits {audited[0]}, not {dataset.name}. Give an audit of {dataset.name}."
-        )
-    if audited is not None and audited[1] == "test":
-        raise CliError(
-            f"--exclude {args.exclude}: audits the test split, which finetune never learns from. Give the "
-            "audit.json of 'audit --images' (your images) or of 'audit --split train'."
-        )
-    return indices, named
+    return exclusions.exclusions_for(args.exclude, dataset, ("train", "images"))
 
 
 def without_named(found, named, source):

@@ -26,11 +26,16 @@ def load_trained_model(path, device):
     return to_device(model, device).eval(), payload
 
 
+def dataset_name(payload):
+    """The --dataset a checkpoint was trained on (older checkpoints: MNIST)."""
+    return payload.get("config", {}).get("dataset", "mnist")
+
+
 def trained_model(args, device):
     """(the model in --checkpoint on `device`, the checkpoint, its dataset). An explicit --dataset
     must agree with the checkpoint's."""
     model, payload = load_trained_model(args.checkpoint, device)
-    trained_on = payload.get("config", {}).get("dataset", "mnist")  # older checkpoints: MNIST
+    trained_on = dataset_name(payload)
     if "dataset" in args.given and args.dataset != trained_on:
         raise CliError(
             f"{args.checkpoint} was trained on {trained_on}, not {args.dataset}. Leave out --dataset "
