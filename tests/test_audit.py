@@ -191,8 +191,9 @@ def test_suspects_are_the_misread_labels_weakest_first():
     probabilities = torch.full((9, 3), 0.05)
     for image, label in enumerate(labels):
         probabilities[image, label] = 0.9
-    probabilities[1] = torch.tensor([0.4, 0.55, 0.05])  # read as 1, its label still likely
-    probabilities[7] = torch.tensor([0.97, 0.02, 0.01])  # a sure 0 labelled 2
+    # Ranked by the probability of the label, not by its margin, which would put 1 first.
+    probabilities[1] = torch.tensor([0.10, 0.90, 0.0])  # a sure 1 labelled 0
+    probabilities[7] = torch.tensor([0.50, 0.45, 0.05])  # read as 0 or 1, labelled 2
     probabilities = suspects.as_rows_of_one(probabilities)
     ranked, scores, confident = suspects.find_suspects(labels, probabilities)
     assert ranked == [7, 1] and scores[7] < scores[1]

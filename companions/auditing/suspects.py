@@ -51,13 +51,6 @@ def find_suspects(labels, probabilities):
     return ranked.tolist(), get_label_quality_scores(labels, probabilities, method=RANKED_BY), confident
 
 
-def suggested_class(probabilities, given):
-    """The likeliest class other than the given one."""
-    others = np.array(probabilities, dtype=np.float64)
-    others[given] = -1
-    return int(others.argmax())
-
-
 def suspect_entries(ranked, scores, confident, labels, probabilities, where):
     """audit.json's suspects: each with where it is (`where(i)`: {"index": i} or {"file": ...}), its
     given label, the suggested one, its score, whether confident learning counts it an error, and
@@ -70,7 +63,7 @@ def suspect_entries(ranked, scores, confident, labels, probabilities, where):
                 "rank": rank,
                 **where(image),
                 "given": given,
-                "suggested": suggested_class(probabilities[image], given),
+                "suggested": int(probabilities[image].argmax()),  # a suspect's likeliest class is another
                 "score": float(f"{scores[image]:.3g}"),
                 "confident": bool(confident[image]),
                 "probabilities": [round(float(value), DIGITS) for value in probabilities[image]],
