@@ -76,6 +76,13 @@ def test_each_fold_is_read_by_a_model_trained_without_it(training_audit):
     for number in range(3):
         log = (out_dir / "logs" / f"fold-{number}-of-3.log").read_text()
         assert "Left out 400 training images" in log and "800 training" in log
+    # Each suspect's probabilities are those of the fold that held it out, at that model's temperature.
+    results = [torch.load(path, weights_only=True) for path in sorted((out_dir / "results").glob("*.pt"))]
+    for entry in audit_json(out_dir)["suspects"][:5]:
+        (result,) = [result for result in results if entry["index"] in result["held_out"].tolist()]
+        logits = result["train"][result["held_out"].tolist().index(entry["index"])]
+        expected = torch.softmax(logits / result["temperature"], 0)
+        torch.testing.assert_close(torch.tensor(entry["probabilities"]), expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow

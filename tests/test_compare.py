@@ -157,6 +157,7 @@ def test_a_comparison_killed_halfway_ends_as_an_uninterrupted_one(compared, tmp_
     assert not (tmp_path / "compare" / "compare.json").exists()
     result = cli("compare", *flags, "--workers", 2, "--out-dir", tmp_path / "compare")
     assert result.code == 0 and "runs have their result already" in result.log
+    assert "[9/9]" in result.log  # each run the workers finish is logged as it ends
     assert answer(tmp_path / "compare") == answer(out_dir)
 
 
