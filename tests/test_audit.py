@@ -12,7 +12,7 @@ import torch
 from conftest import labelled_folder, write_idx_labels
 
 import mnist_recognition as app
-from companions.auditing import suspects
+from companions.auditing import audit, suspects
 from companions.experiments import compare
 
 QUICK = ("--no-download", "--device", "cpu")
@@ -188,6 +188,16 @@ def test_a_model_fine_tuned_on_the_folder_may_not_audit_it(trained, tmp_path, cl
     torch.save(payload, tmp_path / "tuned.pt")
     error = refused(cli, tmp_path, "--images", folder, "--checkpoint", tmp_path / "tuned.pt")
     assert "was fine-tuned on" in error and "outputs/lenet5_mnist.pt" in error
+
+
+def test_each_training_image_is_read_by_the_fold_that_held_it_out_at_its_temperature():
+    results = [
+        {"held_out": torch.tensor([0, 2]), "train": torch.tensor([[2.0, 0.0], [0.0, 2.0]]), "temperature": 2.0},
+        {"held_out": torch.tensor([1]), "train": torch.tensor([[0.0, 1.0]]), "temperature": 0.5},
+    ]
+    probabilities = audit.held_out_probabilities(results, 3, 2)
+    expected = torch.softmax(torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0]]), 1)
+    torch.testing.assert_close(probabilities, expected)
 
 
 # --- the suspects, from labels and probabilities --------------------------------------------------

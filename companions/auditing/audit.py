@@ -216,10 +216,15 @@ def out_of_sample(args, audited, models, out_dir):
     if audited.split == "test":
         ensemble = torch.stack([at_temperature(result["test"], result["temperature"]) for result in results]).mean(0)
         return ensemble, f"the ensemble of {read_by}"
-    probabilities = torch.zeros(len(audited.labels), len(audited.dataset.classes))
+    return held_out_probabilities(results, len(audited.labels), len(audited.dataset.classes)), read_by
+
+
+def held_out_probabilities(results, count, class_count):
+    """Every training image's probabilities from the fold model that held it out, at its temperature."""
+    probabilities = torch.zeros(count, class_count)
     for result in results:
         probabilities[result["held_out"]] = at_temperature(result["train"], result["temperature"])
-    return probabilities, read_by
+    return probabilities
 
 
 def training_size(args):
